@@ -1,0 +1,3 @@
+"""lightning-ensembles: uncertainty-aware ensembles for PyTorch Lightning."""
+from .ensembles.base import Ensemble
+from .ensembles.deep import DeepEnsemble

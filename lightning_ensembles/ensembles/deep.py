@@ -1,0 +1,219 @@
+"""Deep ensembles of any backbone, with members stored as stacked tensors and run in one call."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..backbones import resolve_backbone
+from .base import Ensemble
+from .reinit import reinitialize
+
+__all__ = ["DeepEnsemble"]
+
+_SEP = "-"  # "." is not allowed in parameter names; "-" never occurs in Python attribute names.
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _set_tensor(module: nn.Module, dotted: str, value: Tensor, parameter: bool) -> None:
+    *path, leaf = dotted.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    if parameter:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=value.is_floating_point())
+    else:
+        owner._buffers[leaf] = value
+
+
+class DeepEnsemble(Ensemble):
+    """M independent copies of any backbone, run as one vectorized call.
+
+    Args:
+        backbone: an ``nn.Module``, a timm model name (``"resnet18"``), ``"mlp"`` or a dotted import
+            path to a model factory (``"torchvision.models.resnet18"``).
+        num_members: number of members M (>= 1).
+        init: ``"reinit"`` re-initialises every parameter of every member (a timm *name* creates M
+            fresh models, so each member gets the model's own initialiser; a built module is
+            re-initialised by :func:`~lightning_ensembles.ensembles.reinit.reinitialize`, which also
+            re-draws tensors no layer owns such as a ViT's ``cls_token`` and ``pos_embed``).
+            ``"copy"`` starts every member from the given (e.g. pretrained) weights.
+        execution: ``"vmap"`` (``torch.func.vmap`` over ``functional_call``), ``"loop"`` (a Python
+            loop over members), or ``"auto"``: vmap, except for convolutional backbones on CPU where
+            batched convolutions are slower than a loop (measured in ``benchmarks/deep_ensemble.py``).
+            If vmap cannot run the backbone, the ensemble falls back to the loop and warns once with
+            the reason.
+        backbone_kwargs: keyword arguments when ``backbone`` is a name (e.g. ``{"num_classes": 10}``).
+
+    Members are kept as stacked parameters and buffers with a leading member axis (state-dict keys
+    ``params.<path-with-dashes>``), so BatchNorm running statistics are per member and optimisers,
+    weight averaging and checkpoints see every member. Each member sees the whole batch. Dropout
+    masks differ between members (``randomness="different"``).
+
+    Example:
+        >>> import torch
+        >>> from lightning_ensembles import DeepEnsemble
+        >>> ens = DeepEnsemble("mlp", num_members=3, backbone_kwargs={"in_features": 4, "out_features": 2})
+        >>> out = ens(torch.randn(8, 4))
+        >>> out.shape
+        torch.Size([3, 8, 2])
+        >>> torch.allclose(ens.member(1)(torch.zeros(1, 4)), ens(torch.zeros(1, 4))[1])
+        True
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | str,
+        num_members: int = 4,
+        init: Literal["reinit", "copy"] = "reinit",
+        execution: Literal["auto", "vmap", "loop"] = "auto",
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(num_members)
+        if init not in ("reinit", "copy"):
+            raise ValueError(f"`init` must be 'reinit' or 'copy', got {init!r}.")
+        if execution not in ("auto", "vmap", "loop"):
+            raise ValueError(f"`execution` must be 'auto', 'vmap' or 'loop', got {execution!r}.")
+        self.init = init
+        self.execution = execution
+        self.reinit_redrawn: list[str] = []
+
+        if isinstance(backbone, str) and init == "reinit":
+            members = [resolve_backbone(backbone, backbone_kwargs) for _ in range(num_members)]
+        else:
+            base = resolve_backbone(backbone, backbone_kwargs)
+            members = [copy.deepcopy(base) for _ in range(num_members)]
+            if init == "reinit":
+                for m in members:
+                    self.reinit_redrawn = reinitialize(m)
+                if self.reinit_redrawn:
+                    warnings.warn(
+                        f"DeepEnsemble(init='reinit'): no layer or model initialiser owns {self.reinit_redrawn}; "
+                        "re-drew them from a normal with each tensor's own mean and std.",
+                        stacklevel=2,
+                    )
+        if not any(True for _ in members[0].parameters()):
+            raise ValueError(
+                "`backbone` has no parameters, so there is nothing to ensemble. Pass a model with trainable layers."
+            )
+        self._convolutional = any(isinstance(m, _CONV) for m in members[0].modules())
+        for name, _ in list(members[0].named_parameters()) + list(members[0].named_buffers()):
+            if _SEP in name:
+                raise ValueError(f"DeepEnsemble cannot store tensor {name!r}: its name contains {_SEP!r}.")
+
+        params, buffers = stack_module_state(members)
+        self.params = nn.Module()
+        self.buffers_ = nn.Module()
+        self._param_names = list(params)
+        self._buffer_names = list(buffers)
+        for name, value in params.items():
+            self.params.register_parameter(name.replace(".", _SEP), nn.Parameter(value.detach().clone()))
+        persistent = {n for n, _ in _persistent_buffers(members[0])}
+        for name, value in buffers.items():
+            self.buffers_.register_buffer(name.replace(".", _SEP), value.clone(), persistent=name in persistent)
+        # The template holds no data (meta device); it only supplies the computation to functional_call.
+        # Kept out of the module tree so its (empty) tensors are not parameters of the ensemble.
+        self.__dict__["_template"] = copy.deepcopy(members[0]).to("meta")
+        self._vmap_failed: str | None = None
+
+    # ------------------------------------------------------------------ state access
+    def stacked_parameters(self) -> dict[str, Tensor]:
+        """Parameters of all members, ``{backbone_name: tensor (M, ...)}``."""
+        return {n: getattr(self.params, n.replace(".", _SEP)) for n in self._param_names}
+
+    def stacked_buffers(self) -> dict[str, Tensor]:
+        """Buffers of all members, ``{backbone_name: tensor (M, ...)}``."""
+        return {n: getattr(self.buffers_, n.replace(".", _SEP)) for n in self._buffer_names}
+
+    @property
+    def template(self) -> nn.Module:
+        """The backbone's structure on the meta device (no data); used by ``functional_call``."""
+        return self._template
+
+    # ------------------------------------------------------------------ execution
+    def resolved_execution(self, device: torch.device | None = None) -> str:
+        """The execution ``forward`` will use on ``device``: ``"vmap"`` or ``"loop"``."""
+        if self._vmap_failed is not None or self.execution == "loop":
+            return "loop"
+        if self.execution == "vmap":
+            return "vmap"
+        device = device or next(self.params.parameters()).device
+        return "loop" if (device.type == "cpu" and self._convolutional) else "vmap"
+
+    def _forward_loop(self, x: Tensor) -> Tensor:
+        params = {n: p.unbind(0) for n, p in self.stacked_parameters().items()}
+        buffers = {n: b.unbind(0) for n, b in self.stacked_buffers().items()}
+        outs = []
+        for i in range(self.num_members):
+            state = {n: p[i] for n, p in params.items()} | {n: b[i] for n, b in buffers.items()}
+            outs.append(functional_call(self._template, state, (x,)))
+        return torch.stack(outs)
+
+    def _forward_vmap(self, x: Tensor) -> Tensor:
+        template = self._template
+
+        def one_member(params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            return functional_call(template, (params, buffers), (inputs,))
+
+        return vmap(one_member, in_dims=(0, 0, None), randomness="different")(
+            self.stacked_parameters(), self.stacked_buffers(), x
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Member outputs ``(M, B, ...)``; every member sees the whole batch ``x``."""
+        self._template.train(self.training)
+        if self.resolved_execution(x.device) == "loop":
+            return self._forward_loop(x)
+        try:
+            return self._forward_vmap(x)
+        except Exception as err:  # vmap lacks batching rules for some ops; the loop runs anything.
+            out = self._forward_loop(x)  # re-raises genuine errors (bad input shape and the like)
+            self._vmap_failed = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"DeepEnsemble: torch.func.vmap cannot run this backbone ({self._vmap_failed}); "
+                "running members in a loop from now on (same results, slower on GPU). "
+                "Pass execution='loop' to silence this.",
+                stacklevel=2,
+            )
+            return out
+
+    # ------------------------------------------------------------------ members
+    def member(self, index: int) -> nn.Module:
+        """A standalone copy of member ``index`` (its own tensors; edits do not affect the ensemble)."""
+        index = self._check_index(index)
+        module = copy.deepcopy(self._template)
+        for name, p in self.stacked_parameters().items():
+            _set_tensor(module, name, p[index].detach().clone(), parameter=True)
+        for name, b in self.stacked_buffers().items():
+            _set_tensor(module, name, b[index].detach().clone(), parameter=False)
+        module.train(self.training)
+        return module
+
+    def load_member(self, index: int, module: nn.Module) -> None:
+        """Copy the weights of ``module`` (same architecture as the backbone) into member ``index``."""
+        index = self._check_index(index)
+        params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+        missing = [n for n in self._param_names if n not in params] + [n for n in self._buffer_names if n not in buffers]
+        if missing:
+            raise ValueError(f"`module` does not match the backbone: missing tensors {missing[:5]}.")
+        with torch.no_grad():
+            for n, p in self.stacked_parameters().items():
+                p[index].copy_(params[n])
+            for n, b in self.stacked_buffers().items():
+                b[index].copy_(buffers[n])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_members={self.num_members}, backbone={type(self._template).__name__}, init={self.init!r}, "
+            f"execution={self.execution!r}"
+        )
+
+
+def _persistent_buffers(module: nn.Module):
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buf
