@@ -12,6 +12,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ..backbones import resolve_backbone
 from .base import Ensemble
+from .registry import register_method
 from .reinit import reinitialize
 
 __all__ = ["DeepEnsemble"]
@@ -29,6 +30,7 @@ def _set_tensor(module: nn.Module, dotted: str, value: Tensor, parameter: bool) 
         owner._buffers[leaf] = value
 
 
+@register_method("deep")
 class DeepEnsemble(Ensemble):
     """M independent copies of any backbone, run as one vectorized call.
 
