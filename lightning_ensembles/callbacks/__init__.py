@@ -1,0 +1,1 @@
+"""Trainer callbacks that plug ensembles, averaging and calibration into any LightningModule."""
