@@ -1,0 +1,7 @@
+"""LightningModules that train and evaluate ensembles."""
+
+from ._base import EnsembleModule
+from .classifier import EnsembleClassifier, format_report
+from .regressor import EnsembleRegressor
+
+__all__ = ["EnsembleModule", "EnsembleClassifier", "EnsembleRegressor", "format_report"]

@@ -1,0 +1,134 @@
+"""What EnsembleClassifier and EnsembleRegressor share: building the ensemble, the objective, optimisers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from ..ensembles.base import Ensemble
+from ..ensembles.registry import build_ensemble
+from ..losses.base import Regularizer
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+_SCHEDULERS = ("none", "cosine")
+
+
+def _module_args_to_ignore(values: dict[str, Any]) -> list[str]:
+    """Names of ``nn.Module`` arguments that cannot go into checkpoint hyperparameters as plain data.
+
+    When LightningCLI instantiates the module it hands Lightning the *config* of those arguments
+    (class_path dicts) as hyperparameters, which rebuild them; keep those. Plain Python objects
+    are left out, and ``load_from_checkpoint`` then needs them passed again (a clear error says so).
+    """
+    try:  # private but stable since Lightning 2.3: the hparams LightningCLI gives the module.
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+        given = _given_hyperparameters.get() or {}
+    except ImportError:  # pragma: no cover
+        given = {}
+    return [k for k, v in values.items() if isinstance(v, nn.Module) and not isinstance(given.get(k), dict)]
+
+
+class EnsembleModule(LightningModule):
+    """Shared machinery; use :class:`EnsembleClassifier` or :class:`EnsembleRegressor`.
+
+    Learning-rate convention: the optimiser minimises the **sum** over members of the member losses
+    (``num_members * (mean member loss + sum_k weight_k * regulariser_k)``), so the learning rate that
+    trains one model trains every member of a deep ensemble exactly as if it were alone, for SGD as
+    for Adam. The logged ``train/loss`` is the member mean (comparable with a single model's loss).
+    Shared weights (BatchEnsemble's ``W``, a LoRA backbone) receive the sum of the members' gradients.
+    """
+
+    def __init__(
+        self,
+        ensemble: Ensemble | None,
+        backbone: nn.Module | str | None,
+        method: str,
+        num_members: int,
+        backbone_kwargs: dict[str, Any] | None,
+        ensemble_kwargs: dict[str, Any] | None,
+        optimizer: str,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        scheduler: str,
+        regularizers: list[Regularizer] | None,
+    ) -> None:
+        super().__init__()
+        if (ensemble is None) == (backbone is None):
+            raise ValueError(
+                "Give exactly one of `ensemble` (a built Ensemble) or `backbone` (a module or model name, "
+                "with `method` and `num_members`)."
+            )
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}.")
+        if scheduler not in _SCHEDULERS:
+            raise ValueError(f"`scheduler` must be one of {_SCHEDULERS}, got {scheduler!r}.")
+        if lr <= 0:
+            raise ValueError(f"`lr` must be > 0, got {lr}.")
+        if ensemble is None:
+            ensemble = build_ensemble(method, backbone, num_members, backbone_kwargs, **(ensemble_kwargs or {}))
+        elif not isinstance(ensemble, Ensemble):
+            raise ValueError(
+                f"`ensemble` must be an lightning_ensembles Ensemble, got {type(ensemble).__name__}; "
+                "to ensemble a plain model pass it as `backbone=` instead."
+            )
+        self.ensemble = ensemble
+        self.regularizers = nn.ModuleList(regularizers or [])
+        for r in self.regularizers:
+            if not isinstance(r, Regularizer):
+                raise ValueError(f"`regularizers` must be Regularizer instances, got {type(r).__name__}.")
+
+    @property
+    def num_members(self) -> int:
+        return self.ensemble.num_members
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Member outputs ``(M, B, ...)``."""
+        return self.ensemble(x)
+
+    # ---------------------------------------------------------------- training objective
+    def member_loss(self, outputs: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Mean over members of each member's loss; ``outputs`` is ``(M, B, ...)``."""
+        raise NotImplementedError
+
+    def regularization(self, outputs: Tensor, target: Tensor, inputs: Tensor) -> dict[str, Tensor]:
+        """Unweighted values of the configured regularisers (the hook for extra training terms).
+
+        Override to add terms; each value is multiplied by its regulariser's ``weight``.
+        """
+        return {r.name: r(outputs, target, inputs=inputs, ensemble=self.ensemble) for r in self.regularizers}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        outputs = self(x)
+        loss = self.member_loss(outputs, y)
+        total = loss
+        for r in self.regularizers:
+            value = r(outputs, y, inputs=x, ensemble=self.ensemble)
+            self.log(f"train/{r.name}", value.detach())
+            total = total + r.weight * value
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        # Sum over members: see the learning-rate convention in the class docstring.
+        return total * self.num_members
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        opt_cls = _OPTIMIZERS[self.hparams.optimizer]
+        kwargs: dict[str, Any] = {"lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}
+        if self.hparams.optimizer == "sgd":
+            kwargs["momentum"] = self.hparams.momentum
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = opt_cls(params, **kwargs)
+        if self.hparams.scheduler == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+    # ---------------------------------------------------------------- metrics plumbing
+    def _stage_prefix(self, stage: str, dataloader_idx: int) -> str:
+        return stage if dataloader_idx == 0 else f"{stage}_dl{dataloader_idx}"

@@ -1,0 +1,190 @@
+"""EnsembleClassifier: a LightningModule that trains and evaluates any classification ensemble."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ensembles.base import Ensemble, aggregate_probs
+from ..losses.base import Regularizer
+from ._base import EnsembleModule, _module_args_to_ignore
+from ._eval_metrics import make_classification_metrics, make_ood_metrics
+
+
+def check_class_targets(outputs: Tensor, target: Tensor) -> None:
+    """``ValueError`` unless ``target`` holds one class index per sample of ``outputs`` ``(M, B, C)``."""
+    if target.dim() != 1 or target.shape[0] != outputs.shape[1]:
+        raise ValueError(
+            f"targets of shape {tuple(target.shape)} do not fit member outputs {tuple(outputs.shape)}: expected "
+            f"class indices of shape ({outputs.shape[1]},). One-hot or soft targets: pass `target.argmax(-1)`."
+        )
+    if target.is_floating_point():
+        raise ValueError("targets must be integer class indices (torch.long), got a floating-point tensor.")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= outputs.shape[-1]):
+        raise ValueError(
+            f"targets must lie in [0, {outputs.shape[-1] - 1}] for {outputs.shape[-1]} output classes; got values "
+            f"in [{int(target.min())}, {int(target.max())}]. Set the backbone's number of outputs to the number of classes."
+        )
+
+
+class EnsembleClassifier(EnsembleModule):
+    """Train any classification :class:`~lightning_ensembles.Ensemble` with Lightning.
+
+    Give either a built ``ensemble`` or a ``backbone`` (module, timm name, ``"mlp"`` or dotted path)
+    with ``method`` (``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ...) and ``num_members``.
+
+    Training: every member gets its own cross-entropy on the whole batch; the logged ``train/loss``
+    is the member mean (see the learning-rate convention of :class:`EnsembleModule`), plus weighted
+    ``regularizers`` (each logged as ``train/<name>``).
+
+    Validation/test log, for the ensemble (mean of member softmax probabilities): ``acc``, ``nll``,
+    ``brier``, ``ece`` (15 bins), and ``member_acc/<i>``, ``member_nll/<i>`` ..., ``disagreement``
+    (mean pairwise argmax disagreement) and ``mutual_information``. With several test dataloaders,
+    dataloader ``k > 0`` logs under ``test_dl<k>/``; the dataloader at ``ood_dataloader_idx`` (default
+    1) is treated as out-of-distribution against dataloader 0 and logs OOD AUROC/AUPR/FPR95 for the
+    maximum probability, predictive entropy and mutual information (``test/ood_auroc_msp`` ...).
+
+    ``predict_step`` returns ``{"probs", "member_probs", "entropy", "mutual_information"}``.
+
+    Example:
+        >>> import lightning as L
+        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles.data import DigitsDataModule
+        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
+        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> 0.0 < float(trainer.callback_metrics["val/acc"]) <= 1.0
+        True
+    """
+
+    def __init__(
+        self,
+        ensemble: Ensemble | None = None,
+        backbone: nn.Module | str | None = None,
+        method: str = "deep",
+        num_members: int = 4,
+        backbone_kwargs: dict[str, Any] | None = None,
+        ensemble_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str = "none",
+        regularizers: list[Regularizer] | None = None,
+        label_smoothing: float = 0.0,
+        ece_bins: int = 15,
+        ood_dataloader_idx: int | None = 1,
+    ) -> None:
+        super().__init__(
+            ensemble, backbone, method, num_members, backbone_kwargs, ensemble_kwargs,
+            optimizer, lr, weight_decay, momentum, scheduler, regularizers,
+        )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}.")
+        self.save_hyperparameters(ignore=_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}))
+        self._metrics: dict[tuple[str, int], Any] = {}
+        self._ood: Any = None
+        self.last_test_results: dict[int, dict[str, float]] = {}
+
+    # ---------------------------------------------------------------- training
+    def member_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        check_class_targets(outputs, target)
+        m, b, c = outputs.shape[0], outputs.shape[1], outputs.shape[-1]
+        # Each member's own cross-entropy on the whole batch, averaged over members.
+        return F.cross_entropy(
+            outputs.reshape(m * b, c), target.repeat(m), label_smoothing=self.hparams.label_smoothing
+        )
+
+    # ---------------------------------------------------------------- evaluation
+    def _metric_set(self, stage: str, dataloader_idx: int, num_classes: int):
+        key = (stage, dataloader_idx)
+        if key not in self._metrics:
+            self._metrics[key] = make_classification_metrics(num_classes, self.num_members, self.hparams.ece_bins).to(
+                self.device
+            )
+        return self._metrics[key]
+
+    def _is_ood(self, stage: str, dataloader_idx: int) -> bool:
+        return stage == "test" and dataloader_idx > 0 and dataloader_idx == self.hparams.ood_dataloader_idx
+
+    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        logits = self(x)
+        if self._is_ood(stage, dataloader_idx):
+            # OOD samples have no valid label in the model's classes: only their scores count.
+            self._ood_metrics().update(logits, is_ood=True)
+            return {"member_logits": logits}
+        check_class_targets(logits, y)
+        self._metric_set(stage, dataloader_idx, logits.shape[-1]).update(logits, y)
+        if stage == "test" and self.hparams.ood_dataloader_idx is not None and dataloader_idx == 0:
+            self._ood_metrics().update(logits, is_ood=False)
+        return {"member_logits": logits, "probs": aggregate_probs(logits), "target": y}
+
+    def _ood_metrics(self):
+        if self._ood is None:
+            self._ood = make_ood_metrics().to(self.device)
+        return self._ood
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        results: dict[int, dict[str, float]] = {}
+        for (s, idx), metrics in sorted(self._metrics.items()):
+            if s != stage:
+                continue
+            values = metrics.compute()
+            prefix = self._stage_prefix(stage, idx)
+            self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False, add_dataloader_idx=False)
+            results[idx] = {k: float(v) for k, v in values.items()}
+            metrics.reset()
+        if stage == "test" and self._ood is not None and self._ood.has_both():
+            values = self._ood.compute()
+            self.log_dict({f"test/{k}": v for k, v in values.items()}, add_dataloader_idx=False)
+            results.setdefault(0, {}).update({k: float(v) for k, v in values.items()})
+        if self._ood is not None and stage == "test":
+            self._ood.reset()
+        if stage == "test":
+            self.last_test_results = results
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        member_probs = self(x).softmax(dim=-1)
+        probs = member_probs.mean(dim=0)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        member_entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(-1).mean(0)
+        return {
+            "probs": probs,
+            "member_probs": member_probs,
+            "entropy": entropy,
+            "mutual_information": entropy - member_entropy,
+        }
+
+
+def format_report(results: dict[str, float], num_members: int, title: str = "test") -> str:
+    """A plain-text table of accuracy, NLL, Brier and ECE for the ensemble and each member."""
+    cols = ("acc", "nll", "brier", "ece")
+    lines = [f"{title}: ensemble vs members", f"{'model':<14}" + "".join(f"{c:>10}" for c in cols)]
+
+    def row(name: str, get) -> str:
+        return f"{name:<14}" + "".join(f"{get(c):>10.4f}" for c in cols)
+
+    lines.append(row("ensemble", lambda c: results[c]))
+    for i in range(num_members):
+        lines.append(row(f"member {i}", lambda c, i=i: results[f"member_{c}/{i}"]))
+    lines.append(row("member mean", lambda c: sum(results[f"member_{c}/{i}"] for i in range(num_members)) / num_members))
+    return "\n".join(lines)
+

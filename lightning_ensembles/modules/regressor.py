@@ -1,0 +1,152 @@
+"""EnsembleRegressor: a LightningModule for regression ensembles with aleatoric and epistemic uncertainty."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from ..ensembles.base import Ensemble, aggregate_gaussian, split_gaussian
+from ..losses.base import Regularizer
+from ._base import EnsembleModule, _module_args_to_ignore
+
+_Z90 = 1.6448536269514722  # two-sided 90% interval of a standard normal
+
+
+class EnsembleRegressor(EnsembleModule):
+    """Train a regression ensemble; members predict a Gaussian (``loss="gaussian"``) or a point (``"mse"``).
+
+    With ``loss="gaussian"`` the backbone must output ``2 * num_targets`` values: means, then raw
+    variances (``softplus`` makes them positive, see :func:`~lightning_ensembles.ensembles.base.split_gaussian`);
+    each member minimises its own Gaussian NLL. The ensemble prediction is the mixture: mean of member
+    means, aleatoric variance = mean member variance, epistemic variance = variance of member means.
+
+    Validation/test log ``rmse``, ``nll`` (Gaussian NLL of the moment-matched mixture) and
+    ``coverage90`` (fraction of targets inside the central 90% interval). ``predict_step`` returns
+    ``{"mean", "aleatoric", "epistemic", "variance"}``.
+
+    Example:
+        >>> import lightning as L
+        >>> from lightning_ensembles import EnsembleRegressor
+        >>> from lightning_ensembles.data import ToyRegressionDataModule
+        >>> model = EnsembleRegressor(backbone="mlp", num_members=2,
+        ...                           backbone_kwargs={"in_features": 1, "out_features": 2})
+        >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(model, ToyRegressionDataModule())
+        >>> "val/rmse" in trainer.callback_metrics
+        True
+    """
+
+    def __init__(
+        self,
+        ensemble: Ensemble | None = None,
+        backbone: nn.Module | str | None = None,
+        method: str = "deep",
+        num_members: int = 4,
+        backbone_kwargs: dict[str, Any] | None = None,
+        ensemble_kwargs: dict[str, Any] | None = None,
+        loss: str = "gaussian",
+        num_targets: int = 1,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str = "none",
+        regularizers: list[Regularizer] | None = None,
+    ) -> None:
+        super().__init__(
+            ensemble, backbone, method, num_members, backbone_kwargs, ensemble_kwargs,
+            optimizer, lr, weight_decay, momentum, scheduler, regularizers,
+        )
+        if loss not in ("gaussian", "mse"):
+            raise ValueError(f"`loss` must be 'gaussian' or 'mse', got {loss!r}.")
+        if num_targets < 1:
+            raise ValueError(f"`num_targets` must be >= 1, got {num_targets}.")
+        self.save_hyperparameters(ignore=_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}))
+        self._metrics: dict[str, nn.Module] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def split(self, outputs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Member means and variances ``(M, B, D)`` (variance ``None`` for MSE members)."""
+        d = self.hparams.num_targets
+        expected = 2 * d if self.hparams.loss == "gaussian" else d
+        if outputs.shape[-1] != expected:
+            raise ValueError(
+                f"member outputs have {outputs.shape[-1]} values per sample; loss={self.hparams.loss!r} with "
+                f"num_targets={d} needs {expected}. Set the backbone's output size to {expected}."
+            )
+        if self.hparams.loss == "gaussian":
+            return split_gaussian(outputs)
+        return outputs, None
+
+    def _check_target(self, mean: Tensor, target: Tensor) -> Tensor:
+        if target.dim() == 1 and mean.shape[-1] == 1:
+            target = target[:, None]
+        if target.shape != mean.shape[1:]:
+            raise ValueError(
+                f"targets of shape {tuple(target.shape)} do not fit member predictions {tuple(mean.shape)}: "
+                f"expected {tuple(mean.shape[1:])} (batch, num_targets)."
+            )
+        return target.to(mean.dtype)
+
+    # ---------------------------------------------------------------- training
+    def member_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        mean, var = self.split(outputs)
+        target = self._check_target(mean, target).expand_as(mean)
+        if var is None:
+            return F.mse_loss(mean, target)
+        return F.gaussian_nll_loss(mean, target, var, full=True)
+
+    # ---------------------------------------------------------------- evaluation
+    def _metric_set(self, key: str) -> nn.ModuleDict:
+        if key not in self._metrics:
+            self._metrics[key] = nn.ModuleDict(
+                {"mse": MeanMetric(), "nll": MeanMetric(), "coverage90": MeanMetric()}
+            ).to(self.device)
+        return self._metrics[key]
+
+    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        mean, var = self.split(self(x))
+        y = self._check_target(mean, y)
+        mix = aggregate_gaussian(mean, var)
+        total = mix.variance.clamp_min(1e-12)
+        m = self._metric_set(self._stage_prefix(stage, dataloader_idx))
+        m["mse"].update(((mix.mean - y) ** 2).mean(-1))
+        nll = 0.5 * (torch.log(2 * math.pi * total) + (y - mix.mean) ** 2 / total)
+        m["nll"].update(nll.mean(-1))
+        inside = ((y - mix.mean).abs() <= _Z90 * total.sqrt()).float()
+        m["coverage90"].update(inside.mean(-1))
+        return {"mean": mix.mean, "variance": mix.variance, "target": y}
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for prefix, m in self._metrics.items():
+            if prefix.split("_dl")[0] != stage:
+                continue
+            self.log(f"{prefix}/rmse", m["mse"].compute().sqrt(), add_dataloader_idx=False)
+            self.log(f"{prefix}/nll", m["nll"].compute(), add_dataloader_idx=False)
+            self.log(f"{prefix}/coverage90", m["coverage90"].compute(), add_dataloader_idx=False)
+            for metric in m.values():
+                metric.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        mix = aggregate_gaussian(*self.split(self(x)))
+        return {"mean": mix.mean, "aleatoric": mix.aleatoric, "epistemic": mix.epistemic, "variance": mix.variance}
