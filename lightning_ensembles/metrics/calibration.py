@@ -1,0 +1,224 @@
+"""Calibration errors: top-label ECE (equal width), adaptive ECE (equal mass), classwise ECE."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from ._checks import check_norm, check_num_classes, check_positive_int, check_probs, check_targets
+
+Norm = Literal["l1", "l2", "max"]
+
+
+def bin_index(conf: Tensor, n_bins: int) -> Tensor:
+    """Equal-width bin of each confidence, exactly as torchmetrics bins: ``[lo, hi)``, ``1.0`` -> bin ``n_bins``.
+
+    Boundaries are ``torch.linspace(0, 1, n_bins + 1)`` in the input's dtype, so values on a boundary
+    land in the same bin as in ``torchmetrics.classification.MulticlassCalibrationError``; a confidence
+    of exactly 1 gets the extra top bin ``[1, 1]`` (torchmetrics' behaviour too).
+    """
+    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype, device=conf.device)
+    return torch.bucketize(conf, boundaries, right=True) - 1
+
+
+def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor, norm: Norm) -> Tensor:
+    """Calibration error from per-bin sample counts, confidence sums and accuracy sums (last axis = bins)."""
+    total = count.sum(-1, keepdim=True).clamp_min(1)
+    safe = count.clamp_min(1)
+    gap = (acc_sum - conf_sum).abs() / safe  # |acc(B) - conf(B)|, 0 in empty bins
+    prop = count / total
+    if norm == "l1":
+        return (gap * prop).sum(-1)
+    if norm == "l2":
+        return ((gap**2) * prop).sum(-1).sqrt()
+    return gap.amax(-1)
+
+
+class _BinnedCalibration(Metric):
+    """Keeps ``(..., n_bins + 1)`` sums of counts, confidences and accuracies: memory independent of N."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, num_classes: int | None, n_bins: int, norm: Norm, shape: tuple[int, ...], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_positive_int(n_bins, "n_bins")
+        check_norm(norm)
+        if num_classes is not None:
+            check_positive_int(num_classes, "num_classes")
+        self.num_classes = num_classes
+        self.n_bins = n_bins
+        self.norm = norm
+        # float64 sums: a million float32 confidences summed in float32 would drift by ~1e-4.
+        for state in ("count", "conf_sum", "acc_sum"):
+            self.add_state(state, torch.zeros(*shape, n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _check(self, probs: Tensor, target: Tensor) -> int:
+        check_probs(probs)
+        c = check_num_classes(probs, self.num_classes)
+        check_targets(target, probs.shape[0], c)
+        return c
+
+
+class ExpectedCalibrationError(_BinnedCalibration):
+    r"""Top-label expected calibration error with equal-width bins (Guo et al., 2017).
+
+    ``ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` (``norm="l1"``); ``"l2"`` takes the root of the
+    count-weighted mean squared gap, ``"max"`` the largest gap (MCE). Bins are ``[lo, hi)`` with a
+    confidence of exactly 1 in its own top bin, identical to torchmetrics'
+    ``MulticlassCalibrationError`` (Guo's code uses ``(lo, hi]``; the two differ only for
+    confidences that fall exactly on a boundary). Memory is constant: only per-bin sums are kept.
+
+    Inputs: ``probs`` ``(B, C)`` probabilities (rows sum to 1), ``target`` ``(B,)`` class indices.
+
+    Example:
+        >>> import torch
+        >>> probs = torch.tensor([[.95, .05], [.85, .15], [.65, .35], [.55, .45], [.25, .75], [.15, .85]])
+        >>> ece = ExpectedCalibrationError(n_bins=15)
+        >>> ece.update(probs, torch.tensor([0, 1, 0, 0, 1, 0]))
+        >>> round(float(ece.compute()), 4)
+        0.4667
+    """
+
+    def __init__(self, num_classes: int | None = None, n_bins: int = 15, norm: Norm = "l1", **kwargs: Any) -> None:
+        super().__init__(num_classes, n_bins, norm, (), **kwargs)
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        self._check(probs, target)
+        conf, pred = probs.max(-1)
+        acc = (pred == target).to(torch.float64)
+        idx = bin_index(conf, self.n_bins)
+        size = self.n_bins + 1
+        self.count += torch.bincount(idx, minlength=size).to(torch.float64)
+        self.conf_sum += torch.bincount(idx, weights=conf.double(), minlength=size)
+        self.acc_sum += torch.bincount(idx, weights=acc, minlength=size)
+
+    def compute(self) -> Tensor:
+        return calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, self.norm).float()
+
+    def bins(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(count, mean confidence, accuracy)`` per bin (the last bin holds confidences equal to 1)."""
+        safe = self.count.clamp_min(1)
+        return self.count, self.conf_sum / safe, self.acc_sum / safe
+
+
+class ClasswiseCalibrationError(_BinnedCalibration):
+    r"""Classwise ECE (Kull et al., 2019): for each class k, equal-width bins on ``p_k`` compare the
+    mean ``p_k`` with the frequency of class k; the per-class errors are averaged over classes.
+
+    Binning per class is the same as :class:`ExpectedCalibrationError`, so the value equals
+    torch-uncertainty's ``ClasswiseCalibrationError`` (which stores every probability); here only
+    ``(C, n_bins + 1)`` sums are kept. ``reduction="none"`` returns the ``(C,)`` per-class errors.
+
+    Example:
+        >>> import torch
+        >>> m = ClasswiseCalibrationError(num_classes=2, n_bins=10)
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
+        >>> round(float(m.compute()), 4)
+        0.45
+    """
+
+    def __init__(
+        self, num_classes: int, n_bins: int = 15, norm: Norm = "l1", reduction: Literal["mean", "none"] = "mean", **kwargs: Any
+    ) -> None:
+        check_positive_int(num_classes, "num_classes")
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
+        super().__init__(num_classes, n_bins, norm, (num_classes,), **kwargs)
+        self.reduction = reduction
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        c = self._check(probs, target)
+        size = self.n_bins + 1
+        # One flat bincount over (class, bin) pairs instead of a Python loop over classes.
+        flat = bin_index(probs, self.n_bins) + torch.arange(c, device=probs.device) * size
+        flat = flat.reshape(-1)
+        hit = torch.nn.functional.one_hot(target, c).to(torch.float64).reshape(-1)
+        n = c * size
+        self.count += torch.bincount(flat, minlength=n).to(torch.float64).view(c, size)
+        self.conf_sum += torch.bincount(flat, weights=probs.reshape(-1).double(), minlength=n).view(c, size)
+        self.acc_sum += torch.bincount(flat, weights=hit, minlength=n).view(c, size)
+
+    def compute(self) -> Tensor:
+        per_class = calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, self.norm).float()
+        return per_class.mean() if self.reduction == "mean" else per_class
+
+
+class AdaptiveCalibrationError(Metric):
+    r"""Calibration error with equal-mass (adaptive) bins.
+
+    ``top_label=True`` (default): sort the top-label confidences, split them into ``n_bins`` bins of
+    (nearly) equal size (``torch.tensor_split`` rule: the first ``N % n_bins`` bins get one extra
+    sample), and take the count-weighted gap between accuracy and mean confidence. This is
+    torch-uncertainty's ``AdaptiveCalibrationError``.
+
+    ``top_label=False``: Nixon et al.'s ACE ("Measuring calibration in deep learning", 2019), which
+    bins every class's probability ``p_k`` separately with equal-mass bins and averages the gaps over
+    classes. torch-uncertainty calls its top-label variant "adaptive" too: the two definitions differ.
+
+    Equal-mass bins depend on the whole sample, so this metric stores the confidences (top-label:
+    2 floats per sample; classwise: ``C + 1`` per sample) and sorts them at ``compute``.
+
+    Example:
+        >>> import torch
+        >>> m = AdaptiveCalibrationError(n_bins=2)
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]]), torch.tensor([0, 1, 0, 0]))
+        >>> round(float(m.compute()), 4)
+        0.15
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(
+        self, num_classes: int | None = None, n_bins: int = 15, norm: Norm = "l1", top_label: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        check_positive_int(n_bins, "n_bins")
+        check_norm(norm)
+        self.num_classes = num_classes
+        self.n_bins = n_bins
+        self.norm = norm
+        self.top_label = top_label
+        self.add_state("confidences", [], dist_reduce_fx="cat")
+        self.add_state("accuracies", [], dist_reduce_fx="cat")
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        check_probs(probs)
+        c = check_num_classes(probs, self.num_classes)
+        check_targets(target, probs.shape[0], c)
+        if self.top_label:
+            conf, pred = probs.max(-1)
+            self.confidences.append(conf.float())
+            self.accuracies.append((pred == target).float())
+        else:
+            self.confidences.append(probs.float())
+            self.accuracies.append(torch.nn.functional.one_hot(target, c).float())
+
+    def _adaptive(self, conf: Tensor, acc: Tensor) -> Tensor:
+        conf, order = conf.double().sort()
+        acc = acc.double()[order]
+        n = conf.numel()
+        # Bin b holds sorted samples [start_b, end_b): the tensor_split rule.
+        sizes = torch.full((self.n_bins,), n // self.n_bins, dtype=torch.long)
+        sizes[: n % self.n_bins] += 1
+        idx = torch.repeat_interleave(torch.arange(self.n_bins), sizes).to(conf.device)
+        count = sizes.to(conf.device, torch.float64)
+        conf_sum = torch.zeros(self.n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf)
+        acc_sum = torch.zeros(self.n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, acc)
+        return calibration_error_from_bins(count, conf_sum, acc_sum, self.norm)
+
+    def compute(self) -> Tensor:
+        conf = dim_zero_cat(self.confidences)
+        acc = dim_zero_cat(self.accuracies)
+        if conf.numel() == 0:
+            return torch.tensor(float("nan"), device=self.device)
+        if self.top_label:
+            return self._adaptive(conf, acc).float()
+        return torch.stack([self._adaptive(conf[:, k], acc[:, k]) for k in range(conf.shape[1])]).mean().float()

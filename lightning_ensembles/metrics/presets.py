@@ -1,0 +1,202 @@
+"""Ready-made metric sets for ensemble modules: one ``update`` with member outputs, one flat ``compute`` dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities.data import dim_zero_cat
+
+from ..ensembles.base import aggregate_gaussian
+from ._checks import check_finite, check_num_classes, check_positive_int, check_targets
+from .calibration import ExpectedCalibrationError
+from .diversity import Disagreement, MutualInformation
+from .regression import GaussianNLL, IntervalCoverage
+from .scoring import BrierScore, NegativeLogLikelihood
+
+
+class Accuracy(Metric):
+    """Top-1 accuracy of ``(B, C)`` probabilities (or logits) against ``(B,)`` class indices.
+
+    Example:
+        >>> import torch
+        >>> m = Accuracy()
+        >>> m.update(torch.tensor([[.9, .1], [.4, .6]]), torch.tensor([0, 0]))
+        >>> float(m.compute())
+        0.5
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        check_targets(target, probs.shape[0], probs.shape[-1])
+        self.correct += (probs.argmax(-1) == target).sum()
+        self.count += target.numel()
+
+    def compute(self) -> Tensor:
+        return (self.correct / self.count).float()
+
+
+class MemberAccuracy(Metric):
+    """Accuracy of each member from member probabilities or logits ``(M, B, C)``: a ``(M,)`` tensor.
+
+    The number of members is read from the input, so one instance serves any ensemble (per-batch
+    counts are kept as a list state: a few numbers per batch, synced by concatenation).
+
+    Example:
+        >>> import torch
+        >>> m = MemberAccuracy()
+        >>> m.update(torch.tensor([[[.9, .1]], [[.2, .8]]]), torch.tensor([0]))
+        >>> m.compute().tolist()
+        [1.0, 0.0]
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", [], dist_reduce_fx="cat")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, member_outputs: Tensor, target: Tensor) -> None:
+        if member_outputs.dim() != 3:
+            raise ValueError(f"member outputs must be (M, B, C); got shape {tuple(member_outputs.shape)}.")
+        check_targets(target, member_outputs.shape[1], member_outputs.shape[-1])
+        self.correct.append((member_outputs.argmax(-1) == target).sum(1, dtype=torch.float64)[None])
+        self.count += target.numel()
+
+    def compute(self) -> Tensor:
+        return (dim_zero_cat(self.correct).sum(0) / self.count).float()
+
+
+class ClassificationMetrics(MetricCollection):
+    r"""Validation/test metrics of a classification ensemble from **member logits**.
+
+    Input contract: ``update(member_logits, target)`` with ``member_logits`` ``(M, B, C)`` raw
+    logits, member axis first (a single model: ``logits.unsqueeze(0)``), and ``target`` ``(B,)``
+    integer class indices. The ensemble prediction is the mean of member softmax probabilities.
+
+    ``compute()`` returns a flat dict (keys get the collection's ``prefix``/``postfix``):
+    ``acc``, ``nll``, ``brier``, ``ece`` (top-label, ``n_bins`` equal-width bins), ``member_acc/<i>``
+    for each member, ``disagreement`` (mean pairwise argmax disagreement) and
+    ``mutual_information`` (nats). Every state is a sum (constant memory), synced across processes.
+
+    Example:
+        >>> import torch
+        >>> metrics = ClassificationMetrics(num_classes=3, prefix="val/")
+        >>> metrics.update(torch.randn(4, 8, 3), torch.randint(0, 3, (8,)))
+        >>> sorted(metrics.compute())[:3]
+        ['val/acc', 'val/brier', 'val/disagreement']
+    """
+
+    def __init__(self, num_classes: int, n_bins: int = 15, prefix: str | None = None, postfix: str | None = None) -> None:
+        check_positive_int(num_classes, "num_classes")
+        super().__init__(
+            {
+                "acc": Accuracy(),
+                "nll": NegativeLogLikelihood(num_classes),
+                "brier": BrierScore(num_classes),
+                "ece": ExpectedCalibrationError(num_classes, n_bins=n_bins),
+                "member_acc": MemberAccuracy(),
+                "disagreement": Disagreement(),
+                "mutual_information": MutualInformation(),
+            },
+            prefix=prefix,
+            postfix=postfix,
+            compute_groups=False,
+        )
+        self.num_classes = num_classes
+
+    def update(self, member_logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        if not isinstance(member_logits, Tensor) or member_logits.dim() != 3:
+            shape = tuple(member_logits.shape) if isinstance(member_logits, Tensor) else type(member_logits).__name__
+            raise ValueError(
+                f"`member_logits` must be (M, B, C) logits with the member axis first; got {shape}. "
+                "For a single model pass `logits.unsqueeze(0)`."
+            )
+        check_finite(member_logits, "member_logits")
+        check_num_classes(member_logits, self.num_classes, "member_logits")
+        check_targets(target, member_logits.shape[1], self.num_classes)
+        member_probs = member_logits.detach().float().softmax(-1)
+        probs = member_probs.mean(0)
+        for name, metric in self.items(keep_base=True, copy_state=False):
+            if name in ("member_acc",):
+                metric.update(member_probs, target)
+            elif name in ("disagreement", "mutual_information"):
+                metric.update(member_probs)
+            else:
+                metric.update(probs, target)
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        out: dict[str, Tensor] = {}
+        for key, value in super().compute().items():
+            if value.dim() == 0:
+                out[key] = value
+            else:  # per-member values -> member_acc/<i>
+                base, post = (key[: -len(self.postfix)], self.postfix) if self.postfix else (key, "")
+                out.update({f"{base}/{i}{post}": v for i, v in enumerate(value)})
+        return out
+
+
+class RegressionMetrics(MetricCollection):
+    r"""Validation/test metrics of a Gaussian regression ensemble.
+
+    Input contract: ``update(mean, var, target)`` with member means ``(M, B, ...)``, member
+    variances ``(M, B, ...)`` (or ``None`` for point-prediction members: aleatoric variance 0) and
+    ``target`` ``(B, ...)`` (a ``(B,)`` target for ``(M, B, 1)`` members is accepted). Members are
+    combined into the moment-matched mixture (mean of means; variance = mean variance + variance of
+    means, :func:`~lightning_ensembles.aggregate_gaussian`).
+
+    ``compute()`` returns ``rmse``, ``nll`` (Gaussian NLL of the mixture's moments, per element) and
+    ``coverage90`` (fraction of targets in the central 90% interval).
+
+    Example:
+        >>> import torch
+        >>> metrics = RegressionMetrics()
+        >>> metrics.update(torch.randn(3, 16, 1), torch.ones(3, 16, 1), torch.randn(16))
+        >>> sorted(metrics.compute())
+        ['coverage90', 'nll', 'rmse']
+    """
+
+    def __init__(self, level: float = 0.9, prefix: str | None = None, postfix: str | None = None) -> None:
+        from torchmetrics import MeanSquaredError
+
+        super().__init__(
+            {
+                "rmse": MeanSquaredError(squared=False),
+                "nll": GaussianNLL(),
+                f"coverage{round(level * 100)}": IntervalCoverage(level),
+            },
+            prefix=prefix,
+            postfix=postfix,
+            compute_groups=False,
+        )
+
+    def update(self, mean: Tensor, var: Tensor | None, target: Tensor) -> None:  # type: ignore[override]
+        if not isinstance(mean, Tensor) or mean.dim() < 2:
+            raise ValueError("`mean` must be member means (M, B, ...) with the member axis first.")
+        if var is not None and var.shape != mean.shape:
+            raise ValueError(f"`var` {tuple(var.shape)} must match member means {tuple(mean.shape)}.")
+        if target.dim() == 1 and mean.dim() == 3 and mean.shape[-1] == 1:
+            target = target[:, None]
+        if target.shape != mean.shape[1:]:
+            raise ValueError(f"`target` {tuple(target.shape)} must have shape {tuple(mean.shape[1:])} (member means without M).")
+        mix = aggregate_gaussian(mean.detach().double(), None if var is None else var.detach().double())
+        total = mix.variance.clamp_min(1e-12)
+        target = target.double()
+        for name, metric in self.items(keep_base=True, copy_state=False):
+            if name == "rmse":
+                metric.update(mix.mean, target)
+            else:
+                metric.update(mix.mean, total, target)
