@@ -1,0 +1,50 @@
+"""Training objectives for ensembles: diversity terms and repulsion, as plain functions and Regularizers.
+
+Every term takes member outputs with the member axis first, ``(M, B, ...)``. ``Regularizer`` values
+are added as ``loss += weight * value`` by ``EnsembleClassifier`` / ``EnsembleRegressor`` (YAML:
+``regularizers: [{class_path: lightning_ensembles.losses.JensenShannon, init_args: {weight: 0.1}}]``).
+Sign convention: for every term here a **positive weight increases diversity**, a negative one
+decreases it; the default weight is 0.
+"""
+
+from .base import Regularizer
+from .diversity import (
+    JensenGap,
+    JensenGapLoss,
+    JensenShannon,
+    NegativeCorrelation,
+    PairwiseKL,
+    SoftDisagreement,
+    ambiguity,
+    jensen_gap,
+    jensen_shannon,
+    pairwise_kl,
+    soft_disagreement,
+)
+from .forde import InputGradientRepulsion, forde_repulsion, member_input_gradients
+from .kernels import log_kde, median_heuristic, squared_distances
+from .repulsion import FunctionSpaceRepulsion, WeightSpaceRepulsion, member_parameter_matrix
+
+__all__ = [
+    "Regularizer",
+    "PairwiseKL",
+    "JensenShannon",
+    "SoftDisagreement",
+    "NegativeCorrelation",
+    "JensenGap",
+    "JensenGapLoss",
+    "WeightSpaceRepulsion",
+    "FunctionSpaceRepulsion",
+    "InputGradientRepulsion",
+    "pairwise_kl",
+    "jensen_shannon",
+    "soft_disagreement",
+    "ambiguity",
+    "jensen_gap",
+    "forde_repulsion",
+    "member_input_gradients",
+    "member_parameter_matrix",
+    "log_kde",
+    "median_heuristic",
+    "squared_distances",
+]
