@@ -13,6 +13,7 @@ from .ood import FPR95, OODAUPR, OODAUROC
 from .regression import GaussianNLL, IntervalCoverage, QuantileCalibrationError
 from .scoring import BrierScore, NegativeLogLikelihood
 from .selective import AURC, CoverageAtRisk
+from .sets import SetCoverage, SetSize
 
 __all__ = [
     "AURC",
@@ -35,6 +36,8 @@ __all__ = [
     "PredictiveEntropy",
     "QuantileCalibrationError",
     "RegressionMetrics",
+    "SetCoverage",
+    "SetSize",
     "entropy",
     "mutual_information",
     "pairwise_disagreement",
