@@ -1,0 +1,147 @@
+"""CalibrationMetrics: log calibration and uncertainty metrics of any LightningModule on validation and test."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torchmetrics import Metric
+
+from ..metrics import (
+    AURC,
+    AdaptiveCalibrationError,
+    BrierScore,
+    ClasswiseCalibrationError,
+    Disagreement,
+    ExpectedCalibrationError,
+    MutualInformation,
+    NegativeLogLikelihood,
+    PredictiveEntropy,
+)
+from ._predictions import read_predictions, stage_prefix
+
+#: Metrics of the ensemble prediction ``(B, C)`` against targets.
+PROB_METRICS = ("ece", "ace", "classwise_ece", "mce", "nll", "brier", "aurc")
+#: Metrics of member probabilities ``(M, B, C)``; skipped when the step returns no member outputs.
+MEMBER_METRICS = ("mutual_information", "disagreement", "predictive_entropy")
+
+
+def _build(name: str, num_classes: int, n_bins: int) -> Metric:
+    factories = {
+        "ece": lambda: ExpectedCalibrationError(num_classes, n_bins=n_bins),
+        "mce": lambda: ExpectedCalibrationError(num_classes, n_bins=n_bins, norm="max"),
+        "ace": lambda: AdaptiveCalibrationError(num_classes, n_bins=n_bins),
+        "classwise_ece": lambda: ClasswiseCalibrationError(num_classes, n_bins=n_bins),
+        "nll": lambda: NegativeLogLikelihood(num_classes),
+        "brier": lambda: BrierScore(num_classes),
+        "aurc": lambda: AURC(num_classes),
+        "mutual_information": MutualInformation,
+        "disagreement": Disagreement,
+        "predictive_entropy": PredictiveEntropy,
+    }
+    return factories[name]()
+
+
+class CalibrationMetrics(Callback):
+    """Compute and log calibration/uncertainty metrics for any LightningModule.
+
+    Predictions are read from what ``validation_step`` / ``test_step`` return: a dict with
+    ``"member_logits"`` ``(M, B, C)``, ``"member_probs"``, ``"logits"`` ``(B, C)`` or ``"probs"``,
+    plus ``"target"`` ``(B,)`` (see :mod:`lightning_ensembles.callbacks._predictions`). A step that
+    returns anything else raises a ``ValueError`` that states this contract; batches without a
+    target (an OOD dataloader) are skipped.
+
+    Logged at each epoch end as ``<stage>/<prefix>/<metric>`` (``stage`` = ``val``, ``test``, or
+    ``test_dl<k>`` for dataloader ``k > 0``). Metrics are torchmetrics objects, synced across
+    processes before logging. The values are also kept in ``last_results[stage]``.
+
+    Args:
+        metrics: names from ``ece, mce, ace, classwise_ece, nll, brier, aurc`` and, for member
+            outputs, ``mutual_information, disagreement, predictive_entropy``. ``None``: all but ``ace``
+            and ``aurc`` (those two store every confidence; the others keep constant memory).
+        n_bins: bins of the binned calibration errors.
+        stages: which of ``"val"`` and ``"test"`` to evaluate.
+        prefix: middle part of the logged names.
+
+    Example:
+        >>> import lightning as L
+        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles.callbacks import CalibrationMetrics
+        >>> from lightning_ensembles.data import DigitsDataModule
+        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
+        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> cb = CalibrationMetrics(metrics=["ece", "nll", "mutual_information"])
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> _ = trainer.test(model, DigitsDataModule(), verbose=False)
+        >>> sorted(cb.last_results["test"])
+        ['ece', 'mutual_information', 'nll']
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[str] | None = None,
+        n_bins: int = 15,
+        stages: Sequence[str] = ("val", "test"),
+        prefix: str = "calibration",
+    ) -> None:
+        known = PROB_METRICS + MEMBER_METRICS
+        chosen = tuple(metrics) if metrics is not None else tuple(m for m in known if m not in ("ace", "aurc"))
+        unknown = [m for m in chosen if m not in known]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown} for CalibrationMetrics; choose from {list(known)}.")
+        bad_stages = [s for s in stages if s not in ("val", "test")]
+        if bad_stages:
+            raise ValueError(f"`stages` may contain 'val' and 'test', got {bad_stages}.")
+        if not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"`n_bins` must be an integer >= 1, got {n_bins!r}.")
+        self.metric_names = chosen
+        self.n_bins = n_bins
+        self.stages = tuple(stages)
+        self.prefix = prefix
+        self._metrics: dict[str, nn.ModuleDict] = {}
+        self.last_results: dict[str, dict[str, float]] = {}
+
+    # ---------------------------------------------------------------- collection
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, outputs: Any, dataloader_idx: int) -> None:
+        if stage not in self.stages or trainer.sanity_checking:
+            return
+        hook = "validation_step" if stage == "val" else "test_step"
+        preds = read_predictions(outputs, type(self).__name__, hook)
+        if preds.target is None:
+            return
+        key = stage_prefix(stage, dataloader_idx)
+        probs, member_probs = preds.probs, preds.member_probs
+        if key not in self._metrics:
+            names = [n for n in self.metric_names if n in PROB_METRICS or member_probs is not None]
+            self._metrics[key] = nn.ModuleDict({n: _build(n, probs.shape[-1], self.n_bins) for n in names}).to(probs.device)
+        for name, metric in self._metrics[key].items():
+            if name in MEMBER_METRICS:
+                metric.update(member_probs)
+            else:
+                metric.update(probs, preds.target)
+
+    def _log(self, pl_module: L.LightningModule, stage: str) -> None:
+        for key in [k for k in self._metrics if k.split("_dl")[0] == stage]:
+            metrics = self._metrics.pop(key)
+            values = {name: metric.compute() for name, metric in metrics.items()}
+            self.last_results[key] = {name: float(v) for name, v in values.items()}
+            for name, value in values.items():
+                pl_module.log(f"{key}/{self.prefix}/{name}", value, add_dataloader_idx=False)
+
+    # ---------------------------------------------------------------- hooks
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(trainer, pl_module, "val", outputs, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(trainer, pl_module, "test", outputs, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "test")

@@ -1,0 +1,158 @@
+"""ReliabilityDiagram: write accuracy-vs-confidence plots (PNG) for validation and test of any LightningModule."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from ..metrics import ExpectedCalibrationError
+from ._predictions import read_predictions
+
+
+def plot_reliability(
+    count: Tensor, confidence: Tensor, accuracy: Tensor, ece: float, title: str = "", figsize=(6.0, 7.0), dpi: int = 100
+):
+    """A matplotlib ``Figure``: accuracy bars per confidence bin, the gap to the diagonal, and a sample histogram.
+
+    ``count``, ``confidence``, ``accuracy`` are per-bin values of :meth:`ExpectedCalibrationError.bins`
+    (``n_bins + 1`` entries; the last bin, confidences equal to 1, is drawn with the top bin).
+    Built on ``matplotlib.figure.Figure`` directly (no pyplot, no global backend change).
+    """
+    from matplotlib.figure import Figure
+
+    count = count.double().cpu().numpy().copy()
+    conf = confidence.double().cpu().numpy().copy()
+    acc = accuracy.double().cpu().numpy().copy()
+    n_bins = len(count) - 1
+    # Fold the "confidence == 1" bin into the top bin for drawing (weighted means).
+    top = count[-2] + count[-1]
+    if top > 0:
+        conf[-2] = (conf[-2] * count[-2] + conf[-1] * count[-1]) / top
+        acc[-2] = (acc[-2] * count[-2] + acc[-1] * count[-1]) / top
+    count, conf, acc = count[:-1], conf[:-1], acc[:-1]
+    count[-1] = top
+    width = 1.0 / n_bins
+    centers = (np.arange(n_bins) + 0.5) * width
+    seen = count > 0
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centers[seen], acc[seen], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    gap_bottom = np.minimum(acc, conf)[seen]
+    ax.bar(centers[seen], np.abs(acc - conf)[seen], bottom=gap_bottom, width=width, edgecolor="tab:red",
+           color="tab:red", alpha=0.35, hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}  ECE = {100 * ece:.2f}%".strip())
+    ax.legend(loc="upper left")
+    hist.bar(centers, count / max(count.sum(), 1), width=width, edgecolor="black", color="tab:gray")
+    hist.set_xlabel("confidence (top-label probability)")
+    hist.set_ylabel("fraction of samples")
+    fig.tight_layout()
+    return fig
+
+
+class ReliabilityDiagram(Callback):
+    """Reliability diagram (PNG) of the first validation/test dataloader, for any LightningModule.
+
+    Reads predictions as :class:`CalibrationMetrics` does (a ``validation_step`` / ``test_step``
+    dict with ``logits``, ``probs``, ``member_logits`` or ``member_probs`` and ``target``). Keeps
+    only per-bin sums (constant memory, synced across processes). At epoch end, process 0 writes
+    ``<log_dir>/reliability/<stage>[_epoch<E>].png`` (test: ``test.png``; validation every
+    ``every_n_epochs`` epochs, sanity checks excluded) with accuracy bars, the gap to perfect
+    calibration, the sample histogram and the ECE in the title, and logs the figure to every logger
+    that takes images (TensorBoard ``add_figure``; loggers with ``log_image``, e.g. W&B).
+    ``<log_dir>`` is the first logger's ``log_dir`` or, without one, ``trainer.default_root_dir``.
+    The image is ``figsize * dpi`` pixels. Paths written are kept in ``self.paths``.
+
+    Example:
+        >>> import lightning as L, tempfile
+        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles.callbacks import ReliabilityDiagram
+        >>> from lightning_ensembles.data import DigitsDataModule
+        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
+        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> cb = ReliabilityDiagram(stages=["test"])
+        >>> trainer = L.Trainer(default_root_dir=tempfile.mkdtemp(), callbacks=[cb], logger=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> _ = trainer.test(model, DigitsDataModule(), verbose=False)
+        >>> [os.path.basename(p) for p in cb.paths]
+        ['test.png']
+    """
+
+    def __init__(
+        self,
+        n_bins: int = 15,
+        stages: Sequence[str] = ("val", "test"),
+        every_n_epochs: int = 1,
+        figsize: tuple[float, float] = (6.0, 7.0),
+        dpi: int = 100,
+    ) -> None:
+        if any(s not in ("val", "test") for s in stages):
+            raise ValueError(f"`stages` may contain 'val' and 'test', got {list(stages)}.")
+        if every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
+        self.n_bins, self.stages, self.every_n_epochs = n_bins, tuple(stages), every_n_epochs
+        self.figsize, self.dpi = tuple(figsize), dpi
+        self.paths: list[str] = []
+        self._ece: dict[str, ExpectedCalibrationError] = {}
+
+    def _active(self, trainer: L.Trainer, stage: str) -> bool:
+        if stage not in self.stages or trainer.sanity_checking:
+            return False
+        return stage == "test" or trainer.current_epoch % self.every_n_epochs == 0
+
+    def _update(self, trainer, pl_module, stage: str, outputs, dataloader_idx: int) -> None:
+        if dataloader_idx != 0 or not self._active(trainer, stage):
+            return
+        preds = read_predictions(outputs, type(self).__name__, "validation_step" if stage == "val" else "test_step")
+        if preds.target is None:
+            return
+        probs = preds.probs
+        if stage not in self._ece:
+            self._ece[stage] = ExpectedCalibrationError(n_bins=self.n_bins).to(probs.device)
+        self._ece[stage].update(probs, preds.target)
+
+    def _write(self, trainer: L.Trainer, stage: str) -> None:
+        metric = self._ece.pop(stage, None)
+        if metric is None:
+            return
+        ece = float(metric.compute())  # syncs the bin sums on every rank
+        with metric.sync_context():  # bin sums of all processes; no-op in a single process
+            count, conf, acc = (t.clone() for t in metric.bins())
+        if trainer.global_rank != 0:
+            return
+        name = "test" if stage == "test" else f"val_epoch{trainer.current_epoch}"
+        fig = plot_reliability(count, conf, acc, ece, title=f"{stage} reliability", figsize=self.figsize, dpi=self.dpi)
+        root = trainer.loggers[0].log_dir if trainer.loggers and trainer.loggers[0].log_dir else trainer.default_root_dir
+        folder = os.path.join(root, "reliability")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.png")
+        fig.savefig(path, dpi=self.dpi)
+        self.paths.append(path)
+        tag = f"{stage}/reliability_diagram"
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):  # TensorBoard
+                experiment.add_figure(tag, fig, global_step=trainer.global_step)
+            elif hasattr(logger, "log_image"):  # W&B, Neptune, Comet ...
+                logger.log_image(key=tag, images=[path], step=trainer.global_step)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(trainer, pl_module, "val", outputs, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(trainer, pl_module, "test", outputs, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer, "test")
