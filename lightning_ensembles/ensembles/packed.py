@@ -1,0 +1,615 @@
+"""Packed-Ensembles (Laurent et al., ICLR 2023) by conversion of any backbone.
+
+Every tensor inside the converted network carries the M members side by side on its channel axis:
+a width ``C`` of the backbone becomes ``M * w(C)`` with ``w(C) = ceil(alpha * C / M)`` channels per
+member, member ``i`` owning the contiguous block ``[i * w(C), (i + 1) * w(C))``. Layers are replaced by
+block-diagonal (grouped) versions so no member reads another's channels:
+
+* the **first** ``Linear``/``Conv`` (first in registration order, or ``first_layer``) is dense from the
+  shared input to ``M * w(C_out)`` channels;
+* hidden ``Linear``/``Conv``/``ConvTranspose`` get ``M * gamma * groups`` groups (depthwise convs stay
+  per channel); the **last** one (``last_layer``) gives ``M * C_out`` outputs, returned as ``(M, B, ...)``;
+* ``BatchNorm*`` (per channel, hence per member), ``GroupNorm`` (``M * G`` groups), ``LayerNorm`` and
+  timm ``LayerNorm2d`` (normalised within each member's block), ``nn.MultiheadAttention`` and timm's
+  ``Attention`` (attention within each member) are converted; tensors owned by no layer (``cls_token``,
+  ``pos_embed``, layer scales) are packed along their last axis.
+
+Design decisions (torch-uncertainty's packed layers are not reused: they cannot be built from
+existing weights, rearrange to ``(M * B, ...)`` instead of the member-first contract, and silently
+reduce ``gamma``):
+
+* non-divisible widths: each member gets ``ceil(alpha * C / M)`` channels (padding to a multiple of M);
+* ``gamma`` is applied exactly, or a ``ConversionError`` names the layer whose per-member width it does
+  not divide. ``min_channels_per_group > 0`` applies torch-uncertainty's rule instead (lower gamma while a
+  group would have fewer channels), recorded in ``gamma_reductions`` and warned about;
+* initialisation: with ``alpha == M`` and ``gamma == 1`` each member has exactly the backbone's
+  shapes; ``init="copy"`` starts every member from the backbone's weights (pretrained weights survive),
+  ``init="reinit"`` re-initialises M copies with the model's own initialiser. For other ``alpha`` or
+  ``gamma`` members are narrower or sparser than the backbone, so ``Linear``/``Conv`` weights are drawn by
+  PyTorch's default initialiser for the packed shape, norm layers start at weight 1 / bias 0 / fresh
+  statistics, and free tensors are the backbone's values tiled or truncated to the member width.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from .base import Ensemble
+from .registry import register_method
+from .reinit import reinitialize
+from .surgery import ConversionError, leaf_parameter_owners
+
+__all__ = ["PackedEnsemble", "GroupedLinear", "PackedLayerNorm", "PackedMultiheadAttention", "PackedAttention"]
+
+# Leaf modules owning parameters that are packed along their last axis like free tensors.
+_FREE_PARAM_LEAVES = {"LayerScale", "LayerScale2d"}
+# Known modules that mix channels across members; refused with the reason.
+_REFUSED = {
+    "MixerBlock": "its token-mixing MLP is a Linear over the token axis whose weights are shared by all channels",
+    "ChannelShuffle": "it permutes channels across groups, so members would read each other's channels",
+}
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal ``Linear``: ``groups`` independent ``in/groups -> out/groups`` maps on the last axis.
+
+    Example:
+        >>> import torch
+        >>> lin = GroupedLinear(8, 6, groups=2)
+        >>> lin.weight.shape, lin(torch.randn(3, 8)).shape
+        (torch.Size([2, 3, 4]), torch.Size([3, 6]))
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True) -> None:
+        super().__init__()
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"in_features={in_features} and out_features={out_features} must be divisible by groups={groups}.")
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.weight = nn.Parameter(torch.empty(groups, out_features // groups, in_features // groups))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default initialisation, per group (fan-in of one group)."""
+        for w in self.weight:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight.shape[-1])
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xg = x.reshape(-1, self.groups, self.in_features // self.groups).transpose(0, 1)  # (G, N, in_g)
+        y = torch.bmm(xg, self.weight.transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}, bias={self.bias is not None}"
+
+
+class PackedLayerNorm(nn.Module):
+    """LayerNorm applied within each of ``num_members`` channel blocks (channel axis -1 or 1).
+
+    Example:
+        >>> import torch
+        >>> ln = PackedLayerNorm(6, num_members=2)
+        >>> y = ln(torch.randn(4, 6))
+        >>> torch.allclose(y[:, :3].mean(-1), torch.zeros(4), atol=1e-6)
+        True
+    """
+
+    def __init__(self, num_channels: int, num_members: int, eps: float = 1e-5, affine: bool = True,
+                 bias: bool = True, channel_dim: int = -1) -> None:
+        super().__init__()
+        if num_channels % num_members:
+            raise ValueError(f"num_channels={num_channels} is not divisible by num_members={num_members}.")
+        self.num_channels, self.num_members, self.eps, self.channel_dim = num_channels, num_members, eps, channel_dim
+        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine and bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.num_channels // self.num_members
+        xm = x.movedim(self.channel_dim, -1) if self.channel_dim != -1 else x
+        y = F.layer_norm(xm.unflatten(-1, (self.num_members, w)), (w,), eps=self.eps).flatten(-2)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.movedim(-1, self.channel_dim) if self.channel_dim != -1 else y
+
+
+def _sdpa_heads(x: Tensor, m: int, heads: int) -> Tensor:
+    # (B, L, M * w) -> (B, M, heads, L, w / heads)
+    b, length, _ = x.shape
+    return x.view(b, length, m, heads, -1).permute(0, 2, 3, 1, 4)
+
+
+class PackedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` run independently per member on ``(.., M * w)`` embeddings.
+
+    Same call signature as ``nn.MultiheadAttention`` (``kdim = vdim = embed_dim``); attention
+    weights are not returned (the second output is ``None``). Supports 2-D ``attn_mask`` and
+    ``key_padding_mask``.
+
+    Example:
+        >>> import torch
+        >>> mha = PackedMultiheadAttention(embed_dim=8, num_heads=2, num_members=2, batch_first=True)
+        >>> out, _ = mha(torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(3, 5, 16))
+        >>> out.shape
+        torch.Size([3, 5, 16])
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_members: int, dropout: float = 0.0,
+                 bias: bool = True, batch_first: bool = False) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"per-member embed_dim={embed_dim} is not divisible by num_heads={num_heads}.")
+        m, e = num_members, embed_dim
+        self.embed_dim, self.num_heads, self.num_members = e, num_heads, m
+        self.dropout, self.batch_first = dropout, batch_first
+        self.in_proj_weight = nn.Parameter(torch.empty(m, 3 * e, e))
+        self.in_proj_bias = nn.Parameter(torch.zeros(m, 3 * e)) if bias else None
+        self.out_proj_weight = nn.Parameter(torch.empty(m, e, e))
+        self.out_proj_bias = nn.Parameter(torch.zeros(m, e)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.MultiheadAttention``'s initialisation per member."""
+        for w in self.in_proj_weight:
+            nn.init.xavier_uniform_(w)
+        for w in self.out_proj_weight:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        for b in (self.in_proj_bias, self.out_proj_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, None]:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        m, e = self.num_members, self.embed_dim
+        wq, wk, wv = self.in_proj_weight.split(e, dim=1)
+        bq, bk, bv = self.in_proj_bias.split(e, dim=1) if self.in_proj_bias is not None else (None, None, None)
+
+        def proj(t: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            y = torch.einsum("blmi,moi->blmo", t.unflatten(-1, (m, e)), w)
+            return (y if b is None else y + b).flatten(-2)
+
+        q, k, v = (_sdpa_heads(proj(t, w, b), m, self.num_heads) for t, w, b in ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() != 2:
+                raise ValueError("PackedMultiheadAttention supports only 2-D attn_mask (L, S).")
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
+        if key_padding_mask is not None:
+            kpm = (~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask)[:, None, None, None, :]
+            mask = kpm if mask is None else (mask & kpm if mask.dtype == torch.bool else mask + kpm)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                             is_causal=is_causal and mask is None)
+        out = out.permute(0, 3, 1, 2, 4).flatten(-2)  # (B, L, M, e)
+        out = torch.einsum("blmi,moi->blmo", out, self.out_proj_weight)
+        if self.out_proj_bias is not None:
+            out = out + self.out_proj_bias
+        out = out.flatten(-2)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class PackedAttention(nn.Module):
+    """timm ``Attention`` (fused ``qkv``) with attention computed within each member's channel block.
+
+    Holds the original module's children (``qkv``, ``proj``, dropouts), which the converter packs.
+
+    Example:
+        >>> import torch
+        >>> from timm.layers import Attention
+        >>> att = PackedAttention(Attention(dim=8, num_heads=2), num_members=1)
+        >>> att(torch.randn(2, 5, 8)).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, attn: nn.Module, num_members: int, path: str = "") -> None:
+        super().__init__()
+        for name in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
+                raise ConversionError(path, f"timm Attention with a non-identity `{name}` (normalises across the head "
+                                      "dimension with shared weights) is not supported by PackedEnsemble.")
+        if getattr(attn, "gate", None) is not None:
+            raise ConversionError(path, "gated timm Attention is not supported by PackedEnsemble.")
+        self.num_members, self.num_heads = num_members, attn.num_heads
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, c = x.shape
+        m, h = self.num_members, self.num_heads
+        # Member-major channel layout: member i's qkv block is [q_i, k_i, v_i], exactly the backbone's layout.
+        qkv = self.qkv(x).view(b, n, m, 3, h, -1).permute(3, 0, 2, 4, 1, 5)  # (3, B, M, h, N, hd)
+        q, k, v = qkv.unbind(0)
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(1)  # broadcast over members
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = out.permute(0, 3, 1, 2, 4).reshape(b, n, -1)
+        return self.proj_drop(self.proj(out))
+
+
+def _is_layernorm2d(module: nn.Module) -> bool:
+    return any(c.__name__ in ("LayerNorm2d", "LayerNormAct2d") for c in type(module).__mro__)
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    return type(module).__name__ == "Attention" and all(hasattr(module, a) for a in ("qkv", "proj", "num_heads"))
+
+
+class _Packer:
+    """Builds the packed copy of a backbone for ``num_members`` members of per-member width ``width(C)``."""
+
+    def __init__(self, num_members: int, width: Callable[[int], int], gamma: int, min_channels_per_group: int,
+                 first: str, last: str) -> None:
+        self.m, self.width, self.gamma, self.min_cpg = num_members, width, gamma, min_channels_per_group
+        self.first, self.last = first, last
+        self.member_axes: dict[str, int | None] = {}  # tensor name -> axis holding the M blocks
+        self.gamma_reductions: dict[str, int] = {}
+        self.converted: list[str] = []
+
+    def packed(self, c: int) -> int:
+        return self.m * self.width(c)
+
+    def _gamma(self, path: str, w_in: int, w_out: int, groups: int) -> int:
+        g = self.gamma
+        if self.min_cpg > 0:  # torch-uncertainty's rule, made visible
+            while g > 1 and (w_in % (g * groups) or w_out % (g * groups) or w_in // (g * groups) < self.min_cpg):
+                g -= 1
+            if g != self.gamma:
+                self.gamma_reductions[path] = g
+        for w, what in ((w_in, "input"), (w_out, "output")):
+            if w % (g * groups):
+                raise ConversionError(path, f"per-member {what} width {w} is not divisible by gamma * groups = "
+                                      f"{g} * {groups}. Choose gamma/alpha so that it divides, or set "
+                                      "min_channels_per_group > 0 to lower gamma where needed.")
+        return g
+
+    # -------------------------------------------------------------- layers
+    def linear(self, path: str, lin: nn.Linear) -> tuple[nn.Module, dict[str, int]]:
+        first, last = path == self.first, path == self.last
+        out_p = self.m * lin.out_features if last else self.packed(lin.out_features)
+        if first:
+            new = copy.deepcopy(lin)
+            new.in_features, new.out_features = lin.in_features, out_p
+            new.weight = nn.Parameter(torch.empty(out_p, lin.in_features))
+            new.bias = nn.Parameter(torch.empty(out_p)) if lin.bias is not None else None
+            new.reset_parameters()
+            return new, {"weight": 0, "bias": 0}
+        in_p = self.packed(lin.in_features)
+        g = self._gamma(path, in_p // self.m, out_p // self.m, 1)
+        return GroupedLinear(in_p, out_p, self.m * g, bias=lin.bias is not None), {"weight": 0, "bias": 0}
+
+    def conv(self, path: str, conv: _ConvNd) -> tuple[nn.Module, dict[str, int]]:
+        first, last = path == self.first, path == self.last
+        transposed = conv.transposed
+        out_p = self.m * conv.out_channels if last else self.packed(conv.out_channels)
+        if first:
+            if conv.groups != 1:
+                raise ConversionError(path, "the first layer reads the shared input and must have groups=1.")
+            in_p, groups = conv.in_channels, 1
+        else:
+            in_p = self.packed(conv.in_channels)
+            if conv.groups == conv.in_channels and conv.groups > 1 and not last:  # depthwise stays per channel
+                if out_p % in_p:
+                    raise ConversionError(path, f"depthwise conv: packed output width {out_p} is not a multiple of the "
+                                          f"packed input width {in_p}; use alpha with alpha * C / M an integer.")
+                groups = in_p
+            else:
+                groups = self.m * self._gamma(path, in_p // self.m, out_p // self.m, conv.groups) * conv.groups
+        new = copy.deepcopy(conv)
+        new.in_channels, new.out_channels, new.groups = in_p, out_p, groups
+        shape = (in_p, out_p // groups) if transposed else (out_p, in_p // groups)
+        new.weight = nn.Parameter(torch.empty(*shape, *conv.weight.shape[2:]))
+        new.bias = nn.Parameter(torch.empty(out_p)) if conv.bias is not None else None
+        new.reset_parameters()
+        return new, {"weight": 1 if (transposed and first) else 0, "bias": 0}
+
+    def norm(self, path: str, mod: nn.Module) -> tuple[nn.Module, dict[str, int | None]]:
+        if isinstance(mod, _BatchNorm):
+            c = self.packed(mod.num_features)
+            new = copy.deepcopy(mod)
+            new.num_features = c
+            if mod.affine:
+                new.weight, new.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+            if mod.track_running_stats:
+                new.running_mean, new.running_var = torch.zeros(c), torch.ones(c)
+                new.num_batches_tracked = torch.tensor(0, dtype=torch.long)
+            return new, {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0, "num_batches_tracked": None}
+        if isinstance(mod, nn.GroupNorm):
+            w = self.width(mod.num_channels)
+            if w % mod.num_groups:
+                raise ConversionError(path, f"GroupNorm: per-member width {w} is not divisible by num_groups={mod.num_groups}.")
+            new = copy.deepcopy(mod)
+            new.num_groups, new.num_channels = self.m * mod.num_groups, self.m * w
+            if mod.affine:
+                new.weight, new.bias = nn.Parameter(torch.ones(self.m * w)), nn.Parameter(torch.zeros(self.m * w))
+            return new, {"weight": 0, "bias": 0}
+        # LayerNorm (channel-last) or timm LayerNorm2d (channel-first)
+        if len(mod.normalized_shape) != 1:
+            raise ConversionError(path, f"LayerNorm over {tuple(mod.normalized_shape)} spans more than the channel "
+                                  "axis; only 1-D normalized_shape can be packed.")
+        if type(mod).forward is not nn.LayerNorm.forward and not _is_layernorm2d(mod) and type(mod).__name__ != "LayerNorm":
+            raise ConversionError(path, f"{type(mod).__name__} overrides LayerNorm.forward; cannot pack it safely.")
+        new = PackedLayerNorm(self.packed(mod.normalized_shape[0]), self.m, mod.eps, mod.weight is not None,
+                              mod.bias is not None, channel_dim=1 if _is_layernorm2d(mod) else -1)
+        return new, {"weight": 0, "bias": 0}
+
+    def mha(self, path: str, mod: nn.MultiheadAttention) -> tuple[nn.Module, dict[str, int]]:
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+            raise ConversionError(path, "MultiheadAttention with kdim/vdim != embed_dim, bias_k/v or add_zero_attn "
+                                  "is not supported by PackedEnsemble.")
+        w = self.width(mod.embed_dim)
+        new = PackedMultiheadAttention(w, mod.num_heads, self.m, mod.dropout, mod.in_proj_bias is not None, mod.batch_first)
+        return new, {"in_proj_weight": 0, "in_proj_bias": 0, "out_proj_weight": 0, "out_proj_bias": 0}
+
+    # -------------------------------------------------------------- walk
+    def build(self, backbone: nn.Module) -> nn.Module:
+        """Return a packed deep copy; raises ``ConversionError`` (backbone untouched) on anything unsupported."""
+        model = copy.deepcopy(backbone)
+
+        def visit(prefix: str, module: nn.Module) -> nn.Module | None:
+            name = type(module).__name__
+            if name in _REFUSED:
+                raise ConversionError(prefix, f"{name} cannot be packed: {_REFUSED[name]}.")
+            made = None
+            if isinstance(module, nn.Linear):
+                made = self.linear(prefix, module)
+            elif isinstance(module, _ConvNd):
+                made = self.conv(prefix, module)
+            elif isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                made = self.norm(prefix, module)
+            elif isinstance(module, nn.MultiheadAttention):
+                made = self.mha(prefix, module)
+            elif isinstance(module, (nn.Embedding, nn.RNNBase, nn.EmbeddingBag)):
+                raise ConversionError(prefix, f"{name} has no packed version in this library.")
+            if made is not None:
+                new, axes = made
+                self.converted.append(prefix)
+                for t, axis in axes.items():
+                    self.member_axes[f"{prefix}.{t}" if prefix else t] = axis
+                return new
+            if _is_timm_attention(module):
+                wrapper = PackedAttention(module, self.m, prefix)
+                self.converted.append(prefix)
+                module = wrapper
+            for child_name, child in list(module.named_children()):
+                new_child = visit(f"{prefix}.{child_name}" if prefix else child_name, child)
+                if new_child is not None:
+                    setattr(module, child_name, new_child)
+            return module if isinstance(module, PackedAttention) else None
+
+        root = visit("", model)
+        model = root if root is not None else model
+        # Tensors no converted layer owns: pack along the last axis (cls_token, pos_embed, layer scales).
+        for path, module, names in leaf_parameter_owners(model):
+            if any((f"{path}.{n}" if path else n) in self.member_axes for n in names):
+                continue
+            is_leaf = not any(True for _ in module.children())
+            if is_leaf and type(module).__name__ not in _FREE_PARAM_LEAVES and not isinstance(module, PackedAttention):
+                raise ConversionError(path, f"{type(module).__name__} owns parameters {names} and has no packed version. "
+                                      "Replace it, or wrap it so its parameters act on the channel (last) axis.")
+            for n in names:
+                p = module._parameters[n]
+                full = f"{path}.{n}" if path else n
+                if p.dim() == 0:
+                    raise ConversionError(full, "a scalar parameter would be shared by all members.")
+                module._parameters[n] = nn.Parameter(torch.empty(*p.shape[:-1], self.packed(p.shape[-1])),
+                                                     requires_grad=p.requires_grad)
+                self.member_axes[full] = p.dim() - 1
+        return model
+
+
+def _fill_from_sources(packed: nn.Module, sources: list[nn.Module], axes: dict[str, int | None], width_exact: bool) -> None:
+    """Copy member i's tensors from ``sources[i]`` into the packed model's member blocks.
+
+    ``width_exact``: every member has the backbone's shapes (alpha == M, gamma == 1), so every tensor is
+    copied. Otherwise only free tensors are (tiled/truncated); layers keep the default init.
+    """
+    m = len(sources)
+    src_state = [dict(s.named_parameters()) | dict(s.named_buffers()) for s in sources]
+    dst = dict(packed.named_parameters()) | dict(packed.named_buffers())
+    with torch.no_grad():
+        for name, t in dst.items():
+            axis = axes.get(name)
+            if name not in src_state[0]:
+                continue
+            if axis is None:
+                t.copy_(src_state[0][name])
+                continue
+            is_free = name not in _layer_tensor_names(packed, name)
+            if not (width_exact or is_free):
+                continue
+            blocks = t.unflatten(axis, (m, -1))
+            for i in range(m):
+                src = src_state[i][name].to(t.dtype)
+                block = blocks.select(axis, i)
+                if src.shape == block.shape:
+                    block.copy_(src)
+                elif is_free:  # tile/truncate the backbone's tensor to the member width
+                    reps = math.ceil(block.shape[-1] / src.shape[-1])
+                    block.copy_(src.repeat(*([1] * (src.dim() - 1)), reps)[..., : block.shape[-1]])
+                else:
+                    raise RuntimeError(f"internal: shape mismatch for {name}: {tuple(src.shape)} vs {tuple(block.shape)}")
+
+
+def _layer_tensor_names(model: nn.Module, name: str) -> set[str]:
+    # Names of tensors that belong to converted layers (the owner is one of the packed layer types).
+    owner_path, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    layer_types = (nn.Linear, _ConvNd, _BatchNorm, nn.GroupNorm, PackedLayerNorm, GroupedLinear, PackedMultiheadAttention)
+    return {name} if isinstance(owner, layer_types) else set()
+
+
+def _source_for_grouped(src: nn.Module, packed_template: nn.Module) -> nn.Module:
+    """View of a backbone whose Linear weights are reshaped like GroupedLinear (1, out, in) for copying."""
+    src = copy.deepcopy(src)
+    for path, mod in packed_template.named_modules():
+        if isinstance(mod, GroupedLinear):
+            lin = src.get_submodule(path)
+            lin.weight = nn.Parameter(lin.weight.detach()[None])
+        elif isinstance(mod, PackedMultiheadAttention):
+            mha = src.get_submodule(path)
+            holder = nn.Module()
+            holder.in_proj_weight = nn.Parameter(mha.in_proj_weight.detach()[None])
+            holder.in_proj_bias = nn.Parameter(mha.in_proj_bias.detach()[None]) if mha.in_proj_bias is not None else None
+            holder.out_proj_weight = nn.Parameter(mha.out_proj.weight.detach()[None])
+            holder.out_proj_bias = nn.Parameter(mha.out_proj.bias.detach()[None]) if mha.out_proj.bias is not None else None
+            _set(src, path, holder)
+    return src
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    setattr(model.get_submodule(".".join(parents)) if parents else model, leaf, new)
+
+
+@register_method("packed")
+class PackedEnsemble(Ensemble):
+    """Packed-Ensembles of any backbone: M narrower members packed in one grouped network.
+
+    Args:
+        backbone: any ``nn.Module`` (timm and torchvision models, nested modules); not modified.
+        num_members: M.
+        alpha: width factor; each member has ``ceil(alpha * C / M)`` channels for a backbone width ``C``.
+            ``alpha = M, gamma = 1`` is a deep ensemble (same parameter count as M backbones).
+        gamma: groups inside each member (hidden layers); must divide each member's widths unless
+            ``min_channels_per_group > 0``.
+        init: ``"reinit"``: fresh weights (with ``alpha == M, gamma == 1``: M copies re-initialised by the
+            model's own initialiser; otherwise PyTorch's default init of the packed layers).
+            ``"copy"``: every member starts from the backbone's weights (pretrained fine-tuning); needs
+            ``alpha == num_members`` and ``gamma == 1``.
+        min_channels_per_group: torch-uncertainty's rule: lower gamma in a layer while its groups would have
+            fewer input channels than this (torch-uncertainty uses 64); 0 (default) applies gamma exactly.
+        first_layer, last_layer: module paths of the layer reading the input and of the output layer;
+            by default the first and last ``Linear``/``Conv`` in registration order.
+
+    ``converted`` lists converted module paths, ``gamma_reductions`` layers where gamma was lowered.
+    The output layer's channels are split into members: ``(B, M * K)`` becomes ``(M, B, K)`` (channel
+    axis last for a ``Linear`` output layer, axis 1 for a convolutional one).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> ens = PackedEnsemble(net, num_members=4, alpha=2)
+        >>> ens(torch.randn(5, 4)).shape
+        torch.Size([4, 5, 3])
+        >>> ens.converted
+        ['0', '2']
+        >>> torch.allclose(ens.member(1)(torch.ones(2, 4)), ens(torch.ones(2, 4))[1], atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_members: int = 4,
+        alpha: float = 2,
+        gamma: int = 1,
+        init: Literal["reinit", "copy"] = "reinit",
+        min_channels_per_group: int = 0,
+        first_layer: str | None = None,
+        last_layer: str | None = None,
+    ) -> None:
+        super().__init__(num_members)
+        if not isinstance(backbone, nn.Module):
+            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"`alpha` must be a number > 0 (e.g. alpha=2), got {alpha!r}.")
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise ValueError(f"`gamma` must be an integer >= 1, got {gamma!r}.")
+        if init not in ("reinit", "copy"):
+            raise ValueError(f"`init` must be 'reinit' or 'copy', got {init!r}.")
+        if not isinstance(min_channels_per_group, int) or min_channels_per_group < 0:
+            raise ValueError(f"`min_channels_per_group` must be an integer >= 0, got {min_channels_per_group!r}.")
+        self.alpha, self.gamma, self.init, self.min_channels_per_group = alpha, gamma, init, min_channels_per_group
+        m = num_members
+        exact = alpha == m and gamma == 1
+        if init == "copy" and not exact:
+            raise ValueError(f"init='copy' needs alpha == num_members ({m}) and gamma == 1 so that every member has the "
+                             f"backbone's shapes; got alpha={alpha}, gamma={gamma}. Use init='reinit'.")
+
+        layers = [p for p, mod in backbone.named_modules() if isinstance(mod, (nn.Linear, _ConvNd))]
+        if not layers:
+            raise ValueError("`backbone` has no Linear or Conv layer; PackedEnsemble has nothing to pack.")
+        for arg, value in (("first_layer", first_layer), ("last_layer", last_layer)):
+            if value is not None and value not in layers:
+                raise ValueError(f"`{arg}`={value!r} is not a Linear/Conv module path of the backbone; choose from {layers[:8]}...")
+        self.first_layer = first_layer or layers[0]
+        self.last_layer = last_layer or layers[-1]
+        last_mod = backbone.get_submodule(self.last_layer)
+        self._out_axis = -1 if isinstance(last_mod, nn.Linear) else 1
+        self._num_outputs = last_mod.out_features if isinstance(last_mod, nn.Linear) else last_mod.out_channels
+
+        def width(c: int) -> int:
+            return math.ceil(alpha * c / m - 1e-9)  # tolerance: alpha * c / m computed in floating point
+
+        self._width = width
+        # The backbone's structure without data (meta device), kept out of the module tree; member() rebuilds
+        # a 1-member packed network from it.
+        self.__dict__["_backbone_structure"] = copy.deepcopy(backbone).to("meta")
+        packer = _Packer(m, width, gamma, min_channels_per_group, self.first_layer, self.last_layer)
+        self.model = packer.build(backbone)
+        self.converted, self.gamma_reductions = packer.converted, packer.gamma_reductions
+        self._member_axes = packer.member_axes
+        if self.gamma_reductions:
+            warnings.warn(f"PackedEnsemble lowered gamma (min_channels_per_group={min_channels_per_group}) in "
+                          f"{len(self.gamma_reductions)} layers: {dict(list(self.gamma_reductions.items())[:5])}...", stacklevel=2)
+
+        if init == "copy" or exact:
+            sources = [backbone] * m if init == "copy" else [copy.deepcopy(backbone) for _ in range(m)]
+            if init == "reinit":
+                for s in sources:
+                    reinitialize(s)
+        else:
+            sources = [backbone] * m  # only free tensors are taken from it (tiled/truncated)
+        sources = [_source_for_grouped(s, self.model) for s in sources] if (init == "copy" or exact) else sources
+        _fill_from_sources(self.model, sources, self._member_axes, width_exact=init == "copy" or exact)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Member outputs ``(M, B, ...)``; every member sees the whole batch."""
+        out = self.model(x)
+        axis = self._out_axis % out.dim()
+        if out.shape[axis] != self.num_members * self._num_outputs:
+            raise RuntimeError(f"the packed model's output has {out.shape[axis]} channels on axis {axis}, expected "
+                               f"{self.num_members} * {self._num_outputs}; is `last_layer`={self.last_layer!r} the output layer?")
+        return out.unflatten(axis, (self.num_members, -1)).movedim(axis, 0)
+
+    def member(self, index: int) -> nn.Module:
+        """A standalone network equal to member ``index`` (its block of every packed tensor, as a 1-member model)."""
+        index = self._check_index(index)
+        template = self.__dict__.get("_member_template")
+        if template is None:
+            # Per-layer gamma decisions match the ensemble's: the 1-member packer derives them from the
+            # same per-member widths with the same rule.
+            packer = _Packer(1, self._width, self.gamma, self.min_channels_per_group, self.first_layer, self.last_layer)
+            template = packer.build(self._unpacked_structure())
+            self.__dict__["_member_template"] = template
+        member = copy.deepcopy(template)
+        dst = dict(member.named_parameters()) | dict(member.named_buffers())
+        src = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, t in dst.items():
+                axis = self._member_axes.get(name)
+                value = src[name] if axis is None else src[name].unflatten(axis, (self.num_members, -1)).select(axis, index)
+                t.copy_(value.reshape(t.shape))
+        member.train(self.training)
+        return member.to(next(self.model.parameters()).device)
+
+    def _unpacked_structure(self) -> nn.Module:
+        # Real (uninitialised) tensors: every one of them is overwritten from the packed model in member().
+        return copy.deepcopy(self._backbone_structure).to_empty(device="cpu")
