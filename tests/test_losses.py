@@ -80,13 +80,30 @@ def test_jensen_shannon_two_members_pairwise_equals_generalised_and_is_finite_fo
         assert torch.isfinite(value) and value.item() == pytest.approx(-math.log(2), abs=1e-6)
 
 
-def test_soft_disagreement_is_probability_that_sampled_classes_differ():
-    # Independent computation: enumerate every pair of classes the two members could sample.
+def test_soft_disagreement_is_half_squared_distance_and_sampling_disagreement_beyond_chance():
     ref = np.mean([
-        np.mean([sum(P[i, b, c] * P[j, b, d] for c in range(C) for d in range(C) if c != d) for b in range(B)])
+        np.mean([0.5 * ((P[i, b] - P[j, b]) ** 2).sum() for b in range(B)])
         for i in range(M) for j in range(M) if i != j
     ])
+    # Same number from its other reading: the chance two members' sampled classes differ, minus the chance
+    # each member disagrees with itself (enumerating class pairs, independent of the formula above).
+    def differ(p, q):
+        return sum(p[c] * q[d] for c in range(C) for d in range(C) if c != d)
+
+    beyond_chance = np.mean([
+        np.mean([differ(P[i, b], P[j, b]) - 0.5 * differ(P[i, b], P[i, b]) - 0.5 * differ(P[j, b], P[j, b])
+                 for b in range(B)])
+        for i in range(M) for j in range(M) if i != j
+    ])
+    assert ref == pytest.approx(beyond_chance, rel=1e-12)
     assert SoftDisagreement(weight=1.0)(LOGITS, TARGET).item() == pytest.approx(-ref, rel=1e-10)
+
+
+def test_soft_disagreement_equals_argmax_disagreement_for_confident_members():
+    classes = torch.tensor([[0, 1, 2, 2], [0, 2, 2, 1], [1, 1, 2, 0]])  # (M, B)
+    logits = 50.0 * torch.nn.functional.one_hot(classes, 3).double()
+    argmax = np.mean([(classes[i] != classes[j]).double().mean() for i in range(3) for j in range(3) if i != j])
+    assert -SoftDisagreement()(logits, None).item() == pytest.approx(argmax, abs=1e-12)
 
 
 def test_negative_correlation_is_ambiguity_and_completes_the_decomposition():
