@@ -68,7 +68,7 @@ def digits_probs():
     tr, held = perm[:900], perm[900:]
     net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(300):
+    for _ in range(200):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x[tr]), y[tr]).backward()
         opt.step()
