@@ -55,11 +55,9 @@ def test_matches_averaged_model_per_member(method, kind):
         ours, ref = SWA(), AveragedModel(ens, multi_avg_fn=get_swa_multi_avg_fn())
     else:
         ours, ref = EMA(decay=0.9, average_buffers=False), AveragedModel(ens, multi_avg_fn=get_ema_multi_avg_fn(0.9))
-    # Independent per-member references for the DeepEnsemble: one AveragedModel per member module.
-    per_member = []
-    if kind == "deep":
-        fn = get_swa_multi_avg_fn() if method == "swa" else get_ema_multi_avg_fn(0.9)
-        per_member = [AveragedModel(ens.member(i), multi_avg_fn=fn) for i in range(4)]
+    # Independent per-member references: one AveragedModel per member module, fed that member's weights.
+    fn = get_swa_multi_avg_fn() if method == "swa" else get_ema_multi_avg_fn(0.9)
+    per_member = [AveragedModel(ens.member(i), multi_avg_fn=fn) for i in range(4)]
     for _ in range(6):
         _perturb(ens)
         ours.update(ens)
@@ -92,16 +90,21 @@ def test_ema_averages_float_buffers_not_counters():
     assert "1.num_batches_tracked" not in ema.average
 
 
-def test_update_bn_per_member_equals_torch_update_bn_on_each_member():
-    ens = DeepEnsemble(_bn_net(), num_members=3)
+@pytest.mark.parametrize("kind", ["deep", "packed"])
+def test_update_bn_per_member_equals_torch_update_bn_on_each_member(kind):
+    ensembles = dict(_ensembles())
+    if kind not in ensembles:
+        pytest.skip("PackedEnsemble not available yet")
+    ens = ensembles[kind]
     _perturb(ens, 0.5)
     loader = [(torch.randn(10, 5) * 2 + 1, torch.zeros(10)) for _ in range(4)]
-    members = [ens.member(i) for i in range(3)]
+    members = [ens.member(i) for i in range(ens.num_members)]
     for m in members:
         torch_update_bn(loader, m)
     update_bn(loader, ens)
     for i, m in enumerate(members):
         mine = ens.member(i)
+        assert len(list(mine.buffers())) == 3  # the member has its BatchNorm statistics
         for (n, b), ref in zip(mine.named_buffers(), m.buffers()):
             torch.testing.assert_close(b, ref, atol=1e-6, rtol=1e-6, msg=f"member {i} {n}")
     assert ens.training  # mode restored
