@@ -33,6 +33,7 @@ reduce ``gamma``):
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import warnings
 from typing import Callable, Literal
@@ -254,8 +255,9 @@ class _Packer:
     """Builds the packed copy of a backbone for ``num_members`` members of per-member width ``width(C)``."""
 
     def __init__(self, num_members: int, width: Callable[[int], int], gamma: int, min_channels_per_group: int,
-                 first: str, last: str) -> None:
+                 first: str, last: str, no_gamma_layers: list[str] | None = None) -> None:
         self.m, self.width, self.gamma, self.min_cpg = num_members, width, gamma, min_channels_per_group
+        self.no_gamma = list(no_gamma_layers or [])
         self.first, self.last = first, last
         self.member_axes: dict[str, int | None] = {}  # tensor name -> axis holding the M blocks
         self.gamma_reductions: dict[str, int] = {}
@@ -265,11 +267,11 @@ class _Packer:
         return self.m * self.width(c)
 
     def _gamma(self, path: str, w_in: int, w_out: int, groups: int) -> int:
-        g = self.gamma
+        g = 1 if any(fnmatch.fnmatchcase(path, pat) for pat in self.no_gamma) else self.gamma
         if self.min_cpg > 0:  # torch-uncertainty's rule, made visible
             while g > 1 and (w_in % (g * groups) or w_out % (g * groups) or w_in // (g * groups) < self.min_cpg):
                 g -= 1
-            if g != self.gamma:
+            if g != self.gamma and not any(fnmatch.fnmatchcase(path, pat) for pat in self.no_gamma):
                 self.gamma_reductions[path] = g
         for w, what in ((w_in, "input"), (w_out, "output")):
             if w % (g * groups):
@@ -494,6 +496,9 @@ class PackedEnsemble(Ensemble):
             ``alpha == num_members`` and ``gamma == 1``.
         min_channels_per_group: torch-uncertainty's rule: lower gamma in a layer while its groups would have
             fewer input channels than this (torch-uncertainty uses 64); 0 (default) applies gamma exactly.
+        no_gamma_layers: ``fnmatch`` patterns of layer paths that keep gamma = 1 (torch-uncertainty's
+            hand-written ResNets apply gamma only to each block's second conv and shortcut:
+            ``["*.conv1", "linear"]`` reproduces their parameter count).
         first_layer, last_layer: module paths of the layer reading the input and of the output layer;
             by default the first and last ``Linear``/``Conv`` in registration order.
 
@@ -524,6 +529,7 @@ class PackedEnsemble(Ensemble):
         min_channels_per_group: int = 0,
         first_layer: str | None = None,
         last_layer: str | None = None,
+        no_gamma_layers: list[str] | None = None,
     ) -> None:
         super().__init__(num_members)
         if not isinstance(backbone, nn.Module):
@@ -537,6 +543,7 @@ class PackedEnsemble(Ensemble):
         if not isinstance(min_channels_per_group, int) or min_channels_per_group < 0:
             raise ValueError(f"`min_channels_per_group` must be an integer >= 0, got {min_channels_per_group!r}.")
         self.alpha, self.gamma, self.init, self.min_channels_per_group = alpha, gamma, init, min_channels_per_group
+        self.no_gamma_layers = list(no_gamma_layers or [])
         m = num_members
         exact = alpha == m and gamma == 1
         if init == "copy" and not exact:
@@ -562,7 +569,7 @@ class PackedEnsemble(Ensemble):
         # The backbone's structure without data (meta device), kept out of the module tree; member() rebuilds
         # a 1-member packed network from it.
         self.__dict__["_backbone_structure"] = copy.deepcopy(backbone).to("meta")
-        packer = _Packer(m, width, gamma, min_channels_per_group, self.first_layer, self.last_layer)
+        packer = _Packer(m, width, gamma, min_channels_per_group, self.first_layer, self.last_layer, self.no_gamma_layers)
         self.model = packer.build(backbone)
         self.converted, self.gamma_reductions = packer.converted, packer.gamma_reductions
         self._member_axes = packer.member_axes
@@ -596,7 +603,8 @@ class PackedEnsemble(Ensemble):
         if template is None:
             # Per-layer gamma decisions match the ensemble's: the 1-member packer derives them from the
             # same per-member widths with the same rule.
-            packer = _Packer(1, self._width, self.gamma, self.min_channels_per_group, self.first_layer, self.last_layer)
+            packer = _Packer(1, self._width, self.gamma, self.min_channels_per_group, self.first_layer, self.last_layer,
+                             self.no_gamma_layers)
             template = packer.build(self._unpacked_structure())
             self.__dict__["_member_template"] = template
         member = copy.deepcopy(template)

@@ -67,7 +67,11 @@ def find_modules(model: nn.Module, predicate: Predicate) -> list[tuple[str, nn.M
         if predicate(prefix, module):
             found.append((prefix, module))
             return
-        for name, child in module.named_children():
+        # _modules, not named_children(): the latter skips a module met twice, which would leave the
+        # second occurrence of a shared module unconverted.
+        for name, child in module._modules.items():
+            if child is None:
+                continue
             walk(f"{prefix}.{name}" if prefix else name, child)
 
     walk("", model)
