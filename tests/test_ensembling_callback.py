@@ -1,0 +1,127 @@
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from conftest import quiet_trainer
+from lightning_ensembles.callbacks import EnsembledModel, Ensembling
+from lightning_ensembles.data import DigitsDataModule
+from user_project.classifier import LitClassifier, TupleClassifier
+
+
+def _member_weights(module):
+    return module.model.ensemble.stacked_parameters()["1.weight"]
+
+
+def test_unchanged_module_trains_as_an_ensemble_and_logs_ensemble_accuracy():
+    L.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    module = LitClassifier()
+    trainer = quiet_trainer(max_epochs=3, callbacks=[Ensembling(num_members=4)])
+    trainer.fit(module, dm)
+    assert isinstance(module.model, EnsembledModel) and module.model.num_members == 4
+    # Independent check: the ensemble accuracy from the member outputs equals what the user's metric logged.
+    module.eval()
+    x, y = dm.splits["val"].tensors
+    with torch.no_grad():
+        members = module.model.ensemble(x)  # (M, B, C)
+    acc = (members.softmax(-1).mean(0).argmax(-1) == y).float().mean()
+    assert float(trainer.callback_metrics["val_acc"]) == pytest.approx(float(acc), abs=1e-6)
+    w = _member_weights(module)
+    assert all(not torch.allclose(w[i], w[j]) for i in range(4) for j in range(i + 1, 4))
+    # Members really differ in their predictions, and each one is a decent classifier.
+    member_acc = (members.argmax(-1) == y).float().mean(1)
+    assert (member_acc > 0.8).all()
+
+
+def test_each_member_gets_its_own_loss_under_the_users_training_step():
+    torch.manual_seed(0)
+    module = LitClassifier()
+    cb = Ensembling(num_members=3)
+    cb.apply(module)
+    cb._patch_training_step(module)
+    module.train()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    loss = module.training_step((x, y), 0)
+    members = module.model.ensemble(x)
+    expected = torch.stack([torch.nn.functional.cross_entropy(members[i], y) for i in range(3)]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_split_batch_mode_and_dict_batches():
+    module = LitClassifier()
+    cb = Ensembling(num_members=2, batch="split")
+    cb.apply(module)
+    module.train()
+    x = torch.randn(5, 1, 8, 8)
+    out = module(x)
+    members = module.model.ensemble(x)
+    assert out.shape == (5, 10)
+    torch.testing.assert_close(out[:3], members[0, :3])
+    torch.testing.assert_close(out[3:], members[1, 3:])
+    batch = {"x": x, "y": torch.arange(5)}
+    repeated = Ensembling(num_members=3).repeat_targets(batch, 3)
+    assert torch.equal(repeated["y"], torch.arange(5).repeat(3)) and repeated["x"] is x
+    with pytest.raises(ValueError, match="override `repeat_targets`"):
+        Ensembling().repeat_targets({"image": x}, 3)
+
+
+def test_checkpoint_restores_into_a_fresh_trainer_with_the_callback(tmp_path):
+    L.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    module = LitClassifier()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[Ensembling(num_members=3)])
+    trainer.fit(module, dm)
+    trainer.save_checkpoint(tmp_path / "ens.ckpt")
+    expected = torch.cat(trainer.predict(module, dm.predict_dataloader()))
+
+    fresh = LitClassifier()
+    trainer2 = quiet_trainer(callbacks=[Ensembling(num_members=3)])
+    got = torch.cat(trainer2.predict(fresh, dm.predict_dataloader(), ckpt_path=tmp_path / "ens.ckpt"))
+    assert torch.equal(got, expected)
+
+    # Outside a Trainer: apply the conversion, then load the state dict.
+    bare = LitClassifier()
+    Ensembling(num_members=3).apply(bare)
+    bare.load_state_dict(torch.load(tmp_path / "ens.ckpt", weights_only=True)["state_dict"])
+    x = dm.splits["test"].tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(bare.eval()(x).softmax(-1), expected)
+
+    with pytest.raises(ValueError, match="of 3 members"):
+        quiet_trainer(callbacks=[Ensembling(num_members=4)]).predict(
+            LitClassifier(), dm.predict_dataloader(), ckpt_path=tmp_path / "ens.ckpt"
+        )
+
+
+def test_forward_that_cannot_be_ensembled_fails_at_setup():
+    trainer = quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2)])
+    with pytest.raises(ValueError, match=r"returned a tuple of 2 items.*Point `attribute`"):
+        trainer.fit(TupleClassifier(), DigitsDataModule())
+
+
+def test_backbone_found_when_attribute_is_left_out():
+    module = LitClassifier()
+    cb = Ensembling(num_members=2, attribute=None)
+    cb.apply(module)
+    assert cb.chosen_attribute == "model"
+    with pytest.raises(ValueError, match="not a submodule"):
+        Ensembling(attribute="encoder").apply(LitClassifier())
+
+
+def test_users_own_lightning_cli_with_callbacks_from_yaml(tmp_path):
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "lightning_ensembles.callbacks.Ensembling", "init_args": {"num_members": 3}}],
+        },
+        "data": {"batch_size": 64},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(LitClassifier, DigitsDataModule, args=["fit", "--config", str(path)], save_config_callback=None)
+    assert isinstance(cli.model.model, EnsembledModel) and cli.model.model.num_members == 3
+    assert float(cli.trainer.callback_metrics["val_acc"]) > 0.8
