@@ -60,8 +60,8 @@ def overfit_digits():
     """A PlainClassifier trained to overconfidence (small batches, high lr, no regularisation) and its trainer."""
     torch.manual_seed(0)
     ts, cp = TemperatureScaling(), ConformalPrediction(alpha=0.1, method="aps")
-    model, dm = PlainClassifier(), DigitsDataModule(batch_size=32)
-    trainer = quiet_trainer(max_epochs=12, callbacks=[ts, cp])
+    model, dm = PlainClassifier(lr=2e-2), DigitsDataModule(batch_size=64)
+    trainer = quiet_trainer(max_epochs=6, num_sanity_val_steps=0, callbacks=[ts, cp])
     trainer.fit(model, dm)
     return model, dm, ts, cp
 
