@@ -27,6 +27,8 @@ def check_probs(probs: Tensor, name: str = "probs", members: bool = False) -> No
         raise ValueError(f"`{name}` must have shape {shape}; got shape {tuple(probs.shape)}.")
     if not probs.is_floating_point():
         raise ValueError(f"`{name}` must be a floating-point tensor of probabilities, got dtype {probs.dtype}.")
+    if probs.numel() == 0:
+        return
     # One reduction pass catches NaN (the comparison is False), negatives, values > 1 and bad sums.
     lo, hi = torch.aminmax(probs)
     sums = probs.sum(-1)
