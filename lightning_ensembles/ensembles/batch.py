@@ -320,6 +320,7 @@ class BatchEnsemble(Ensemble):
         if not any(isinstance(mod, (BatchEnsembleLayer, PerMemberLinear)) for mod in self.model.modules()):
             raise ValueError("`backbone` has no Linear or Conv layer to convert; BatchEnsemble needs at least one.")
         self.reset_fast_weights()
+        self.train(backbone.training)  # keep the backbone's train/eval mode
 
     @torch.no_grad()
     def reset_fast_weights(self) -> None:

@@ -586,6 +586,7 @@ class PackedEnsemble(Ensemble):
             sources = [backbone] * m  # only free tensors are taken from it (tiled/truncated)
         sources = [_source_for_grouped(s, self.model) for s in sources] if (init == "copy" or exact) else sources
         _fill_from_sources(self.model, sources, self._member_axes, width_exact=init == "copy" or exact)
+        self.train(backbone.training)  # keep the backbone's train/eval mode
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)``; every member sees the whole batch."""
