@@ -1,0 +1,112 @@
+"""Member-parallel (2 processes, M = 4) against one process with the same seed, same data order.
+
+Usage: python member_parallel.py OUT_DIR. The launching process first trains the single-process
+reference, then both ranks train member-parallel; every process writes ``OUT_DIR/<name>.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.nn.parallel import DistributedDataParallel
+
+from common import SmallDigits, floats, is_launcher, trainer
+
+from lightning_ensembles import EnsembleClassifier
+from lightning_ensembles.strategies import MemberParallelStrategy, MemberShard
+
+M, SEED = 4, 0
+
+
+def build() -> EnsembleClassifier:
+    L.seed_everything(SEED, verbose=False)
+    return EnsembleClassifier(
+        backbone="mlp", num_members=M, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}, lr=1e-2,
+    )
+
+
+def snapshot(model: EnsembleClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.ensemble.stacked_parameters().items()}
+
+
+class NoGradientSync(Callback):
+    """Checks that nothing touches gradients between backward and the optimiser step, and counts the
+    reducing collectives issued during training batches (there must be none)."""
+
+    REDUCING = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_reduce_coalesced")
+
+    def __init__(self) -> None:
+        self.autograd: dict[int, torch.Tensor] = {}
+        self.calls = {"reducing": 0, "all_gather": 0}
+        self.checked = 0
+        self.mismatch = 0
+        self._in_batch = False
+        for name in self.REDUCING + ("all_gather",):
+            if hasattr(dist, name):
+                self._wrap(name)
+
+    def _wrap(self, name: str) -> None:
+        original = getattr(dist, name)
+        key = "all_gather" if name == "all_gather" else "reducing"
+
+        def counted(*args, **kwargs):
+            if self._in_batch:
+                self.calls[key] += 1
+            return original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        assert isinstance(pl_module.ensemble, MemberShard), type(pl_module.ensemble)
+        assert not isinstance(trainer.strategy.model, DistributedDataParallel)
+        for p in pl_module.parameters():
+            p.register_hook(lambda g, p=p: self.autograd.__setitem__(id(p), g.detach().clone()))
+
+    def on_train_batch_start(self, *args) -> None:
+        self._in_batch = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for p in pl_module.parameters():
+            self.checked += 1
+            self.mismatch += int(not torch.equal(p.grad, self.autograd[id(p)]))
+
+    def on_train_batch_end(self, *args) -> None:
+        self._in_batch = False
+
+
+def main(out: str) -> None:
+    dm = SmallDigits(replicated_train=True)
+    if is_launcher():  # single-process reference (rank 1 is launched later and skips this)
+        model = build()
+        t = trainer()
+        t.fit(model, dm)
+        val = floats(t.callback_metrics)
+        t.test(model, dm, verbose=False)
+        torch.save({"params": snapshot(model), "val": val, "test": floats(t.callback_metrics)}, f"{out}/single.pt")
+
+    model = build()
+    check = NoGradientSync()
+    ckpt = ModelCheckpoint(dirpath=out, filename="member_parallel", save_top_k=0, save_last=True)
+    t = trainer(devices=2, strategy=MemberParallelStrategy(), callbacks=[check, ckpt], enable_checkpointing=True)
+    t.fit(model, dm)
+    val = floats(t.callback_metrics)
+    t.test(model, dm, verbose=False)
+    result = {
+        "params": snapshot(model),
+        "val": val,
+        "test": floats(t.callback_metrics),
+        "calls": check.calls,
+        "checked": check.checked,
+        "mismatch": check.mismatch,
+        "wrapped": type(t.strategy.model).__name__,
+    }
+    torch.save(result, f"{out}/rank{t.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
