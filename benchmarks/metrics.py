@@ -1,6 +1,8 @@
 """ECE-family metrics on 1,000,000 x 100 predictions: update+compute time and state memory vs references.
 
 Run: ``python benchmarks/metrics.py`` (``--quick``: 100,000 predictions). Prints a markdown table.
+Our metrics check their inputs by default (probabilities in [0, 1] summing to 1, targets in range:
+two extra passes over the probabilities); rows with ``validate_args=False`` skip those checks.
 Predictions arrive in batches of 10,000 (cycling through a small pool of random batches, so input
 generation is not timed). "state" is the memory the metric holds after all updates (what grows
 with N); timings are wall-clock on this machine, ratios are measured in the same run.
@@ -64,10 +66,15 @@ def main() -> None:
     pairs = [
         ("ECE l1 (15 bins)", lambda: ExpectedCalibrationError(c, 15), "torchmetrics MulticlassCalibrationError",
          lambda: MulticlassCalibrationError(c, n_bins=15)),
+        ("ECE l1, validate_args=False", lambda: ExpectedCalibrationError(c, 15, validate_args=False),
+         "torchmetrics MulticlassCalibrationError", lambda: MulticlassCalibrationError(c, n_bins=15)),
         ("MCE (max norm)", lambda: ExpectedCalibrationError(c, 15, norm="max"), "torchmetrics MulticlassCalibrationError",
          lambda: MulticlassCalibrationError(c, n_bins=15, norm="max")),
         ("adaptive ECE (top-label)", lambda: AdaptiveCalibrationError(c, 15), "torch-uncertainty AdaptiveCalibrationError",
          lambda: TUACE(task="multiclass", num_classes=c, num_bins=15)),
+        # torch-uncertainty's ACE does not check its inputs: like-for-like is validate_args=False.
+        ("adaptive ECE, validate_args=False", lambda: AdaptiveCalibrationError(c, 15, validate_args=False),
+         "torch-uncertainty AdaptiveCalibrationError", lambda: TUACE(task="multiclass", num_classes=c, num_bins=15)),
         # torch-uncertainty's classwise ECE stores every probability and a one-hot target (~1.2 GB at 1M x 100).
         ("classwise ECE", lambda: ClasswiseCalibrationError(c, 15), "torch-uncertainty ClasswiseCalibrationError",
          (lambda: TUCW(num_classes=c, num_bins=15)) if args.quick else None),

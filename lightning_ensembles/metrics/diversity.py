@@ -40,8 +40,9 @@ class _MemberMean(Metric):
     higher_is_better = None
     full_state_update = False
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.validate_args = validate_args
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -49,7 +50,8 @@ class _MemberMean(Metric):
         raise NotImplementedError
 
     def update(self, member_probs: Tensor) -> None:
-        check_probs(member_probs, "member_probs", members=True)
+        if self.validate_args:
+            check_probs(member_probs, "member_probs", members=True)
         self.total += self._per_sample(member_probs.double()).sum()
         self.count += member_probs.shape[1]
 

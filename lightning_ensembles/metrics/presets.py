@@ -105,12 +105,13 @@ class ClassificationMetrics(MetricCollection):
         super().__init__(
             {
                 "acc": Accuracy(),
-                "nll": NegativeLogLikelihood(num_classes),
-                "brier": BrierScore(num_classes),
-                "ece": ExpectedCalibrationError(num_classes, n_bins=n_bins),
+                # Inputs are checked once in `update`; softmax outputs need no per-metric re-check.
+                "nll": NegativeLogLikelihood(num_classes, validate_args=False),
+                "brier": BrierScore(num_classes, validate_args=False),
+                "ece": ExpectedCalibrationError(num_classes, n_bins=n_bins, validate_args=False),
                 "member_acc": MemberAccuracy(),
-                "disagreement": Disagreement(),
-                "mutual_information": MutualInformation(),
+                "disagreement": Disagreement(validate_args=False),
+                "mutual_information": MutualInformation(validate_args=False),
             },
             prefix=prefix,
             postfix=postfix,

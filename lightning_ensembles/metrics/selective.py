@@ -18,16 +18,18 @@ class _RiskCoverage(Metric):
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, num_classes: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, num_classes: int | None = None, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes = num_classes
+        self.validate_args = validate_args
         self.add_state("confidences", [], dist_reduce_fx="cat")
         self.add_state("errors", [], dist_reduce_fx="cat")
 
     def update(self, probs: Tensor, target: Tensor) -> None:
-        check_probs(probs)
-        c = check_num_classes(probs, self.num_classes)
-        check_targets(target, probs.shape[0], c)
+        if self.validate_args:
+            check_probs(probs)
+            c = check_num_classes(probs, self.num_classes)
+            check_targets(target, probs.shape[0], c)
         conf, pred = probs.max(-1)
         self.confidences.append(conf.double())
         self.errors.append((pred != target).double())
@@ -80,10 +82,10 @@ class CoverageAtRisk(_RiskCoverage):
 
     higher_is_better = True
 
-    def __init__(self, risk: float = 0.05, num_classes: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, risk: float = 0.05, num_classes: int | None = None, validate_args: bool = True, **kwargs: Any) -> None:
         if not 0.0 <= risk <= 1.0:
             raise ValueError(f"`risk` must be in [0, 1], got {risk}.")
-        super().__init__(num_classes, **kwargs)
+        super().__init__(num_classes, validate_args, **kwargs)
         self.risk = risk
 
     def compute(self) -> Tensor:
