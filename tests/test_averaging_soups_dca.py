@@ -126,3 +126,18 @@ def test_dca_bad_arguments():
         CombinatorialEnsemble(MLP(2, 3), components=["net", "net.1"])
     with pytest.raises(ValueError, match="components"):
         CombinatorialEnsemble(MLP(2, 3, hidden=(4,)), components=5)
+
+
+def test_dca_trains_in_ensemble_classifier_with_consistency_regularizer():
+    from conftest import quiet_trainer
+
+    from lightning_ensembles import EnsembleClassifier
+    from lightning_ensembles.data import DigitsDataModule
+
+    dca = CombinatorialEnsemble(MLP(64, 10, hidden=(32,)), components=2, num_instances=3, draws_per_step=2,
+                                eval_mode="all")
+    model = EnsembleClassifier(ensemble=dca, regularizers=[DCAConsistency(weight=1.0)])
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert "train/dcaconsistency" in trainer.callback_metrics
+    assert "val/member_acc/8" in trainer.callback_metrics  # all 9 combinations evaluated

@@ -162,6 +162,11 @@ class CombinatorialEnsemble(Ensemble):
                   else self._eval_combinations)
         return torch.stack([self.forward_combination(x, c) for c in combos])
 
+    def member_targets(self, target: Tensor) -> Tensor:
+        """Targets repeated for each row of :meth:`forward` (``draws_per_step`` rows in training)."""
+        rows = self.draws_per_step if self.training else self.num_members
+        return target.unsqueeze(0).expand(rows, *target.shape)
+
     def member(self, index: int) -> nn.Module:
         """Combination ``index`` of :meth:`combinations` as a standalone backbone."""
         index = self._check_index(index)
