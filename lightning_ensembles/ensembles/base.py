@@ -137,6 +137,14 @@ class Ensemble(nn.Module, ABC):
     def member(self, index: int) -> nn.Module:
         """A standalone ``nn.Module`` computing member ``index`` alone (a copy, safe to export)."""
 
+    def member_targets(self, target: Tensor) -> Tensor:
+        """Targets matching :meth:`forward`'s member outputs: ``(B, ...) -> (M, B, ...)``.
+
+        By default every member sees the whole batch, so the targets are repeated (a view, no copy).
+        Ensembles that split the batch among members in training override this.
+        """
+        return target.unsqueeze(0).expand(self.num_members, *target.shape)
+
     def _check_index(self, index: int) -> int:
         if not -self.num_members <= index < self.num_members:
             raise IndexError(f"member index {index} out of range for an ensemble of {self.num_members} members.")

@@ -104,9 +104,16 @@ class EnsembleModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        outputs = self(x)
+        if hasattr(self.ensemble, "training_outputs"):
+            # Ensembles with per-member training behaviour (e.g. MultiSymmetryEnsemble: transformed
+            # inputs, auxiliary heads) give their member outputs and extra loss themselves.
+            outputs, extra, logs = self.ensemble.training_outputs(x, y)
+            for name, value in logs.items():
+                self.log(f"train/{name}", value.detach() if isinstance(value, Tensor) else value)
+        else:
+            outputs, extra = self(x), None
         loss = self.member_loss(outputs, y)
-        total = loss
+        total = loss if extra is None else loss + extra
         for r in self.regularizers:
             value = r(outputs, y, inputs=x, ensemble=self.ensemble)
             self.log(f"train/{r.name}", value.detach())

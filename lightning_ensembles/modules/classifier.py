@@ -14,8 +14,11 @@ from ._eval_metrics import make_classification_metrics, make_ood_metrics
 
 
 def check_class_targets(outputs: Tensor, target: Tensor) -> None:
-    """``ValueError`` unless ``target`` holds one class index per sample of ``outputs`` ``(M, B, C)``."""
-    if target.dim() != 1 or target.shape[0] != outputs.shape[1]:
+    """``ValueError`` unless ``target`` holds one class index per member output row.
+
+    ``outputs`` is ``(M, B, C)``; ``target`` is ``(B,)`` or, per member, ``(M, B)``.
+    """
+    if target.shape not in (outputs.shape[1:2], outputs.shape[:2]):
         raise ValueError(
             f"targets of shape {tuple(target.shape)} do not fit member outputs {tuple(outputs.shape)}: expected "
             f"class indices of shape ({outputs.shape[1]},). One-hot or soft targets: pass `target.argmax(-1)`."
@@ -92,11 +95,13 @@ class EnsembleClassifier(EnsembleModule):
 
     # ---------------------------------------------------------------- training
     def member_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
-        check_class_targets(outputs, target)
-        m, b, c = outputs.shape[0], outputs.shape[1], outputs.shape[-1]
-        # Each member's own cross-entropy on the whole batch, averaged over members.
+        if target.dim() != 1:
+            check_class_targets(outputs, target)  # raises with the shapes
+        per_member = self.ensemble.member_targets(target)  # (M, B'): repeated, or split among members
+        check_class_targets(outputs, per_member)
+        # Each member's own cross-entropy on its samples, averaged over members.
         return F.cross_entropy(
-            outputs.reshape(m * b, c), target.repeat(m), label_smoothing=self.hparams.label_smoothing
+            outputs.flatten(0, 1), per_member.flatten(), label_smoothing=self.hparams.label_smoothing
         )
 
     # ---------------------------------------------------------------- evaluation

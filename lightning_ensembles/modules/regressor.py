@@ -97,10 +97,22 @@ class EnsembleRegressor(EnsembleModule):
     # ---------------------------------------------------------------- training
     def member_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         mean, var = self.split(outputs)
-        target = self._check_target(mean, target).expand_as(mean)
+        if target.dim() == 1 and mean.shape[-1] == 1:
+            target = target[:, None]
+        if target.dim() != 2 or target.shape[-1] != mean.shape[-1]:
+            raise ValueError(
+                f"targets of shape {tuple(target.shape)} do not fit member predictions {tuple(mean.shape)}: "
+                f"expected (batch, {mean.shape[-1]})."
+            )
+        per_member = self.ensemble.member_targets(target).to(mean.dtype)  # repeated, or split among members
+        if per_member.shape != mean.shape:
+            raise ValueError(
+                f"targets of shape {tuple(target.shape)} do not fit member predictions {tuple(mean.shape)}: "
+                f"expected {tuple(mean.shape[1:])} (batch, num_targets)."
+            )
         if var is None:
-            return F.mse_loss(mean, target)
-        return F.gaussian_nll_loss(mean, target, var, full=True)
+            return F.mse_loss(mean, per_member)
+        return F.gaussian_nll_loss(mean, per_member, var, full=True)
 
     # ---------------------------------------------------------------- evaluation
     def _metric_set(self, key: str) -> nn.ModuleDict:
