@@ -1,0 +1,95 @@
+"""Epoch time of the plug-in route (an unchanged LightningModule + the Ensembling callback) against
+EnsembleClassifier, for the same 4-member deep ensemble of the same MLP on digits, in one run.
+
+    python benchmarks/plugin.py [--epochs 5] [--repeats 3]
+
+Target: the callback route within 5% of EnsembleClassifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_ensembles import DeepEnsemble, EnsembleClassifier
+from lightning_ensembles.callbacks import Ensembling
+from lightning_ensembles.data import DigitsDataModule
+
+
+def backbone() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+class UserClassifier(L.LightningModule):
+    """A plain classifier as in Lightning's docs; it knows nothing about ensembles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = backbone()
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class EpochTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+
+def run(route: str, epochs: int) -> float:
+    L.seed_everything(0)
+    timer = EpochTimer()
+    callbacks: list[Callback] = [timer]
+    if route == "callback":
+        module: L.LightningModule = UserClassifier()
+        callbacks.insert(0, Ensembling(num_members=4))
+    else:
+        module = EnsembleClassifier(DeepEnsemble(backbone(), num_members=4), lr=1e-3)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks,
+    )
+    trainer.fit(module, DigitsDataModule(batch_size=64))
+    return statistics.median(timer.times[1:] or timer.times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    times: dict[str, list[float]] = {"EnsembleClassifier": [], "callback": []}
+    for _ in range(args.repeats):  # interleaved so that machine noise hits both routes alike
+        for route in times:
+            times[route].append(run(route, args.epochs))
+    base = statistics.median(times["EnsembleClassifier"])
+    cb = statistics.median(times["callback"])
+    print("\n| route (4-member deep ensemble, MLP 64-256-256-10, digits, batch 64) | epoch time (ms) | ratio |")
+    print("|---|---|---|")
+    print(f"| EnsembleClassifier | {base * 1e3:.1f} | 1.00 |")
+    print(f"| unchanged LightningModule + Ensembling callback | {cb * 1e3:.1f} | {cb / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
