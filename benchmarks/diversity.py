@@ -138,15 +138,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer epochs and one seed")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models, no contention)")
+    parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"], choices=["digits", "mnist1d"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (1 if args.quick else 2)
-    epochs = {"digits": 10 if args.quick else 25, "mnist1d": 6 if args.quick else 15}
+    epochs = {"digits": 10 if args.quick else 20, "mnist1d": 6 if args.quick else 12}
     reps = 5 if args.quick else 10
 
     print(f"Deep ensemble of M={M} MLPs (64|40-128-128-10), Adam lr {LR:g}, batch 64; {seeds} seed(s); "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s).\n")
-    for name in ("digits", "mnist1d"):
+    for name in args.datasets:
         times = time_steps(name, reps)
         base = times["plain"]
         n_train = len(load(name, 0)[1])

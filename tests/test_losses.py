@@ -274,7 +274,7 @@ def test_mismatched_targets_are_refused():
         NegativeCorrelation()(torch.randn(3, 4, 1), torch.randn(5, 1))
     with pytest.raises(ValueError, match="output='gaussian'"):
         NegativeCorrelation()(torch.randn(3, 4, 2), torch.randn(4, 1))
-    with pytest.raises(ValueError, match="batch size 5"):
+    with pytest.raises(ValueError, match="the batch `inputs` has 5"):
         ens = DeepEnsemble(nn.Linear(2, 3), num_members=2)
         InputGradientRepulsion()(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long),
                                  inputs=torch.randn(5, 2), ensemble=ens)

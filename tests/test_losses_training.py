@@ -1,8 +1,6 @@
 """Regularisers in training: the sign of the weight moves member disagreement the right way, every
 term runs on deep / packed / batch ensembles, and EnsembleClassifier takes them from YAML."""
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,6 +155,18 @@ def test_every_term_trains_every_ensemble(method, reg, digits):
     assert value.dim() == 0 and torch.isfinite(value)
     grads = torch.autograd.grad(value, [p for p in ens.parameters() if p.requires_grad], allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "the term must send gradients to the members"
+
+
+@pytest.mark.parametrize("reg", [r for r in ALL_TERMS if not isinstance(r, WeightSpaceRepulsion)],
+                         ids=lambda r: type(r).__name__)
+def test_terms_refuse_an_ensemble_that_splits_the_batch_among_members(reg, digits):
+    pytest.importorskip("lightning_ensembles.ensembles.batch", reason="BatchEnsemble not built yet")
+    ens = build_ensemble("batch", "mlp", num_members=M, batch_mode="split",
+                         backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    x, y = digits[0][:16], digits[1][:16]
+    out = ens(x)  # (M, 16 // M, 10): member i saw the i-th quarter of the batch
+    with pytest.raises(ValueError, match="batch_mode='repeat'"):
+        reg(out, y, inputs=x, ensemble=ens)
 
 
 # ------------------------------------------------------------------------------------- EnsembleClassifier + YAML

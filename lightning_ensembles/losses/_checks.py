@@ -56,3 +56,18 @@ def check_same_batch(outputs: Tensor, other: Tensor | None, what: str, term: str
             f"{term}: `{what}` of shape {tuple(other.shape)} does not match the batch of member outputs "
             f"{tuple(outputs.shape)}; its first axis must be the batch size {outputs.shape[1]}."
         )
+
+
+def check_shared_examples(outputs: Tensor, inputs: Tensor | None, term: str) -> None:
+    """``ValueError`` if members did not all predict the same examples (``outputs.shape[1] != len(inputs)``).
+
+    Diversity and repulsion compare members *on the same example*; an ensemble that splits the batch
+    among members in training (``BatchEnsemble(batch_mode="split")``) gives each member other examples.
+    """
+    if inputs is not None and inputs.dim() > 0 and outputs.dim() >= 2 and inputs.shape[0] != outputs.shape[1]:
+        raise ValueError(
+            f"{term} compares members on the same examples, but the member outputs {tuple(outputs.shape)} cover "
+            f"{outputs.shape[1]} examples and the batch `inputs` has {inputs.shape[0]}. An ensemble that splits the "
+            "batch among members (e.g. BatchEnsemble(batch_mode='split')) gives each member different examples: "
+            "use batch_mode='repeat' with this regularizer."
+        )

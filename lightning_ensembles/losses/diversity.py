@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ensembles.base import aggregate_log_probs, split_gaussian
-from ._checks import check_class_target, check_logits, check_pairwise, check_same_batch
+from ._checks import check_class_target, check_logits, check_pairwise, check_same_batch, check_shared_examples
 from .base import Regularizer
 
 __all__ = [
@@ -140,6 +140,7 @@ class PairwiseKL(Regularizer):
 
     def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
                 ensemble: nn.Module | None = None) -> Tensor:
+        check_shared_examples(outputs, inputs, "PairwiseKL")
         return -pairwise_kl(outputs)
 
 
@@ -161,6 +162,7 @@ class JensenShannon(Regularizer):
 
     def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
                 ensemble: nn.Module | None = None) -> Tensor:
+        check_shared_examples(outputs, inputs, "JensenShannon")
         return -jensen_shannon(outputs, pairwise=self.pairwise)
 
 
@@ -181,6 +183,7 @@ class SoftDisagreement(Regularizer):
 
     def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
                 ensemble: nn.Module | None = None) -> Tensor:
+        check_shared_examples(outputs, inputs, "SoftDisagreement")
         return -soft_disagreement(outputs)
 
 
@@ -208,6 +211,7 @@ class NegativeCorrelation(Regularizer):
 
     def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
                 ensemble: nn.Module | None = None) -> Tensor:
+        check_shared_examples(outputs, inputs, "NegativeCorrelation")
         check_pairwise(outputs, "NegativeCorrelation")
         check_same_batch(outputs, target, "target", "NegativeCorrelation")
         preds = split_gaussian(outputs)[0] if self.output == "gaussian" else outputs
@@ -252,6 +256,7 @@ class JensenGap(Regularizer):
 
     def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
                 ensemble: nn.Module | None = None) -> Tensor:
+        check_shared_examples(outputs, inputs, "JensenGap")
         check_logits(outputs, "JensenGap")
         return jensen_gap(outputs, check_class_target(outputs, target, "JensenGap"))
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_class_target, check_logits
+from ._checks import check_class_target, check_logits, check_shared_examples
 from .base import Regularizer
 
 __all__ = ["member_input_gradients", "forde_repulsion", "InputGradientRepulsion"]
@@ -103,12 +103,8 @@ class InputGradientRepulsion(Regularizer):
                 "InputGradientRepulsion needs `inputs` (the batch) and `ensemble` to take input gradients; "
                 "EnsembleClassifier passes both. Called by hand: reg(outputs, target, inputs=x, ensemble=ens)."
             )
+        check_shared_examples(outputs, inputs, "InputGradientRepulsion")
         check_logits(outputs, "InputGradientRepulsion")
         target = check_class_target(outputs, target, "InputGradientRepulsion")
-        if inputs.shape[0] != outputs.shape[1]:
-            raise ValueError(
-                f"InputGradientRepulsion: `inputs` has batch size {inputs.shape[0]} but member outputs "
-                f"{tuple(outputs.shape)} have {outputs.shape[1]}."
-            )
         _, grads = member_input_gradients(ensemble, inputs, target)
         return forde_repulsion(grads, self.eps) / grads.shape[0]

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_pairwise
+from ._checks import check_pairwise, check_shared_examples
 from .base import Regularizer
 from .kernels import log_kde
 
@@ -117,6 +117,7 @@ class FunctionSpaceRepulsion(Regularizer):
 
     def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
                 ensemble: nn.Module | None = None) -> Tensor:
+        check_shared_examples(outputs, inputs, "FunctionSpaceRepulsion")
         check_pairwise(outputs, "FunctionSpaceRepulsion")
         f = outputs.softmax(-1) if self.space == "probs" else outputs
         return log_kde(f.reshape(f.shape[0], -1), self.bandwidth).mean()
