@@ -33,7 +33,7 @@ class SmallDigits(L.LightningDataModule):
         from lightning_ensembles.data import load_digits_tensors
 
         x, y = load_digits_tensors()
-        x = x.reshape(len(x), -1) / 16.0
+        x = x.reshape(len(x), -1)  # already scaled to [0, 1]
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         x, y = x[perm], y[perm]
         a, b, c = N_TRAIN, N_TRAIN + N_VAL, N_TRAIN + N_VAL + N_TEST
