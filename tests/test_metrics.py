@@ -45,23 +45,33 @@ def _random_preds(n=3000, c=10, seed=0):
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """Held-out digits probabilities of a small, deliberately overfitted MLP (overconfident, has ties)."""
+def trained_members():
+    """Held-out digits member probabilities (M=3, B, 10) of small, deliberately overfitted MLPs, and labels."""
     from lightning_ensembles.data import load_digits_tensors
 
-    torch.manual_seed(0)
     x, y = load_digits_tensors()
     x = x.flatten(1)
-    perm = torch.randperm(len(y))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     tr, te = perm[:1200], perm[1200:]
-    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[tr]), y[tr]).backward()
-        opt.step()
-    with torch.no_grad():
-        return net(x[te]).softmax(-1), y[te]
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(120):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[tr]), y[tr]).backward()
+            opt.step()
+        with torch.no_grad():
+            members.append(net(x[te]).softmax(-1))
+    return torch.stack(members), y[te]
+
+
+@pytest.fixture(scope="module")
+def trained(trained_members):
+    """Ensemble probabilities of the trained members (overconfident, with tied confidences)."""
+    member_probs, y = trained_members
+    return member_probs.mean(0), y
 
 
 @pytest.fixture(params=["random", "trained"])
@@ -251,15 +261,19 @@ def test_aurc_and_coverage_at_risk(preds):
 
 
 # ------------------------------------------------------------------ OOD detection
-@pytest.mark.parametrize("tied", [False, True])
-def test_ood_metrics(tied):
+@pytest.mark.parametrize("source", ["random", "tied", "trained"])
+def test_ood_metrics(source, trained):
     from torch_uncertainty.metrics.classification import FPR95 as TUFPR95
 
     g = torch.Generator().manual_seed(3)
     labels = (torch.rand(800, generator=g) < 0.3).long()
     scores = torch.randn(800, generator=g) + 1.2 * labels
-    if tied:
+    if source == "tied":
         scores = (scores * 4).round() / 4
+    if source == "trained":  # detect the trained model's mistakes from its predictive entropy
+        probs, y = trained
+        scores = torch.special.entr(probs).sum(-1)
+        labels = (probs.argmax(-1) != y).long()
     sn, ln = scores.numpy(), labels.numpy()
     assert run(OODAUROC(), scores, labels, batches=5) == pytest.approx(roc_auc_score(ln, sn), abs=TOL)
     assert run(OODAUPR(), scores, labels, batches=5) == pytest.approx(average_precision_score(ln, sn), abs=TOL)
@@ -271,11 +285,12 @@ def test_ood_metrics(tied):
 
 
 # ------------------------------------------------------------------ diversity
-def test_diversity_matches_torch_uncertainty_and_numpy():
+@pytest.mark.parametrize("source", ["random", "trained"])
+def test_diversity_matches_torch_uncertainty_and_numpy(source, trained_members):
     from torch_uncertainty.metrics.classification import Disagreement as TUDis
     from torch_uncertainty.metrics.classification import MutualInformation as TUMI
 
-    mp = _members()
+    mp = _members() if source == "random" else trained_members[0]
     pn = mp.double().numpy()
     mean = pn.mean(0)
     mi = run(MutualInformation(), mp, batches=4)
@@ -289,6 +304,7 @@ def test_diversity_matches_torch_uncertainty_and_numpy():
     assert dis == pytest.approx(dis_np, abs=TOL)
     tu_mi, tu_dis = TUMI(), TUDis()
     tu_mi.update(mp.transpose(0, 1).double())
+    assert mi > 0 and 0 < dis < 1
     tu_dis.update(mp.transpose(0, 1))
     assert mi == pytest.approx(float(tu_mi.compute()), abs=TOL)
     assert dis == pytest.approx(float(tu_dis.compute()), abs=TOL)
