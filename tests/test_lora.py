@@ -248,6 +248,8 @@ def test_errors_list_what_is_available():
         LoRAEnsemble(MHANet(), target_modules=["attn.out_proj"])
     with pytest.raises(ValueError, match="per-member head must be nn.Linear"):
         LoRAEnsemble(tiny_vit(), head="blocks.0")
+    with pytest.raises(ValueError, match="classifier is a Identity"):
+        LoRAEnsemble(tiny_vit(num_classes=0))
     with pytest.raises(ValueError, match="not a submodule"):
         LoRAEnsemble(tiny_vit(), head="nope")
     with pytest.raises(ValueError, match="add_bias_kv"):

@@ -375,8 +375,13 @@ def _find_head(backbone: nn.Module, head: str | None) -> str | None:
     get_classifier = getattr(backbone, "get_classifier", None)  # timm convention
     if callable(get_classifier):
         clf = get_classifier()
+        if not isinstance(clf, nn.Linear):  # e.g. timm's num_classes=0: the last Linear is not a head
+            raise ValueError(
+                f"`head`='auto': the backbone's classifier is a {type(clf).__name__}, not an nn.Linear. Build it with "
+                "num_classes > 0, name the head module, or pass head=None."
+            )
         for n, m in names.items():
-            if m is clf and isinstance(m, nn.Linear):
+            if m is clf:
                 return n
     inside_mha = {f"{n}.out_proj" for n, m in names.items() if isinstance(m, nn.MultiheadAttention)}
     linears = [n for n, m in names.items() if isinstance(m, nn.Linear) and n not in inside_mha]

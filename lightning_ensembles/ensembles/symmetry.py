@@ -78,7 +78,8 @@ def transform(x: Tensor, group: str, elements: Tensor | int) -> Tensor:
 
 class SymmetryMember(nn.Module):
     """One member: ``body`` (the backbone without its head) -> ``head``; equivariant members also
-    carry ``aux_head`` predicting the applied group element from the body's features.
+    carry ``aux_head`` predicting the applied group element from the body's features. Takes
+    ownership of ``backbone`` (its head is moved out and replaced by ``nn.Identity`` in place).
 
     Example:
         >>> import torch
