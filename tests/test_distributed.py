@@ -148,3 +148,32 @@ def test_member_parallel_checkpoint_holds_full_ensemble(member_parallel_run):
         torch.testing.assert_close(v, single["params"][k], atol=1e-5, rtol=0)
     exp_avg = ckpt["optimizer_states"][0]["state"][0]["exp_avg"]
     assert exp_avg.shape[0] == 4  # optimiser state of all members, not one rank's half
+
+
+# --------------------------------------------------------------------------- FSDP
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    run_script("fsdp.py", out)
+    return load(out / "rank0.pt"), load(out / "rank1.pt")
+
+
+def test_fsdp2_sharded_training_equals_ddp(fsdp_run):
+    for r in fsdp_run:
+        # FSDP2 shards the member axis: each of the 2 ranks stores 2 of the 4 members.
+        assert all(shape[0] == 2 for shape in r["fsdp"]["local_shapes"].values())
+        for k, want in r["ddp"]["params"].items():
+            assert want.shape[0] == 4
+            torch.testing.assert_close(r["fsdp"]["params"][k], want, atol=1e-5, rtol=0)
+        assert_metrics_close(r["fsdp"]["val"], r["ddp"]["val"])
+    assert fsdp_run[0]["ddp"]["val"]["val/acc"] > 0.2  # trained, not at chance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's strategy='fsdp' needs a GPU")
+def test_fsdp_strategy_on_gpus(tmp_path):
+    run_script("fsdp.py", tmp_path, "gpu")
+    r = load(tmp_path / "gpu_rank0.pt")
+    if r["fsdp"]["devices"] == 1:  # same batches as the one-GPU reference: same training
+        for k, want in r["single"]["params"].items():
+            torch.testing.assert_close(r["fsdp"]["params"][k], want, atol=1e-4, rtol=0)
+    assert r["fsdp"]["val"]["val/acc"] > 0.2

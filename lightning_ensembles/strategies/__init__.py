@@ -4,3 +4,7 @@ from .member_parallel import MemberParallelStrategy, shard_deep_ensembles
 from .member_shard import MemberShard, gather_members, slice_members
 
 __all__ = ["MemberParallelStrategy", "MemberShard", "gather_members", "shard_deep_ensembles", "slice_members"]
+
+from .fsdp import fully_shard_ensembles  # noqa: E402
+
+__all__ += ["fully_shard_ensembles"]
