@@ -7,7 +7,8 @@ One SGD run per seed gives the last iterate and, from the same weight sequence, 
 from 75% of training, BatchNorm-free MLP so no BN update), EMA (every step) and SWAG (30 draws, same
 snapshots as SWA). Separate runs of the same length and model give the snapshot ensemble (cyclic
 cosine, 4 cycles) and DCA (2 components x 3 instances, 2 draws per step with the consistency loss;
-evaluated on all 9 combinations) and DCWA (instance-mean weights, no retraining).
+evaluated on all 9 combinations) and DCWA (instance-mean weights, no retraining), with instances
+re-initialised independently ("reinit") or starting equal ("copy").
 ECE: 15 bins (torchmetrics). Mean +- std over seeds.
 """
 
@@ -115,11 +116,11 @@ def _run_snapshot(data, seed, epochs, lr, cycles=4):
     return {f"snapshot ({len(snaps)})": _metrics(_probs(snapshot_ensemble(model, snaps), xt), yt)}
 
 
-def _run_dca(data, seed, epochs, lr, draws=2):
+def _run_dca(data, seed, epochs, lr, init, draws=2):
     torch.manual_seed(seed)
     (x, y), (xt, yt) = data["train"], data["test"]
     dca = CombinatorialEnsemble(_backbone(x[0].numel()), components=2, num_instances=3, draws_per_step=draws,
-                                eval_mode="all")
+                                eval_mode="all", init=init)
     reg = DCAConsistency(weight=1.0)
     opt = torch.optim.SGD(dca.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(seed)
@@ -131,8 +132,8 @@ def _run_dca(data, seed, epochs, lr, draws=2):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return {"DCA (9 combinations)": _metrics(_probs(dca, xt), yt),
-            "DCWA": _metrics(_probs(dca.weight_averaged(), xt), yt)}
+    return {f"DCA, {init} init (9 combinations)": _metrics(_probs(dca, xt), yt),
+            f"DCWA, {init} init": _metrics(_probs(dca.weight_averaged(), xt), yt)}
 
 
 def main() -> None:
@@ -151,7 +152,7 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {}
         for seed in range(seeds):
             for part in (_run_averaging(data, seed, epochs, lr), _run_snapshot(data, seed, epochs, lr),
-                         _run_dca(data, seed, epochs, lr)):
+                         _run_dca(data, seed, epochs, lr, "reinit"), _run_dca(data, seed, epochs, lr, "copy")):
                 for method, vals in part.items():
                     results.setdefault(method, []).append(vals)
         print(f"\n### {name}: MLP 128-128, SGD lr {lr} momentum 0.9, {epochs} epochs, {seeds} seed(s) "
