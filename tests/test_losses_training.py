@@ -136,8 +136,12 @@ ALL_TERMS = [
 ]
 
 
+def _term_id(reg):
+    return type(reg).__name__ + ("-pairwise" if getattr(reg, "pairwise", False) else "")
+
+
 @pytest.mark.parametrize("method", ["deep", "packed", "batch"])
-@pytest.mark.parametrize("reg", ALL_TERMS, ids=lambda r: f"{type(r).__name__}-{r.name}" if hasattr(r, "pairwise") and r.pairwise else type(r).__name__)
+@pytest.mark.parametrize("reg", ALL_TERMS, ids=_term_id)
 def test_every_term_trains_every_ensemble(method, reg, digits):
     if method != "deep":
         pytest.importorskip(f"lightning_ensembles.ensembles.{method}", reason=f"{method} ensembles not built yet")
@@ -157,8 +161,7 @@ def test_every_term_trains_every_ensemble(method, reg, digits):
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "the term must send gradients to the members"
 
 
-@pytest.mark.parametrize("reg", [r for r in ALL_TERMS if not isinstance(r, WeightSpaceRepulsion)],
-                         ids=lambda r: type(r).__name__)
+@pytest.mark.parametrize("reg", [r for r in ALL_TERMS if not isinstance(r, WeightSpaceRepulsion)], ids=_term_id)
 def test_terms_refuse_an_ensemble_that_splits_the_batch_among_members(reg, digits):
     pytest.importorskip("lightning_ensembles.ensembles.batch", reason="BatchEnsemble not built yet")
     ens = build_ensemble("batch", "mlp", num_members=M, batch_mode="split",

@@ -245,7 +245,9 @@ class JensenGap(Regularizer):
     def __init__(self, weight: float = 0.0, gamma: float | None = None, name: str | None = "neg_jensen_gap") -> None:
         if gamma is not None:
             if weight != 0.0 and weight != 1.0 - gamma:
-                raise ValueError(f"give `weight` or `gamma`, not both (weight={weight}, gamma={gamma}); weight = 1 - gamma.")
+                raise ValueError(
+                    f"give `weight` or `gamma`, not both (weight={weight}, gamma={gamma}); weight = 1 - gamma."
+                )
             weight = 1.0 - gamma
         super().__init__(weight, name)
 

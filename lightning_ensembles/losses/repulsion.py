@@ -76,7 +76,9 @@ class WeightSpaceRepulsion(Regularizer):
         torch.Size([4, 2, 3])
     """
 
-    def __init__(self, weight: float = 0.0, bandwidth: float | None = None, name: str | None = "weight_repulsion") -> None:
+    def __init__(
+        self, weight: float = 0.0, bandwidth: float | None = None, name: str | None = "weight_repulsion"
+    ) -> None:
         super().__init__(weight, name)
         if bandwidth is not None and bandwidth <= 0:
             raise ValueError(f"`bandwidth` must be > 0 or None (median heuristic), got {bandwidth}.")
