@@ -1,0 +1,74 @@
+"""Single-process checks of the member-parallel building blocks (the multi-process runs are in test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ensembles import DeepEnsemble, EnsembleClassifier
+from lightning_ensembles.strategies import MemberParallelStrategy, MemberShard, shard_deep_ensembles, slice_members
+
+
+def _ens(m: int = 4) -> DeepEnsemble:
+    return DeepEnsemble(nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)), num_members=m)
+
+
+def test_slice_members_matches_full_ensemble_rows():
+    ens = _ens().eval()
+    x = torch.randn(6, 5)
+    part = slice_members(ens, 1, 3).eval()
+    assert part.num_members == 2
+    torch.testing.assert_close(part(x), ens(x)[1:3])
+    # Stacked buffers (BatchNorm statistics) are sliced too, and the slice owns its tensors.
+    assert part.stacked_buffers()["1.running_mean"].shape == (2, 7)
+    with torch.no_grad():
+        part.stacked_parameters()["0.weight"].add_(1.0)
+    assert not torch.equal(part.stacked_parameters()["0.weight"], ens.stacked_parameters()["0.weight"][1:3])
+
+
+def test_member_shard_offsets_and_members():
+    ens = _ens()
+    shard = MemberShard(ens, rank=1, world_size=2)
+    assert shard.num_members == 4 and shard.offset == 2 and shard.local.num_members == 2
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(shard.member(3).eval()(x), ens.member(3).eval()(x))
+    with pytest.raises(ValueError, match="lives on rank 0"):
+        shard.member(0)
+    # Without a process group (world size 1) the shard is the local ensemble.
+    single = MemberShard(ens, rank=0, world_size=1)
+    torch.testing.assert_close(single.eval()(x), ens.eval()(x))
+
+
+def test_member_shard_requires_divisible_members():
+    with pytest.raises(ValueError, match="num_members divisible"):
+        MemberShard(_ens(3), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="DeepEnsemble"):
+        MemberShard(nn.Linear(2, 2), rank=0, world_size=2)  # type: ignore[arg-type]
+
+
+def test_shard_deep_ensembles_replaces_and_refuses_stray_parameters():
+    model = EnsembleClassifier(backbone="mlp", num_members=4, backbone_kwargs={"in_features": 4, "out_features": 2})
+    shards = shard_deep_ensembles(model, rank=0, world_size=2)
+    assert list(shards) == ["ensemble"] and isinstance(model.ensemble, MemberShard)
+    n_local = sum(p.numel() for p in model.parameters())
+    n_full = sum(p.numel() for p in model.ensemble.local.parameters())
+    assert n_local == n_full  # only this rank's members are trainable parameters here
+
+    class WithHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ensemble = _ens()
+            self.head = nn.Linear(3, 3)
+
+    with pytest.raises(ValueError, match="head.weight"):
+        shard_deep_ensembles(WithHead(), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="no DeepEnsemble"):
+        shard_deep_ensembles(nn.Linear(2, 2), rank=0, world_size=2)
+
+
+def test_strategy_is_registered_by_name():
+    import lightning as L
+
+    trainer = L.Trainer(strategy="member_parallel", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, MemberParallelStrategy)
