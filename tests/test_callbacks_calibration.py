@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from conftest import quiet_trainer

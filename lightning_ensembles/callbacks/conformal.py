@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..calibration.conformal import ConformalClassifier, Method

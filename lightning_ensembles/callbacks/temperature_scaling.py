@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 

@@ -1,126 +1,93 @@
-"""Validation/test metric sets of the ensemble modules, built from torchmetrics (distributed-safe)."""
+"""Validation/test metric sets of the ensemble modules, assembled from :mod:`lightning_ensembles.metrics`.
+
+Everything here is a torchmetrics ``Metric`` underneath, so values are synchronised across processes.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics import MetricCollection
 
-
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-
-class _ProbMetrics(nn.Module):
-    """Accuracy, NLL, Brier and ECE of one predictive distribution."""
-
-    def __init__(self, num_classes: int, bins: int) -> None:
-        super().__init__()
-        self.acc = MulticlassAccuracy(num_classes, average="micro")
-        self.ece = MulticlassCalibrationError(num_classes, n_bins=bins, norm="l1")
-        self.nll = MeanMetric()
-        self.brier = MeanMetric()
-
-    def update(self, probs: Tensor, target: Tensor) -> None:
-        self.acc.update(probs, target)
-        self.ece.update(probs, target)
-        self.nll.update(-probs.gather(-1, target[:, None]).squeeze(-1).clamp_min(1e-12).log())
-        onehot = torch.nn.functional.one_hot(target, probs.shape[-1]).to(probs.dtype)
-        self.brier.update(((probs - onehot) ** 2).sum(-1))
-
-    def compute(self) -> dict[str, Tensor]:
-        return {"acc": self.acc.compute(), "nll": self.nll.compute(), "brier": self.brier.compute(), "ece": self.ece.compute()}
-
-    def reset(self) -> None:
-        for m in (self.acc, self.ece, self.nll, self.brier):
-            m.reset()
+from ..metrics import FPR95, OODAUPR, OODAUROC, BrierScore, ClassificationMetrics, ExpectedCalibrationError
+from ..metrics import NegativeLogLikelihood, entropy
 
 
 class EnsembleClassificationMetrics(nn.Module):
-    """Ensemble and per-member accuracy/NLL/Brier/ECE, pairwise disagreement and mutual information.
+    """:class:`~lightning_ensembles.metrics.ClassificationMetrics` plus each member's NLL, Brier and ECE.
 
     ``update(member_logits (M, B, C), target (B,))``; ``compute()`` returns a flat dict:
-    ``acc, nll, brier, ece, disagreement, mutual_information, member_acc/<i>, member_nll/<i>, ...``.
+    ``acc, nll, brier, ece, disagreement, mutual_information`` of the ensemble and
+    ``member_acc/<i>, member_nll/<i>, member_brier/<i>, member_ece/<i>`` for every member.
     """
 
     def __init__(self, num_classes: int, num_members: int, bins: int = 15) -> None:
         super().__init__()
-        self.ensemble = _ProbMetrics(num_classes, bins)
-        self.members = nn.ModuleList(_ProbMetrics(num_classes, bins) for _ in range(num_members))
-        self.disagreement = MeanMetric()
-        self.mutual_information = MeanMetric()
+        self.ensemble = ClassificationMetrics(num_classes, n_bins=bins)
+        self.members = nn.ModuleList(
+            MetricCollection(
+                {
+                    "nll": NegativeLogLikelihood(num_classes, validate_args=False),
+                    "brier": BrierScore(num_classes, validate_args=False),
+                    "ece": ExpectedCalibrationError(num_classes, n_bins=bins, validate_args=False),
+                },
+                compute_groups=False,
+            )
+            for _ in range(num_members)
+        )
 
     def update(self, logits: Tensor, target: Tensor) -> None:
-        logits = logits.detach().float()
-        member_probs = logits.softmax(-1)
-        probs = member_probs.mean(0)
-        self.ensemble.update(probs, target)
-        for m, metric in zip(member_probs, self.members):
-            metric.update(m, target)
-        pred = member_probs.argmax(-1)  # (M, B)
-        n = pred.shape[0]
-        if n > 1:
-            differ = (pred[:, None, :] != pred[None, :, :]).float().sum((0, 1)) / (n * (n - 1))
-            self.disagreement.update(differ)
-        self.mutual_information.update(_entropy(probs) - _entropy(member_probs).mean(0))
+        logits = logits.detach()
+        self.ensemble.update(logits, target)  # validates shapes, classes and finiteness
+        for probs, metrics in zip(logits.float().softmax(-1), self.members):
+            metrics.update(probs, target)
 
     def compute(self) -> dict[str, Tensor]:
-        out = self.ensemble.compute()
-        if self.disagreement.update_count:
-            out["disagreement"] = self.disagreement.compute()
-        out["mutual_information"] = self.mutual_information.compute()
-        for i, metric in enumerate(self.members):
-            out.update({f"member_{k}/{i}": v for k, v in metric.compute().items()})
+        out = dict(self.ensemble.compute())
+        for i, metrics in enumerate(self.members):
+            out.update({f"member_{k}/{i}": v for k, v in metrics.compute().items()})
         return out
 
     def reset(self) -> None:
         self.ensemble.reset()
-        for m in self.members:
-            m.reset()
-        self.disagreement.reset()
-        self.mutual_information.reset()
+        for metrics in self.members:
+            metrics.reset()
 
 
 class OODMetrics(nn.Module):
-    """OOD AUROC / AUPR (OOD positive) / FPR95 for max-probability, entropy and mutual-information scores."""
+    """OOD AUROC / AUPR / FPR95 (OOD positive) for max-probability, entropy and mutual-information scores."""
 
     scores = ("msp", "entropy", "mi")
 
     def __init__(self) -> None:
         super().__init__()
-        self.auroc = nn.ModuleDict({s: BinaryAUROC() for s in self.scores})
-        self.aupr = nn.ModuleDict({s: BinaryAveragePrecision() for s in self.scores})
-        self._seen = set()
+        self.metrics = nn.ModuleDict(
+            {s: MetricCollection({"auroc": OODAUROC(), "aupr": OODAUPR(), "fpr95": FPR95()}) for s in self.scores}
+        )
+        self._seen: set[bool] = set()
 
     @staticmethod
     def _score(logits: Tensor) -> dict[str, Tensor]:
         member_probs = logits.detach().float().softmax(-1)
         probs = member_probs.mean(0)
-        ent = _entropy(probs)
-        # Higher score = more likely OOD, so the max probability enters negated.
-        return {"msp": -probs.max(-1).values, "entropy": ent, "mi": ent - _entropy(member_probs).mean(0)}
+        ent = entropy(probs)
+        # Higher score = more likely OOD, so the maximum probability enters negated.
+        return {"msp": -probs.max(-1).values, "entropy": ent, "mi": ent - entropy(member_probs).mean(0)}
 
     def update(self, logits: Tensor, is_ood: bool) -> None:
         self._seen.add(bool(is_ood))
         for name, score in self._score(logits).items():
-            label = torch.full_like(score, int(is_ood), dtype=torch.long)
-            self.auroc[name].update(score, label)
-            self.aupr[name].update(score, label)
+            self.metrics[name].update(score, torch.full_like(score, int(is_ood), dtype=torch.long))
 
     def has_both(self) -> bool:
         return self._seen == {True, False}
 
     def compute(self) -> dict[str, Tensor]:
-        out = {}
-        for name in self.scores:
-            out[f"ood_auroc_{name}"] = self.auroc[name].compute()
-            out[f"ood_aupr_{name}"] = self.aupr[name].compute()
-        return out
+        return {f"ood_{k}_{name}": v for name in self.scores for k, v in self.metrics[name].compute().items()}
 
     def reset(self) -> None:
         self._seen = set()
-        for m in list(self.auroc.values()) + list(self.aupr.values()):
+        for m in self.metrics.values():
             m.reset()
 
 
@@ -130,5 +97,3 @@ def make_classification_metrics(num_classes: int, num_members: int, bins: int = 
 
 def make_ood_metrics() -> OODMetrics:
     return OODMetrics()
-
-

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from ..ensembles.base import Ensemble, aggregate_gaussian, split_gaussian
 from ..losses.base import Regularizer
+from ..metrics import RegressionMetrics
 from ._base import EnsembleModule, _module_args_to_ignore
 
-_Z90 = 1.6448536269514722  # two-sided 90% interval of a standard normal
 
 
 class EnsembleRegressor(EnsembleModule):
@@ -68,7 +65,7 @@ class EnsembleRegressor(EnsembleModule):
         if num_targets < 1:
             raise ValueError(f"`num_targets` must be >= 1, got {num_targets}.")
         self.save_hyperparameters(ignore=_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}))
-        self._metrics: dict[str, nn.Module] = {}
+        self._metrics: dict[str, RegressionMetrics] = {}
 
     # ---------------------------------------------------------------- helpers
     def split(self, outputs: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -115,36 +112,25 @@ class EnsembleRegressor(EnsembleModule):
         return F.gaussian_nll_loss(mean, per_member, var, full=True)
 
     # ---------------------------------------------------------------- evaluation
-    def _metric_set(self, key: str) -> nn.ModuleDict:
+    def _metric_set(self, key: str) -> RegressionMetrics:
         if key not in self._metrics:
-            self._metrics[key] = nn.ModuleDict(
-                {"mse": MeanMetric(), "nll": MeanMetric(), "coverage90": MeanMetric()}
-            ).to(self.device)
+            self._metrics[key] = RegressionMetrics(level=0.9).to(self.device)
         return self._metrics[key]
 
     def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:
         x, y = batch
         mean, var = self.split(self(x))
         y = self._check_target(mean, y)
+        self._metric_set(self._stage_prefix(stage, dataloader_idx)).update(mean, var, y)
         mix = aggregate_gaussian(mean, var)
-        total = mix.variance.clamp_min(1e-12)
-        m = self._metric_set(self._stage_prefix(stage, dataloader_idx))
-        m["mse"].update(((mix.mean - y) ** 2).mean(-1))
-        nll = 0.5 * (torch.log(2 * math.pi * total) + (y - mix.mean) ** 2 / total)
-        m["nll"].update(nll.mean(-1))
-        inside = ((y - mix.mean).abs() <= _Z90 * total.sqrt()).float()
-        m["coverage90"].update(inside.mean(-1))
         return {"mean": mix.mean, "variance": mix.variance, "target": y}
 
     def _eval_epoch_end(self, stage: str) -> None:
-        for prefix, m in self._metrics.items():
+        for prefix, metrics in self._metrics.items():
             if prefix.split("_dl")[0] != stage:
                 continue
-            self.log(f"{prefix}/rmse", m["mse"].compute().sqrt(), add_dataloader_idx=False)
-            self.log(f"{prefix}/nll", m["nll"].compute(), add_dataloader_idx=False)
-            self.log(f"{prefix}/coverage90", m["coverage90"].compute(), add_dataloader_idx=False)
-            for metric in m.values():
-                metric.reset()
+            self.log_dict({f"{prefix}/{k}": v for k, v in metrics.compute().items()}, add_dataloader_idx=False)
+            metrics.reset()
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self._eval_step("val", batch, dataloader_idx)
