@@ -64,14 +64,14 @@ def test_ddp_averaged_weights_identical_on_both_ranks(ddp_run):
 def _restore_single(out: Path):
     sys.path.insert(0, str(SCRIPTS))
     try:
-        from ddp_correctness import backbone
+        from ddp_correctness import backbone, calibration_metrics
         from common import SmallDigits, trainer
     finally:
         sys.path.remove(str(SCRIPTS))
     from lightning_ensembles import EnsembleClassifier
 
     model = EnsembleClassifier.load_from_checkpoint(out / "final.ckpt", backbone=backbone(), map_location="cpu")
-    return model, SmallDigits(replicated_train=False), trainer
+    return model, SmallDigits(replicated_train=False), lambda: trainer(callbacks=[calibration_metrics()])
 
 
 def test_ddp_checkpoint_restores_in_one_process_with_same_metrics_and_predictions(ddp_run):
@@ -80,7 +80,9 @@ def test_ddp_checkpoint_restores_in_one_process_with_same_metrics_and_prediction
     t = trainer()
     val = {k: float(v) for k, v in t.validate(model, dm, verbose=False)[0].items()}
     test = {k: float(v) for k, v in t.test(model, dm, verbose=False)[0].items()}
-    # Metrics logged under DDP (each rank saw half the data, torchmetrics synced) equal one process.
+    # Metrics logged under DDP (each rank saw half the data, torchmetrics synced) equal one process:
+    # the module's metrics and every CalibrationMetrics metric.
+    assert any("/calibration/" in k for k in test)
     assert_metrics_close({k: v for k, v in r0["test"].items() if "/ts/" not in k}, test)
     assert_metrics_close({k: v for k, v in r0["val"].items() if "/ts/" not in k}, val)
     model.eval()
@@ -123,6 +125,8 @@ def test_member_parallel_equals_single_process(member_parallel_run):
             torch.testing.assert_close(r["params"][k], single["params"][k], atol=1e-5, rtol=0)
         assert_metrics_close(r["val"], single["val"])  # gathered member outputs during fit
         assert_metrics_close(r["test"], single["test"])
+        for k in single["params"]:  # resumed from the epoch-0 checkpoint: same as never stopping
+            torch.testing.assert_close(r["resumed_params"][k], single["params"][k], atol=1e-5, rtol=0)
     assert single["val"]["val/acc"] > 0.5  # the members really trained
 
 

@@ -72,3 +72,25 @@ def test_strategy_is_registered_by_name():
 
     trainer = L.Trainer(strategy="member_parallel", accelerator="cpu", devices=2, logger=False)
     assert isinstance(trainer.strategy, MemberParallelStrategy)
+
+
+def test_optimizer_state_is_sliced_on_load_without_touching_the_checkpoint():
+    def model():
+        return EnsembleClassifier(backbone="mlp", num_members=4, backbone_kwargs={"in_features": 4, "out_features": 2})
+
+    full = model()
+    opt = torch.optim.Adam(full.parameters())
+    full(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    checkpoint = {"optimizer_states": [opt.state_dict()]}
+    want = opt.state_dict()["state"][0]["exp_avg"].clone()
+
+    local = model()
+    strategy = MemberParallelStrategy(parallel_devices=[torch.device("cpu")])
+    strategy._shards = shard_deep_ensembles(local, rank=1, world_size=2)
+    local_opt = torch.optim.Adam(local.parameters())
+    strategy.optimizers = [local_opt]
+    strategy.load_optimizer_state_dict(checkpoint)
+    torch.testing.assert_close(local_opt.state_dict()["state"][0]["exp_avg"], want[2:4])  # rank 1: members 2, 3
+    assert checkpoint["optimizer_states"][0]["state"][0]["exp_avg"].shape[0] == 4  # checkpoint left intact
+    assert opt.state_dict()["state"][0]["exp_avg"].shape[0] == 4  # and so is the source optimiser

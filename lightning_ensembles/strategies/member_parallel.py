@@ -143,6 +143,8 @@ class MemberParallelStrategy(DDPStrategy):
         state = super().optimizer_state(optimizer)
         if not (self._shards and self._distributed):
             return state
+        # ``state_dict()`` shares its per-parameter dicts with the live optimiser: build new ones.
+        state = {**state, "state": {i: dict(v) for i, v in state["state"].items()}}
         for idx, param in _indexed_params(optimizer):
             if id(param) in self._sharded_param_ids:
                 for k, v in state["state"].get(idx, {}).items():
@@ -153,7 +155,10 @@ class MemberParallelStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         if self._shards:
             per_rank = {id(p): s for s in self._shards.values() for p in s.parameters()}
+            states = []
             for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                opt_state = {**opt_state, "state": {i: dict(v) for i, v in opt_state["state"].items()}}
+                states.append(opt_state)
                 for idx, param in _indexed_params(optimizer):
                     shard = per_rank.get(id(param))
                     if shard is None:
@@ -162,6 +167,7 @@ class MemberParallelStrategy(DDPStrategy):
                     for k, v in opt_state["state"].get(idx, {}).items():
                         if isinstance(v, Tensor) and v.dim() and v.shape[0] == shard.num_members and v.shape[1:] == param.shape[1:]:
                             opt_state["state"][idx][k] = v[lo:hi].clone()
+            checkpoint = {**checkpoint, "optimizer_states": states}
         super().load_optimizer_state_dict(checkpoint)
 
     @property

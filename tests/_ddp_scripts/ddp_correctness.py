@@ -16,6 +16,7 @@ from torch import nn
 from common import SmallDigits, floats, trainer
 
 from lightning_ensembles import EnsembleClassifier
+from lightning_ensembles.callbacks.calibration_metrics import CalibrationMetrics
 from lightning_ensembles.callbacks.temperature_scaling import TemperatureScaling
 from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
 
@@ -29,12 +30,18 @@ def build() -> EnsembleClassifier:
     return EnsembleClassifier(backbone=backbone(), num_members=3, lr=1e-2)
 
 
+def calibration_metrics() -> CalibrationMetrics:
+    from lightning_ensembles.callbacks.calibration_metrics import MEMBER_METRICS, PROB_METRICS
+
+    return CalibrationMetrics(metrics=list(PROB_METRICS + MEMBER_METRICS))  # all of them, ACE and AURC too
+
+
 def main(out: str) -> None:
     dm = SmallDigits(replicated_train=False)
     model = build()
     swa = WeightAveraging("swa", attribute="ensemble", start_epoch=1)
     ts = TemperatureScaling()
-    t = trainer(devices=2, strategy="ddp", max_epochs=3, callbacks=[swa, ts])
+    t = trainer(devices=2, strategy="ddp", max_epochs=3, callbacks=[swa, ts, calibration_metrics()])
     t.fit(model, dm)
     t.save_checkpoint(f"{out}/final.ckpt")  # collective: every rank calls it, rank 0 writes
     validated = floats(t.validate(model, dm, verbose=False)[0])  # refits T on the gathered final predictions

@@ -91,7 +91,8 @@ def main(out: str) -> None:
 
     model = build()
     check = NoGradientSync()
-    ckpt = ModelCheckpoint(dirpath=out, filename="member_parallel", save_top_k=0, save_last=True)
+    ckpt = ModelCheckpoint(dirpath=out, filename="epoch{epoch}", save_top_k=-1, save_last=True,
+                           auto_insert_metric_name=False)
     t = trainer(devices=2, strategy=MemberParallelStrategy(), callbacks=[check, ckpt], enable_checkpointing=True)
     t.fit(model, dm)
     val = floats(t.callback_metrics)
@@ -105,6 +106,11 @@ def main(out: str) -> None:
         "mismatch": check.mismatch,
         "wrapped": type(t.strategy.model).__name__,
     }
+    # Resume from the end of epoch 0 (full checkpoint: members and Adam state are sliced per rank).
+    model = build()
+    t = trainer(devices=2, strategy=MemberParallelStrategy())
+    t.fit(model, dm, ckpt_path=f"{out}/epoch0.ckpt")
+    result["resumed_params"] = snapshot(model)
     torch.save(result, f"{out}/rank{t.global_rank}.pt")
 
 
