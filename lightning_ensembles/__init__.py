@@ -2,13 +2,34 @@
 
 The public menu::
 
-    from lightning_ensembles import DeepEnsemble, EnsembleClassifier, EnsembleRegressor
+    from lightning_ensembles import (
+        DeepEnsemble, PackedEnsemble, BatchEnsemble, TabM, LoRAEnsemble, MultiSymmetryEnsemble,  # ensembles
+        EnsembleClassifier, EnsembleRegressor,                                                   # LightningModules
+        Ensembling, WeightAveraging, SnapshotEnsemble, CalibrationMetrics, TemperatureScaling,   # callbacks
+        ReliabilityDiagram, ConformalPrediction,
+    )
+
+Losses live in :mod:`lightning_ensembles.losses`, metrics in :mod:`lightning_ensembles.metrics`,
+averaging tools in :mod:`lightning_ensembles.averaging`, data in :mod:`lightning_ensembles.data`.
 """
 
 from .backbones import MLP, resolve_backbone
+from .callbacks import (
+    CalibrationMetrics,
+    ConformalPrediction,
+    Ensembling,
+    ReliabilityDiagram,
+    SnapshotEnsemble,
+    TemperatureScaling,
+    WeightAveraging,
+)
 from .ensembles.base import Ensemble, GaussianMixture, aggregate_gaussian, aggregate_log_probs, aggregate_probs
+from .ensembles.batch import BatchEnsemble, TabM
 from .ensembles.deep import DeepEnsemble
+from .ensembles.lora import LoRAEnsemble
+from .ensembles.packed import PackedEnsemble
 from .ensembles.registry import build_ensemble, register_method
+from .ensembles.symmetry import MultiSymmetryEnsemble
 from .losses.base import Regularizer
 from .modules import EnsembleClassifier, EnsembleRegressor
 
@@ -16,12 +37,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
+    "BatchEnsemble",
+    "CalibrationMetrics",
+    "ConformalPrediction",
     "DeepEnsemble",
     "Ensemble",
     "EnsembleClassifier",
     "EnsembleRegressor",
+    "Ensembling",
     "GaussianMixture",
+    "LoRAEnsemble",
+    "MultiSymmetryEnsemble",
+    "PackedEnsemble",
     "Regularizer",
+    "ReliabilityDiagram",
+    "SnapshotEnsemble",
+    "TabM",
+    "TemperatureScaling",
+    "WeightAveraging",
     "aggregate_gaussian",
     "aggregate_log_probs",
     "aggregate_probs",

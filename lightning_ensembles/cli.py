@@ -27,7 +27,7 @@ class EnsembleCLI(LightningCLI):
     def _print_report(self) -> None:
         model = self.model
         if isinstance(model, EnsembleClassifier) and model.last_test_results.get(0) and self.trainer.is_global_zero:
-            print("\n" + format_report(model.last_test_results[0], model.num_members), flush=True)
+            print("\n" + format_report(model.last_test_results[0]), flush=True)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.datamodule is None:

@@ -125,3 +125,42 @@ def test_users_own_lightning_cli_with_callbacks_from_yaml(tmp_path):
     cli = LightningCLI(LitClassifier, DigitsDataModule, args=["fit", "--config", str(path)], save_config_callback=None)
     assert isinstance(cli.model.model, EnsembledModel) and cli.model.model.num_members == 3
     assert float(cli.trainer.callback_metrics["val_acc"]) > 0.8
+
+
+def test_works_with_averaging_calibration_checkpointing_early_stopping_accumulation_and_bf16(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from lightning_ensembles.callbacks import CalibrationMetrics, ReliabilityDiagram, TemperatureScaling
+    from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
+
+    L.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    module = LitClassifier()
+    ts = TemperatureScaling()
+    swa = WeightAveraging("swa", attribute="model", start_epoch=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_last=True)
+    callbacks = [
+        Ensembling(num_members=3), swa, CalibrationMetrics(), ts, ReliabilityDiagram(),
+        EarlyStopping(monitor="val_loss", patience=5), ckpt,
+    ]
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", precision="bf16-mixed", accumulate_grad_batches=2,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )
+    trainer.fit(module, dm)
+    assert swa.averager.n_averaged == 2
+    assert ts.is_fitted and ts.temperature > 0
+    metrics = trainer.callback_metrics
+    assert "val/calibration/ece" in metrics and "val/calibration/mutual_information" in metrics
+    (res,) = trainer.test(module, dm, verbose=False)
+    assert res["test/ts/nll_after"] <= res["test/ts/nll_before"] + 1e-4
+    assert any(tmp_path.rglob("test.png"))
+    # The last checkpoint restores the ensemble (and the averaged weights) into a fresh module.
+    expected = torch.cat(trainer.predict(module, dm.predict_dataloader()))
+    fresh = LitClassifier()
+    got = torch.cat(
+        quiet_trainer(precision="bf16-mixed", callbacks=[Ensembling(num_members=3), WeightAveraging("swa", attribute="model")])
+        .predict(fresh, dm.predict_dataloader(), ckpt_path=ckpt.last_model_path)
+    )
+    torch.testing.assert_close(got, expected)

@@ -1,10 +1,20 @@
 """Trainer callbacks that plug ensembles, averaging and calibration into any LightningModule."""
 
-# Calibration callbacks (metrics, temperature scaling, reliability diagrams, conformal sets).
 from .calibration_metrics import CalibrationMetrics
 from .conformal import ConformalPrediction
-from .reliability_diagram import ReliabilityDiagram
-from .temperature_scaling import TemperatureScaling
-
-# Plug-in ensembling of an unchanged LightningModule.
 from .ensembling import EnsembledModel, Ensembling
+from .reliability_diagram import ReliabilityDiagram
+from .snapshot import SnapshotEnsemble
+from .temperature_scaling import TemperatureScaling
+from .weight_averaging import WeightAveraging
+
+__all__ = [
+    "CalibrationMetrics",
+    "ConformalPrediction",
+    "EnsembledModel",
+    "Ensembling",
+    "ReliabilityDiagram",
+    "SnapshotEnsemble",
+    "TemperatureScaling",
+    "WeightAveraging",
+]

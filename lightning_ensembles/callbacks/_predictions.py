@@ -7,7 +7,8 @@ Contract: ``validation_step`` / ``test_step`` / ``predict_step`` return a dict (
 - the targets under ``"target"`` (or ``"targets"``, ``"y"``, ``"labels"``): ``(B,)`` class indices.
 
 Lightning passes that dict to ``Callback.on_validation_batch_end(..., outputs, ...)``, which is where
-the callbacks read it. A batch with predictions but no target (e.g. an out-of-distribution test
+the callbacks read it. With the :class:`~lightning_ensembles.callbacks.Ensembling` callback on the
+Trainer, a step that returns nothing is fine: the member outputs it recorded are used. A batch with predictions but no target (e.g. an out-of-distribution test
 dataloader) is skipped; a step that returns no recognisable predictions raises a ``ValueError``
 naming this contract. The ensemble prediction is the mean of member softmax probabilities.
 """
@@ -65,6 +66,28 @@ class Predictions:
         if self.kind in ("logits", "member_logits"):
             return self.values.detach().float(), self.kind
         return self.probs, "probs"
+
+
+def _holds_predictions(outputs: Any) -> bool:
+    return isinstance(outputs, Mapping) and any(isinstance(outputs.get(k), Tensor) for k in PREDICTION_KEYS)
+
+
+def step_outputs(outputs: Any, trainer: Any, pl_module: Any, batch: Any) -> Any:
+    """The step's ``outputs``, or, when they hold no predictions, what an ``Ensembling`` callback recorded.
+
+    This is how the calibration callbacks see member outputs of an unchanged user module whose
+    ``validation_step`` returns nothing: :class:`~lightning_ensembles.callbacks.Ensembling` keeps the
+    member outputs of the batch and finds its targets.
+    """
+    if _holds_predictions(outputs):
+        return outputs
+    for callback in getattr(trainer, "callbacks", []):
+        provider = getattr(callback, "member_predictions", None)
+        if callable(provider):
+            found = provider(pl_module, batch)
+            if found is not None:
+                return found
+    return outputs
 
 
 def read_predictions(outputs: Any, owner: str, hook: str) -> Predictions:

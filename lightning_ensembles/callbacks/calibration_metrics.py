@@ -21,7 +21,7 @@ from ..metrics import (
     NegativeLogLikelihood,
     PredictiveEntropy,
 )
-from ._predictions import read_predictions, stage_prefix
+from ._predictions import step_outputs, read_predictions, stage_prefix
 
 #: Metrics of the ensemble prediction ``(B, C)`` against targets.
 PROB_METRICS = ("ece", "ace", "classwise_ece", "mce", "nll", "brier", "aurc")
@@ -134,9 +134,11 @@ class CalibrationMetrics(Callback):
 
     # ---------------------------------------------------------------- hooks
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         self._update(trainer, pl_module, "val", outputs, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         self._update(trainer, pl_module, "test", outputs, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

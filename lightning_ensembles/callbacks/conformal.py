@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..calibration.conformal import ConformalClassifier, Method
 from ..metrics import SetCoverage, SetSize
-from ._predictions import EpochBuffer, read_predictions
+from ._predictions import step_outputs, EpochBuffer, read_predictions
 
 
 class ConformalPrediction(Callback):
@@ -67,6 +67,7 @@ class ConformalPrediction(Callback):
         self._buffer.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         if trainer.sanity_checking or dataloader_idx != 0:
             return
         preds = read_predictions(outputs, type(self).__name__, "validation_step")
@@ -97,6 +98,7 @@ class ConformalPrediction(Callback):
         self._metrics = {"coverage": SetCoverage().to(pl_module.device), "set_size": SetSize().to(pl_module.device)}
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         sets, target = self._sets(outputs, "test_step")
         if target is not None and dataloader_idx == 0:
             self._metrics["coverage"].update(sets, target)
@@ -111,6 +113,7 @@ class ConformalPrediction(Callback):
             pl_module.log(f"test/conformal/{name}", value, add_dataloader_idx=False)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         self._sets(outputs, "predict_step")
 
     # ---------------------------------------------------------------- checkpoint

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from ..metrics import ExpectedCalibrationError
-from ._predictions import read_predictions
+from ._predictions import step_outputs, read_predictions
 
 
 def plot_reliability(
@@ -146,9 +146,11 @@ class ReliabilityDiagram(Callback):
                 logger.log_image(key=tag, images=[path], step=trainer.global_step)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         self._update(trainer, pl_module, "val", outputs, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         self._update(trainer, pl_module, "test", outputs, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

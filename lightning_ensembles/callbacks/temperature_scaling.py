@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..calibration.temperature import fit_temperature, scaled_log_probs
 from ..metrics import ExpectedCalibrationError, NegativeLogLikelihood
-from ._predictions import EpochBuffer, read_predictions
+from ._predictions import step_outputs, EpochBuffer, read_predictions
 
 
 class TemperatureScaling(Callback):
@@ -72,6 +72,7 @@ class TemperatureScaling(Callback):
         self._buffer.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         if trainer.sanity_checking or dataloader_idx != 0:
             return
         preds = read_predictions(outputs, type(self).__name__, "validation_step")
@@ -118,6 +119,7 @@ class TemperatureScaling(Callback):
         }
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         preds = read_predictions(outputs, type(self).__name__, "test_step")
         calibrated = self._calibrated(preds)
         outputs["calibrated_probs"] = calibrated
@@ -138,6 +140,7 @@ class TemperatureScaling(Callback):
         self._require_fit("predict")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         preds = read_predictions(outputs, type(self).__name__, "predict_step")
         outputs["calibrated_probs"] = self._calibrated(preds)
 

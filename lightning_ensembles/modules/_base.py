@@ -119,8 +119,10 @@ class EnsembleModule(LightningModule):
             self.log(f"train/{r.name}", value.detach())
             total = total + r.weight * value
         self.log("train/loss", loss.detach(), prog_bar=True)
-        # Sum over members: see the learning-rate convention in the class docstring.
-        return total * self.num_members
+        # Sum over the members that produced outputs (see the learning-rate convention in the class
+        # docstring); not `num_members`, which can differ, e.g. combinatorial ensembles train on a few
+        # sampled combinations of many.
+        return total * outputs.shape[0]
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -105,10 +105,10 @@ class EnsembleClassifier(EnsembleModule):
         )
 
     # ---------------------------------------------------------------- evaluation
-    def _metric_set(self, stage: str, dataloader_idx: int, num_classes: int):
+    def _metric_set(self, stage: str, dataloader_idx: int, num_classes: int, num_members: int):
         key = (stage, dataloader_idx)
         if key not in self._metrics:
-            self._metrics[key] = make_classification_metrics(num_classes, self.num_members, self.hparams.ece_bins).to(
+            self._metrics[key] = make_classification_metrics(num_classes, num_members, self.hparams.ece_bins).to(
                 self.device
             )
         return self._metrics[key]
@@ -124,7 +124,7 @@ class EnsembleClassifier(EnsembleModule):
             self._ood_metrics().update(logits, is_ood=True)
             return {"member_logits": logits}
         check_class_targets(logits, y)
-        self._metric_set(stage, dataloader_idx, logits.shape[-1]).update(logits, y)
+        self._metric_set(stage, dataloader_idx, logits.shape[-1], logits.shape[0]).update(logits, y)
         if stage == "test" and self.hparams.ood_dataloader_idx is not None and dataloader_idx == 0:
             self._ood_metrics().update(logits, is_ood=False)
         return {"member_logits": logits, "probs": aggregate_probs(logits), "target": y}
@@ -153,6 +153,18 @@ class EnsembleClassifier(EnsembleModule):
         if stage == "test":
             self.last_test_results = results
 
+    def _reset_metrics(self, stage: str) -> None:
+        # Built afresh each epoch: callbacks (SWAG sampling, snapshots) may change the member count.
+        self._metrics = {k: v for k, v in self._metrics.items() if k[0] != stage}
+        if stage == "test":
+            self._ood = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics("test")
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self._eval_step("val", batch, dataloader_idx)
 
@@ -179,8 +191,9 @@ class EnsembleClassifier(EnsembleModule):
         }
 
 
-def format_report(results: dict[str, float], num_members: int, title: str = "test") -> str:
+def format_report(results: dict[str, float], title: str = "test") -> str:
     """A plain-text table of accuracy, NLL, Brier and ECE for the ensemble and each member."""
+    num_members = sum(1 for k in results if k.startswith("member_acc/"))
     cols = ("acc", "nll", "brier", "ece")
     lines = [f"{title}: ensemble vs members", f"{'model':<14}" + "".join(f"{c:>10}" for c in cols)]
 

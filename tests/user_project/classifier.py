@@ -30,6 +30,10 @@ class LitClassifier(L.LightningModule):
         self.val_acc(logits, y)
         self.log("val_acc", self.val_acc)
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
     def predict_step(self, batch, batch_idx):
         x, _ = batch
         return self(x).softmax(-1)
