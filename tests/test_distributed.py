@@ -181,3 +181,44 @@ def test_fsdp_strategy_on_gpus(tmp_path):
         for k, want in r["single"]["params"].items():
             torch.testing.assert_close(r["fsdp"]["params"][k], want, atol=1e-4, rtol=0)
     assert r["fsdp"]["val"]["val/acc"] > 0.2
+
+
+# --------------------------------------------------------------------------- plug-in callback, regressor
+@pytest.fixture(scope="module")
+def plugin_regressor_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plugin_regressor")
+    run_script("ddp_plugin_regressor.py", out)
+    return out, load(out / "rank0.pt"), load(out / "rank1.pt")
+
+
+def _script_module(name: str):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_ensembling_callback_checkpoint_from_ddp_validates_the_same_in_one_process(plugin_regressor_run):
+    out, r0, r1 = plugin_regressor_run
+    script = _script_module("ddp_plugin_regressor")
+    from lightning_ensembles.callbacks import Ensembling
+
+    assert r0["plugin_val"]["val_acc"] == r1["plugin_val"]["val_acc"]
+    t = script.trainer(callbacks=[Ensembling(num_members=3)])
+    single = t.validate(script.plugin_model(), script.SmallDigits(), ckpt_path=out / "plugin.ckpt", verbose=False)[0]
+    # val_acc is a torchmetrics metric (synchronised); the user's val_loss is logged without
+    # sync_dist, so under DDP it is rank 0's half only and is not compared.
+    assert abs(single["val_acc"] - r0["plugin_val"]["val_acc"]) < 1e-6
+    assert single["val_acc"] > 0.2  # trained past chance (0.1) in 8 DDP steps
+
+
+def test_regressor_checkpoint_from_ddp_validates_the_same_in_one_process(plugin_regressor_run):
+    out, r0, r1 = plugin_regressor_run
+    script = _script_module("ddp_plugin_regressor")
+    from lightning_ensembles import EnsembleRegressor
+
+    model = EnsembleRegressor.load_from_checkpoint(out / "regressor.ckpt", map_location="cpu")
+    single = {k: float(v) for k, v in script.trainer().validate(model, script.Regression(), verbose=False)[0].items()}
+    assert_metrics_close(r0["regressor_val"], single)
+    assert_metrics_close(r1["regressor_val"], single)
