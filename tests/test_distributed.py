@@ -125,6 +125,8 @@ def test_member_parallel_equals_single_process(member_parallel_run):
             torch.testing.assert_close(r["params"][k], single["params"][k], atol=1e-5, rtol=0)
         assert_metrics_close(r["val"], single["val"])  # gathered member outputs during fit
         assert_metrics_close(r["test"], single["test"])
+        for k in single["swa_params"]:  # SWA averages and BatchNorm statistics recomputed afterwards
+            torch.testing.assert_close(r["swa_params"][k], single["swa_params"][k], atol=1e-5, rtol=0)
         for k in single["params"]:  # resumed from the epoch-0 checkpoint: same as never stopping
             torch.testing.assert_close(r["resumed_params"][k], single["params"][k], atol=1e-5, rtol=0)
     assert single["val"]["val/acc"] > 0.5  # the members really trained

@@ -99,21 +99,24 @@ class MemberParallelStrategy(DDPStrategy):
         for shard in self._shards.values():
             shard.mode = mode
 
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._set_mode("replicated")
-        return super().training_step(*args, **kwargs)
-
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+    # Evaluation loops read split data ("sharded"); everything else, including callbacks that run the
+    # model on the (replicated) training data such as the BatchNorm update after weight averaging,
+    # sees the same batches on every rank ("replicated").
+    def on_validation_start(self) -> None:
         self._set_mode("sharded")
-        return super().validation_step(*args, **kwargs)
+        super().on_validation_start()
 
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._set_mode("sharded")
-        return super().test_step(*args, **kwargs)
-
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+    def on_validation_end(self) -> None:
         self._set_mode("replicated")
-        return super().predict_step(*args, **kwargs)
+        super().on_validation_end()
+
+    def on_test_start(self) -> None:
+        self._set_mode("sharded")
+        super().on_test_start()
+
+    def on_test_end(self) -> None:
+        self._set_mode("replicated")
+        super().on_test_end()
 
     # ------------------------------------------------------------------ checkpoints hold the full ensemble
     def lightning_module_state_dict(self) -> dict[str, Any]:

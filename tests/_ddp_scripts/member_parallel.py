@@ -13,11 +13,13 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from common import SmallDigits, floats, is_launcher, trainer
 
 from lightning_ensembles import EnsembleClassifier
+from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
 from lightning_ensembles.strategies import MemberParallelStrategy, MemberShard
 
 M, SEED = 4, 0
@@ -30,8 +32,17 @@ def build() -> EnsembleClassifier:
     )
 
 
+def build_bn_swa() -> tuple[EnsembleClassifier, WeightAveraging]:
+    """Members with BatchNorm, averaged by SWA (BatchNorm recomputed on the training data at the end)."""
+    L.seed_everything(SEED, verbose=False)
+    backbone = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    model = EnsembleClassifier(backbone=backbone, num_members=M, lr=1e-2)
+    return model, WeightAveraging("swa", attribute="ensemble", start_epoch=1)
+
+
 def snapshot(model: EnsembleClassifier) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.ensemble.stacked_parameters().items()}
+    ens = model.ensemble
+    return {k: v.detach().clone() for k, v in {**ens.stacked_parameters(), **ens.stacked_buffers()}.items()}
 
 
 class NoGradientSync(Callback):
@@ -87,7 +98,11 @@ def main(out: str) -> None:
         t.fit(model, dm)
         val = floats(t.callback_metrics)
         t.test(model, dm, verbose=False)
-        torch.save({"params": snapshot(model), "val": val, "test": floats(t.callback_metrics)}, f"{out}/single.pt")
+        reference = {"params": snapshot(model), "val": val, "test": floats(t.callback_metrics)}
+        model, swa = build_bn_swa()
+        trainer(callbacks=[swa]).fit(model, dm)
+        reference["swa_params"] = snapshot(model)
+        torch.save(reference, f"{out}/single.pt")
 
     model = build()
     check = NoGradientSync()
@@ -111,6 +126,9 @@ def main(out: str) -> None:
     t = trainer(devices=2, strategy=MemberParallelStrategy())
     t.fit(model, dm, ckpt_path=f"{out}/epoch0.ckpt")
     result["resumed_params"] = snapshot(model)
+    model, swa = build_bn_swa()
+    trainer(devices=2, strategy=MemberParallelStrategy(), callbacks=[swa]).fit(model, dm)
+    result["swa_params"] = snapshot(model)
     torch.save(result, f"{out}/rank{t.global_rank}.pt")
 
 
