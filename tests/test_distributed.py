@@ -136,6 +136,7 @@ def test_member_parallel_never_reduces_gradients(member_parallel_run):
     _, _, *ranks = member_parallel_run
     for r in ranks:
         assert r["wrapped"] == "EnsembleClassifier"  # no DistributedDataParallel wrapper
+        assert r["val_replicas"] == 2  # validation data split across ranks, training data not
         assert r["calls"]["reducing"] == 0  # no all_reduce / reduce_scatter during training batches
         assert r["calls"]["all_gather"] > 0  # member outputs were gathered
         assert r["checked"] > 0 and r["mismatch"] == 0  # p.grad is exactly what local autograd produced

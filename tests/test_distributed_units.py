@@ -94,3 +94,20 @@ def test_optimizer_state_is_sliced_on_load_without_touching_the_checkpoint():
     torch.testing.assert_close(local_opt.state_dict()["state"][0]["exp_avg"], want[2:4])  # rank 1: members 2, 3
     assert checkpoint["optimizer_states"][0]["state"][0]["exp_avg"].shape[0] == 4  # checkpoint left intact
     assert opt.state_dict()["state"][0]["exp_avg"].shape[0] == 4  # and so is the source optimiser
+
+
+def test_training_data_replicated_evaluation_data_split():
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.trainer.states import RunningStage
+
+    strategy = MemberParallelStrategy(
+        parallel_devices=[torch.device("cpu")] * 2, cluster_environment=LightningEnvironment()
+    )
+    state = SimpleNamespace(stage=RunningStage.TRAINING)
+    strategy._lightning_module = SimpleNamespace(_trainer=SimpleNamespace(state=state))
+    assert strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}  # every rank: all batches
+    for stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
+        state.stage = stage
+        assert strategy.distributed_sampler_kwargs["num_replicas"] == 2  # split as under DDP

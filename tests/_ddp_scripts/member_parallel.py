@@ -78,6 +78,9 @@ class NoGradientSync(Callback):
         for p in pl_module.parameters():
             p.register_hook(lambda g, p=p: self.autograd.__setitem__(id(p), g.detach().clone()))
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.val_replicas = trainer.val_dataloaders.sampler.num_replicas  # evaluation data are split
+
     def on_train_batch_start(self, *args) -> None:
         self._in_batch = True
 
@@ -120,6 +123,7 @@ def main(out: str) -> None:
         "checked": check.checked,
         "mismatch": check.mismatch,
         "wrapped": type(t.strategy.model).__name__,
+        "val_replicas": check.val_replicas,
     }
     # Resume from the end of epoch 0 (full checkpoint: members and Adam state are sliced per rank).
     model = build()
