@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from lightning_ensembles import DeepEnsemble, EnsembleClassifier
-from lightning_ensembles.strategies import MemberParallelStrategy, MemberShard, shard_deep_ensembles, slice_members
+from lightning_ensembles.strategies import (
+    MemberParallelStrategy,
+    MemberShard,
+    shard_deep_ensembles,
+    slice_members,
+)
 
 
 def _ens(m: int = 4) -> DeepEnsemble:

@@ -5,6 +5,6 @@ from .member_shard import MemberShard, gather_members, slice_members
 
 __all__ = ["MemberParallelStrategy", "MemberShard", "gather_members", "shard_deep_ensembles", "slice_members"]
 
-from .fsdp import fully_shard_ensembles  # noqa: E402
+from .fsdp import fully_shard_ensembles
 
 __all__ += ["fully_shard_ensembles"]

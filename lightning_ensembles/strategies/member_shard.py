@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..ensembles.base import Ensemble
 from ..ensembles.deep import _SEP, DeepEnsemble
 
-__all__ = ["MemberShard", "slice_members", "gather_members"]
+__all__ = ["MemberShard", "gather_members", "slice_members"]
 
 
 def _replace_stacked(ens: DeepEnsemble, fn) -> DeepEnsemble:
@@ -94,7 +94,7 @@ class MemberShard(Ensemble):
         mode: Literal["replicated", "sharded"] = "replicated",
     ) -> None:
         if not isinstance(ensemble, DeepEnsemble):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - the library raises ValueError for bad arguments
                 f"member-parallel training shards DeepEnsemble members; got {type(ensemble).__name__}. "
                 "Train other ensembles (packed, batch, LoRA) with strategy='ddp'."
             )

@@ -11,9 +11,8 @@ import sys
 
 import lightning as L
 import torch
-from torch import nn
-
 from common import SmallDigits, floats, trainer
+from torch import nn
 
 from lightning_ensembles import EnsembleClassifier
 from lightning_ensembles.callbacks.calibration_metrics import CalibrationMetrics
@@ -31,7 +30,10 @@ def build() -> EnsembleClassifier:
 
 
 def calibration_metrics() -> CalibrationMetrics:
-    from lightning_ensembles.callbacks.calibration_metrics import MEMBER_METRICS, PROB_METRICS
+    from lightning_ensembles.callbacks.calibration_metrics import (
+        MEMBER_METRICS,
+        PROB_METRICS,
+    )
 
     return CalibrationMetrics(metrics=list(PROB_METRICS + MEMBER_METRICS))  # all of them, ACE and AURC too
 

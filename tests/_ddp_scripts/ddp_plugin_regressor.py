@@ -11,15 +11,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from common import SmallDigits, floats, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import SmallDigits, floats, trainer
-
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for the user_project package
-from user_project.classifier import LitClassifier  # noqa: E402
+from user_project.classifier import LitClassifier
 
-from lightning_ensembles import EnsembleRegressor  # noqa: E402
-from lightning_ensembles.callbacks import Ensembling  # noqa: E402
+from lightning_ensembles import EnsembleRegressor
+from lightning_ensembles.callbacks import Ensembling
 
 
 class Regression(L.LightningDataModule):

@@ -10,9 +10,8 @@ import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
-
 from common import SmallDigits, floats, trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_ensembles import EnsembleClassifier
 from lightning_ensembles.strategies import fully_shard_ensembles

@@ -6,17 +6,15 @@ reference, then both ranks train member-parallel; every process writes ``OUT_DIR
 
 from __future__ import annotations
 
-import os
 import sys
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from common import SmallDigits, floats, is_launcher, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-from common import SmallDigits, floats, is_launcher, trainer
 
 from lightning_ensembles import EnsembleClassifier
 from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
