@@ -7,6 +7,7 @@ The public menu::
         EnsembleClassifier, EnsembleRegressor,                                                   # LightningModules
         Ensembling, WeightAveraging, SnapshotEnsemble, CalibrationMetrics, TemperatureScaling,   # callbacks
         ReliabilityDiagram, ConformalPrediction,
+        MemberParallelStrategy,                                                                  # distributed
     )
 
 Losses live in :mod:`lightning_ensembles.losses`, metrics in :mod:`lightning_ensembles.metrics`,
@@ -33,10 +34,15 @@ from .ensembles.symmetry import MultiSymmetryEnsemble
 from .losses.base import Regularizer
 from .modules import EnsembleClassifier, EnsembleRegressor
 
+# Importing the strategies registers `Trainer(strategy="member_parallel")`.
+from .strategies import MemberParallelStrategy, MemberShard, fully_shard_ensembles
+
 __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
+    "MemberParallelStrategy",
+    "MemberShard",
     "BatchEnsemble",
     "CalibrationMetrics",
     "ConformalPrediction",
@@ -59,6 +65,7 @@ __all__ = [
     "aggregate_log_probs",
     "aggregate_probs",
     "build_ensemble",
+    "fully_shard_ensembles",
     "register_method",
     "resolve_backbone",
 ]

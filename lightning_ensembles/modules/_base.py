@@ -138,6 +138,26 @@ class EnsembleModule(LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
 
-    # ---------------------------------------------------------------- metrics plumbing
+    # ---------------------------------------------------------------- evaluation
+    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:  # pragma: no cover
+        """Update the ``stage`` metrics with one batch; return the step's output dict."""
+        raise NotImplementedError
+
+    def _eval_epoch_end(self, stage: str) -> None:  # pragma: no cover
+        """Compute, log and reset the ``stage`` metrics."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
     def _stage_prefix(self, stage: str, dataloader_idx: int) -> str:
         return stage if dataloader_idx == 0 else f"{stage}_dl{dataloader_idx}"

@@ -165,18 +165,6 @@ class EnsembleClassifier(EnsembleModule):
     def on_test_epoch_start(self) -> None:
         self._reset_metrics("test")
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        return self._eval_step("val", batch, dataloader_idx)
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        return self._eval_step("test", batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         member_probs = self(x).softmax(dim=-1)
