@@ -1,6 +1,7 @@
 """Test NLL of a single MLP vs PackedEnsemble and BatchEnsemble (M=4) on digits and MNIST-1D.
 
-Prints a markdown table (mean over seeds). Each member is trained on its own loss (target repeated
+Prints a markdown table (mean over seeds). Every model keeps the epoch with the best validation NLL
+(the same early-stopping rule for all). Each member is trained on its own loss (target repeated
 over members); the ensemble prediction is the mean of member probabilities.
 
     python benchmarks/quality.py            # 3 seeds, 60 epochs
@@ -10,6 +11,7 @@ over members); the ensemble prediction is the mean of member probabilities.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 
 import torch
@@ -24,18 +26,18 @@ from lightning_ensembles.ensembles.packed import PackedEnsemble
 def _data(name: str, seed: int):
     dm = DigitsDataModule(seed=seed) if name == "digits" else MNIST1DDataModule(seed=seed)
     parts = dm.build()
-    (xtr, ytr), (xte, yte) = parts["train"], parts["test"]
+    (xtr, ytr), (xva, yva), (xte, yte) = parts["train"], parts["val"], parts["test"]
     mean, std = xtr.mean(), xtr.std()
-    return (xtr - mean) / std, ytr, (xte - mean) / std, yte
+    return (xtr - mean) / std, ytr, (xva - mean) / std, yva, (xte - mean) / std, yte
 
 
-def _model(kind: str, in_features: int) -> torch.nn.Module:
+def _model(kind: str, in_features: int, alpha: float = 2, batch_init: str = "normal") -> torch.nn.Module:
     mlp = MLP(in_features, 10, hidden=(128, 128))
     if kind == "single":
         return mlp
     if kind == "packed":
-        return PackedEnsemble(mlp, num_members=4, alpha=2)
-    return BatchEnsemble(mlp, num_members=4)
+        return PackedEnsemble(mlp, num_members=4, alpha=alpha)
+    return BatchEnsemble(mlp, num_members=4, init=batch_init)
 
 
 def _members(model, x):
@@ -43,12 +45,22 @@ def _members(model, x):
     return out.unsqueeze(0) if out.dim() == 2 else out  # single model: one member
 
 
-def run(kind: str, data: str, seed: int, epochs: int) -> tuple[float, float, int]:
+def _evaluate(model, x, y) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        probs = _members(model, x).softmax(-1).mean(0)
+    nll = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
+    return nll, (probs.argmax(-1) == y).float().mean().item()
+
+
+def run(kind: str, data: str, seed: int, epochs: int, alpha: float = 2, batch_init: str = "normal") -> tuple[float, float, int]:
+    """Train; keep the epoch with the best validation NLL (early stopping, same rule for every model)."""
     torch.manual_seed(seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    xtr, ytr, xte, yte = (t.to(dev) for t in _data(data, seed))
-    model = _model(kind, xtr[0].numel()).to(dev)
+    xtr, ytr, xva, yva, xte, yte = (t.to(dev) for t in _data(data, seed))
+    model = _model(kind, xtr[0].numel(), alpha, batch_init).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    best_val, best_state = float("inf"), copy.deepcopy(model.state_dict())
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(ytr), device=dev).split(64):
@@ -57,11 +69,11 @@ def run(kind: str, data: str, seed: int, epochs: int) -> tuple[float, float, int
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
-    with torch.no_grad():
-        probs = _members(model, xte).softmax(-1).mean(0)
-    nll = F.nll_loss(probs.clamp_min(1e-12).log(), yte).item()
-    acc = (probs.argmax(-1) == yte).float().mean().item()
+        val_nll, _ = _evaluate(model, xva, yva)
+        if val_nll < best_val:
+            best_val, best_state = val_nll, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    nll, acc = _evaluate(model, xte, yte)
     return nll, acc, sum(p.numel() for p in model.parameters())
 
 
@@ -70,16 +82,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--alpha", type=float, default=2, help="PackedEnsemble width factor")
+    parser.add_argument("--batch-init", default="normal", help="BatchEnsemble init: normal | random_sign | tabm")
     args = parser.parse_args()
     seeds, epochs = (1, 10) if args.quick else (args.seeds, args.epochs)
     torch.set_num_threads(2)
-    print(f"MLP 128-128, Adam 1e-3, batch 64, {epochs} epochs, {seeds} seed(s); M=4, packed alpha=2\n")
+    print(
+        f"MLP 128-128, Adam 1e-3, batch 64, up to {epochs} epochs (epoch of best validation NLL), "
+        f"{seeds} seed(s); M=4, packed alpha={args.alpha:g}, BatchEnsemble init={args.batch_init}\n"
+    )
     print("| data | model | params | test acc % | test NLL | NLL vs single |")
     print("|---|---|---|---|---|---|")
     for data in ("digits", "mnist1d"):
         base = None
         for kind in ("single", "packed", "batch"):
-            res = [run(kind, data, s, epochs) for s in range(seeds)]
+            res = [run(kind, data, s, epochs, args.alpha, args.batch_init) for s in range(seeds)]
             nll = statistics.mean(r[0] for r in res)
             acc = statistics.mean(r[1] for r in res)
             base = nll if base is None else base
