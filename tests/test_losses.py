@@ -299,3 +299,26 @@ def test_other_bad_arguments_are_refused_with_the_fix():
         WeightSpaceRepulsion(bandwidth=0.0)
     with pytest.raises(ValueError, match="`output`"):
         NegativeCorrelation(output="mean")
+
+
+@pytest.mark.parametrize("method", ["packed", "batch"])
+def test_stacked_parameters_of_converted_ensembles_are_the_members_own_weights(method):
+    from lightning_ensembles import build_ensemble
+
+    torch.manual_seed(0)
+    ens = build_ensemble(method, "mlp", num_members=3, backbone_kwargs={"in_features": 6, "out_features": 4, "hidden": (8,)})
+    stacked = ens.stacked_parameters()
+    assert stacked and all(t.shape[0] == 3 for t in stacked.values())
+    if method == "packed":
+        # Each member's slice holds exactly that member's weights as member(i) exports them.
+        for i in range(3):
+            member = dict(ens.member(i).named_parameters())
+            for name, t in stacked.items():
+                torch.testing.assert_close(t[i].reshape(-1), member[name].reshape(-1))
+    # The repulsion's gradient reaches exactly the tensors listed (views of the ensemble's parameters).
+    value = WeightSpaceRepulsion(weight=1.0)(torch.zeros(3, 2, 4), None, ensemble=ens)
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ens.parameters())
+    if method == "batch":
+        shared = [m.layer.weight for m in ens.modules() if hasattr(m, "layer") and hasattr(m, "r")]
+        assert shared and all(w.grad is None or w.grad.abs().sum() == 0 for w in shared)

@@ -352,6 +352,21 @@ class BatchEnsemble(Ensemble):
         xs = x.unsqueeze(0).expand(self.num_members, *x.shape).flatten(0, 1)
         return self.model(xs).unflatten(0, (self.num_members, -1))
 
+    def stacked_parameters(self) -> dict[str, Tensor]:
+        """The member-specific parameters, member axis first: ``{name: (M, ...)}``.
+
+        Rank-1 factors ``r``, ``s`` and biases of every converted layer, per-member BatchNorm affine
+        parameters and per-member heads. The shared weights ``W`` are left out: identical in every
+        member, they cancel in any distance between members' full parameter vectors, so weight-space
+        repulsion over these tensors equals repulsion over the members' whole weights.
+        """
+        out = {}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, (BatchEnsembleLayer, PerMemberBatchNorm, PerMemberLinear)):
+                for name, p in module.named_parameters(recurse=False):
+                    out[f"{prefix}.{name}" if prefix else name] = p
+        return out
+
     def member_targets(self, target: Tensor) -> Tensor:
         """Targets matching :meth:`forward`'s member outputs: ``(M, B, ...)`` repeated, or split in training."""
         if self.training and self.batch_mode == "split":

@@ -597,6 +597,21 @@ class PackedEnsemble(Ensemble):
                                f"{self.num_members} * {self._num_outputs}; is `last_layer`={self.last_layer!r} the output layer?")
         return out.unflatten(axis, (self.num_members, -1)).movedim(axis, 0)
 
+    def stacked_parameters(self) -> dict[str, Tensor]:
+        """Every member's own block of each packed parameter, member axis first: ``{name: (M, ...)}``.
+
+        Differentiable views into the packed tensors (so weight-space repulsion reaches the members);
+        ``stacked_parameters()[name][i]`` holds the same values as member ``i``'s ``name`` in
+        :meth:`member`. Tensors no member owns a block of are left out: shared by all members, they
+        cancel in any distance between members.
+        """
+        out = {}
+        for name, p in self.model.named_parameters():
+            axis = self._member_axes.get(name)
+            if axis is not None:
+                out[name] = p.unflatten(axis, (self.num_members, -1)).movedim(axis, 0)
+        return out
+
     def member(self, index: int) -> nn.Module:
         """A standalone network equal to member ``index`` (its block of every packed tensor, as a 1-member model)."""
         index = self._check_index(index)

@@ -32,8 +32,8 @@ def member_parameter_matrix(ensemble: nn.Module) -> Tensor:
     """Every member's own parameters flattened into rows, ``(M, P)``, keeping gradients.
 
     Needs an ensemble that stores member parameters with a leading member axis and says so through
-    ``stacked_parameters() -> {name: (M, ...)}`` (``DeepEnsemble`` does; a packed / BatchEnsemble /
-    LoRA ensemble can by returning its member-specific tensors). ``member(i)`` is no substitute: it
+    ``stacked_parameters() -> {name: (M, ...)}`` (``DeepEnsemble``, ``PackedEnsemble`` and
+    ``BatchEnsemble`` do, the last two with their member-specific tensors). ``member(i)`` is no substitute: it
     returns a detached copy, so gradients would never reach the ensemble.
     """
     stacked = getattr(ensemble, "stacked_parameters", None)
@@ -41,7 +41,7 @@ def member_parameter_matrix(ensemble: nn.Module) -> Tensor:
         kind = "no ensemble" if ensemble is None else type(ensemble).__name__
         raise ValueError(
             f"weight-space repulsion needs the members' parameters as an (M, P) matrix, but got {kind}: it "
-            "must have `stacked_parameters()` returning {name: tensor (M, ...)} (DeepEnsemble does). For other "
+            "must have `stacked_parameters()` returning {name: tensor (M, ...)} (DeepEnsemble, PackedEnsemble and BatchEnsemble do). For other "
             "ensembles use FunctionSpaceRepulsion or InputGradientRepulsion, which only need `ensemble(x)`."
         )
     m = getattr(ensemble, "num_members", None)
@@ -61,7 +61,7 @@ class WeightSpaceRepulsion(Regularizer):
     """Kernel-density repulsion between member weight vectors: ``mean_i log sum_j k(w_i, stopgrad(w_j))``.
 
     RBF kernel with the median bandwidth heuristic (or a fixed ``bandwidth``). Works for ensembles
-    exposing ``stacked_parameters()`` (``DeepEnsemble``); others raise a ``ValueError`` that points to
+    exposing ``stacked_parameters()`` (``DeepEnsemble``, ``PackedEnsemble``, ``BatchEnsemble``); others raise a ``ValueError`` that points to
     :class:`FunctionSpaceRepulsion`. See the module docstring for the weight that matches the paper
     (``1 / N_train``). Distances are computed in float64 (weight vectors are long and close together
     late in training, where float32 cancellation would dominate).
