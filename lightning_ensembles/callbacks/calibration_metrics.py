@@ -21,7 +21,7 @@ from ..metrics import (
     NegativeLogLikelihood,
     PredictiveEntropy,
 )
-from ._predictions import step_outputs, read_predictions, stage_prefix
+from ._predictions import read_predictions, stage_prefix, step_outputs
 
 #: Metrics of the ensemble prediction ``(B, C)`` against targets.
 PROB_METRICS = ("ece", "ace", "classwise_ece", "mce", "nll", "brier", "aurc")

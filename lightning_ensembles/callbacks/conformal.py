@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..calibration.conformal import ConformalClassifier, Method
 from ..metrics import SetCoverage, SetSize
-from ._predictions import step_outputs, EpochBuffer, read_predictions
+from ._predictions import EpochBuffer, read_predictions, step_outputs
 
 
 class ConformalPrediction(Callback):

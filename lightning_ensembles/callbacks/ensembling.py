@@ -13,8 +13,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ..ensembles.base import Ensemble, aggregate_gaussian, aggregate_log_probs, split_gaussian
+from ..ensembles.base import (
+    Ensemble,
+    aggregate_gaussian,
+    aggregate_log_probs,
+    split_gaussian,
+)
 from ..ensembles.registry import build_ensemble
+from ..ensembles.surgery import set_submodule
 
 __all__ = ["Ensembling", "EnsembledModel"]
 
@@ -239,7 +245,7 @@ class Ensembling(Callback):
         kwargs = dict(self.method_kwargs)
         ensemble = build_ensemble(self.method, backbone, self.num_members, **kwargs)
         wrapped = EnsembledModel(ensemble, self.task, self.batch)
-        setattr(parent, leaf, wrapped)
+        set_submodule(pl_module, path, wrapped)
         return wrapped
 
     def _current(self, pl_module: nn.Module) -> EnsembledModel | None:

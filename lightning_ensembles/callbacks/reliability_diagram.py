@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from ..metrics import ExpectedCalibrationError
-from ._predictions import step_outputs, read_predictions
+from ._predictions import read_predictions, step_outputs
 
 
 def plot_reliability(

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..averaging.snapshot import cyclic_cosine_lr, snapshot_ensemble
 from ..ensembles.deep import DeepEnsemble
+from ..ensembles.surgery import set_submodule
 from .weight_averaging import resolve_attribute
 
 __all__ = ["SnapshotEnsemble"]
@@ -142,19 +143,12 @@ class SnapshotEnsemble(Callback):
             return  # a plain model's callers expect (B, ...) outputs; use `ensemble()` explicitly
         self._template = target
         self._replaced = target
-        self._set(pl_module, self.ensemble(pl_module).to(pl_module.device).train(target.training))
+        set_submodule(pl_module, self.attribute, self.ensemble(pl_module).to(pl_module.device).train(target.training))
 
     def _eval_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._replaced is not None:
-            self._set(pl_module, self._replaced)
+            set_submodule(pl_module, self.attribute, self._replaced)
             self._replaced = None
-
-    def _set(self, pl_module: nn.Module, module: nn.Module) -> None:
-        *path, leaf = self.attribute.split(".")  # type: ignore[union-attr]
-        owner = pl_module
-        for part in path:
-            owner = getattr(owner, part)
-        setattr(owner, leaf, module)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_start(trainer, pl_module)

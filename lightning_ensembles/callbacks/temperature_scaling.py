@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..calibration.temperature import fit_temperature, scaled_log_probs
 from ..metrics import ExpectedCalibrationError, NegativeLogLikelihood
-from ._predictions import step_outputs, EpochBuffer, read_predictions
+from ._predictions import EpochBuffer, read_predictions, step_outputs
 
 
 class TemperatureScaling(Callback):

@@ -17,6 +17,7 @@ from ..averaging.ema import EMA
 from ..averaging.swa import SWA
 from ..averaging.swag import SWAG, SWAGEnsemble
 from ..ensembles.base import Ensemble
+from ..ensembles.surgery import set_submodule
 
 __all__ = ["WeightAveraging", "resolve_attribute", "first_train_loader"]
 
@@ -290,20 +291,13 @@ class WeightAveraging(Callback):
                     loader = first_train_loader(trainer) if has_batchnorm(target) else None
                     self.swag_ensemble = self._build_swag_ensemble(target, loader)
                 self._replaced = target
-                self._set_attribute(pl_module, self.swag_ensemble.to(pl_module.device))
+                set_submodule(pl_module, self.attribute, self.swag_ensemble.to(pl_module.device))
 
     def _eval_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._replaced is not None:
-            self._set_attribute(pl_module, self._replaced)
+            set_submodule(pl_module, self.attribute, self._replaced)
             self._replaced = None
         self._swap_out(pl_module)
-
-    def _set_attribute(self, pl_module: nn.Module, module: nn.Module) -> None:
-        *path, leaf = self.attribute.split(".")  # type: ignore[union-attr]
-        owner = pl_module
-        for part in path:
-            owner = getattr(owner, part)
-        setattr(owner, leaf, module)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_start(trainer, pl_module)
