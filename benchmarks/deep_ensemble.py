@@ -9,12 +9,11 @@ All timings in one run, same inputs; ratios are "torch-uncertainty time / ours" 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import timm
 import torch
 import torch.nn.functional as F
+from _timing import median_ms
 from torch import nn
 
 from lightning_ensembles import MLP, DeepEnsemble
@@ -24,17 +23,6 @@ def _tu_deep_ensemble(backbone: nn.Module, m: int) -> nn.Module:
     from torch_uncertainty.methods.deep_ensembles import deep_ensembles
 
     return deep_ensembles(backbone, num_estimators=m, reset_model_parameters=True)
-
-
-def _time(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, m: int, layout: str):
@@ -79,23 +67,23 @@ def bench(name: str, factory, x, y, m: int, reps: int) -> dict:
     for key, ens in variants.items():
         ens.train()
         opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
-        row[f"{key}_train"] = _time(_train_step(ens, opt, x, y, m, "members"), reps)
+        row[f"{key}_train"] = median_ms(_train_step(ens, opt, x, y, m, "members"), reps, warmup=2)
         ens.eval()
         with torch.no_grad():
-            row[f"{key}_infer"] = _time(lambda ens=ens: ens(x), reps)
+            row[f"{key}_infer"] = median_ms(lambda ens=ens: ens(x), reps, warmup=2)
     tu = _tu_deep_ensemble(factory(), m)
     tu.train()
     opt = torch.optim.Adam(tu.parameters(), lr=1e-3)
-    row["tu_train"] = _time(_train_step(tu, opt, x, y, m, "concat"), reps)
+    row["tu_train"] = median_ms(_train_step(tu, opt, x, y, m, "concat"), reps, warmup=2)
     tu.eval()
     with torch.no_grad():
-        row["tu_infer"] = _time(lambda: tu(x), reps)
+        row["tu_infer"] = median_ms(lambda: tu(x), reps, warmup=2)
     single = factory()
     step, infer = _single_times_m(single, x, y, m)
     single.train()
-    row["single_train"] = _time(step, reps)
+    row["single_train"] = median_ms(step, reps, warmup=2)
     single.eval()
-    row["single_infer"] = _time(infer, reps)
+    row["single_infer"] = median_ms(infer, reps, warmup=2)
     return row
 
 

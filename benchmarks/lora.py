@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import median_ms
 from torch import nn
 
 
@@ -70,17 +69,6 @@ def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
         opt.step()
 
     return step
-
-
-def _median_ms(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -164,10 +152,10 @@ def main() -> None:
         params = _trainable(model)
         opt = torch.optim.Adam(params, lr=1e-4)
         step = _step_fn(model, opt, x, y)
-        train_ms = _median_ms(step, reps)
+        train_ms = median_ms(step, reps)
         model.eval()
         with torch.no_grad():
-            fwd_ms = _median_ms(lambda: model(x), reps)
+            fwd_ms = median_ms(lambda model=model: model(x), reps)
         model.train()
         n_train = sum(p.numel() for p in params)
         n_all = sum(p.numel() for p in model.parameters())
