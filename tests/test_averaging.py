@@ -37,20 +37,15 @@ def test_snapshots_1_2_3_average_to_exactly_2():
 
 def _ensembles():
     yield "deep", DeepEnsemble(_bn_net(), num_members=4)
-    try:
-        from lightning_ensembles.ensembles.packed import PackedEnsemble  # written concurrently by another helper
-    except ImportError:
-        return
+    from lightning_ensembles.ensembles.packed import PackedEnsemble
+
     yield "packed", PackedEnsemble(_bn_net(), num_members=4, alpha=2)
 
 
 @pytest.mark.parametrize("method", ["swa", "ema"])
 @pytest.mark.parametrize("kind", ["deep", "packed"])
 def test_matches_averaged_model_per_member(method, kind):
-    ensembles = dict(_ensembles())
-    if kind not in ensembles:
-        pytest.skip("PackedEnsemble not available yet")
-    ens = ensembles[kind]
+    ens = dict(_ensembles())[kind]
     if method == "swa":
         ours, ref = SWA(), AveragedModel(ens, multi_avg_fn=get_swa_multi_avg_fn())
     else:
@@ -92,10 +87,7 @@ def test_ema_averages_float_buffers_not_counters():
 
 @pytest.mark.parametrize("kind", ["deep", "packed"])
 def test_update_bn_per_member_equals_torch_update_bn_on_each_member(kind):
-    ensembles = dict(_ensembles())
-    if kind not in ensembles:
-        pytest.skip("PackedEnsemble not available yet")
-    ens = ensembles[kind]
+    ens = dict(_ensembles())[kind]
     _perturb(ens, 0.5)
     loader = [(torch.randn(10, 5) * 2 + 1, torch.zeros(10)) for _ in range(4)]
     members = [ens.member(i) for i in range(ens.num_members)]

@@ -143,8 +143,6 @@ def _term_id(reg):
 @pytest.mark.parametrize("method", ["deep", "packed", "batch"])
 @pytest.mark.parametrize("reg", ALL_TERMS, ids=_term_id)
 def test_every_term_trains_every_ensemble(method, reg, digits):
-    if method != "deep":
-        pytest.importorskip(f"lightning_ensembles.ensembles.{method}", reason=f"{method} ensembles not built yet")
     torch.manual_seed(0)
     ens = build_ensemble(method, "mlp", num_members=M, backbone_kwargs={"in_features": 64, "out_features": 10,
                                                                         "hidden": (32,)})
@@ -159,7 +157,6 @@ def test_every_term_trains_every_ensemble(method, reg, digits):
 
 @pytest.mark.parametrize("reg", [r for r in ALL_TERMS if not isinstance(r, WeightSpaceRepulsion)], ids=_term_id)
 def test_terms_refuse_an_ensemble_that_splits_the_batch_among_members(reg, digits):
-    pytest.importorskip("lightning_ensembles.ensembles.batch", reason="BatchEnsemble not built yet")
     ens = build_ensemble("batch", "mlp", num_members=M, batch_mode="split",
                          backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
     x, y = digits[0][:16], digits[1][:16]
