@@ -72,9 +72,9 @@ class TemperatureScaling(Callback):
         self._buffer.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
         if trainer.sanity_checking or dataloader_idx != 0:
             return
+        outputs = step_outputs(outputs, trainer, pl_module, batch)
         preds = read_predictions(outputs, type(self).__name__, "validation_step")
         if preds.target is not None:
             values, kind = preds.scalable

@@ -89,11 +89,3 @@ class OODMetrics(nn.Module):
         self._seen = set()
         for m in self.metrics.values():
             m.reset()
-
-
-def make_classification_metrics(num_classes: int, num_members: int, bins: int = 15) -> EnsembleClassificationMetrics:
-    return EnsembleClassificationMetrics(num_classes, num_members, bins)
-
-
-def make_ood_metrics() -> OODMetrics:
-    return OODMetrics()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..ensembles.base import Ensemble, aggregate_probs
 from ..losses.base import Regularizer
 from ._base import EnsembleModule, _module_args_to_ignore
-from ._eval_metrics import make_classification_metrics, make_ood_metrics
+from ._eval_metrics import EnsembleClassificationMetrics, OODMetrics
 
 
 def check_class_targets(outputs: Tensor, target: Tensor) -> None:
@@ -108,7 +108,7 @@ class EnsembleClassifier(EnsembleModule):
     def _metric_set(self, stage: str, dataloader_idx: int, num_classes: int, num_members: int):
         key = (stage, dataloader_idx)
         if key not in self._metrics:
-            self._metrics[key] = make_classification_metrics(num_classes, num_members, self.hparams.ece_bins).to(
+            self._metrics[key] = EnsembleClassificationMetrics(num_classes, num_members, self.hparams.ece_bins).to(
                 self.device
             )
         return self._metrics[key]
@@ -131,7 +131,7 @@ class EnsembleClassifier(EnsembleModule):
 
     def _ood_metrics(self):
         if self._ood is None:
-            self._ood = make_ood_metrics().to(self.device)
+            self._ood = OODMetrics().to(self.device)
         return self._ood
 
     def _eval_epoch_end(self, stage: str) -> None:
