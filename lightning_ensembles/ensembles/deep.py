@@ -113,7 +113,7 @@ class DeepEnsemble(Ensemble):
         self._buffer_names = list(buffers)
         for name, value in params.items():
             self.params.register_parameter(name.replace(".", _SEP), nn.Parameter(value.detach().clone()))
-        persistent = {n for n, _ in _persistent_buffers(members[0])}
+        persistent = set(members[0].state_dict())  # non-persistent buffers are not in the state dict
         for name, value in buffers.items():
             self.buffers_.register_buffer(name.replace(".", _SEP), value.clone(), persistent=name in persistent)
         # The template holds no data (meta device); it only supplies the computation to functional_call.
@@ -212,10 +212,3 @@ class DeepEnsemble(Ensemble):
             f"num_members={self.num_members}, backbone={type(self._template).__name__}, init={self.init!r}, "
             f"execution={self.execution!r}"
         )
-
-
-def _persistent_buffers(module: nn.Module):
-    for prefix, sub in module.named_modules():
-        for name, buf in sub._buffers.items():
-            if buf is not None and name not in sub._non_persistent_buffers_set:
-                yield (f"{prefix}.{name}" if prefix else name), buf
