@@ -13,7 +13,7 @@ import argparse
 import timm
 import torch
 import torch.nn.functional as F
-from _timing import median_ms
+from _timing import interleaved_median_ms
 from torch import nn
 
 from lightning_ensembles import MLP, DeepEnsemble
@@ -58,32 +58,33 @@ def _single_times_m(backbone: nn.Module, x, y, m: int):
 
 def bench(name: str, factory, x, y, m: int, reps: int) -> dict:
     row: dict = {"backbone": name, "M": m}
-    variants = {
+    models = {
         "ours": DeepEnsemble(factory(), m),
         "ours-vmap": DeepEnsemble(factory(), m, execution="vmap"),
         "ours-loop": DeepEnsemble(factory(), m, execution="loop"),
+        "tu": _tu_deep_ensemble(factory(), m),
     }
-    row["ours_exec"] = variants["ours"].resolved_execution(x.device)
-    for key, ens in variants.items():
-        ens.train()
-        opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
-        row[f"{key}_train"] = median_ms(_train_step(ens, opt, x, y, m, "members"), reps, warmup=2)
-        ens.eval()
-        with torch.no_grad():
-            row[f"{key}_infer"] = median_ms(lambda ens=ens: ens(x), reps, warmup=2)
-    tu = _tu_deep_ensemble(factory(), m)
-    tu.train()
-    opt = torch.optim.Adam(tu.parameters(), lr=1e-3)
-    row["tu_train"] = median_ms(_train_step(tu, opt, x, y, m, "concat"), reps, warmup=2)
-    tu.eval()
-    with torch.no_grad():
-        row["tu_infer"] = median_ms(lambda: tu(x), reps, warmup=2)
+    train, infer = {}, {}
+    for key, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        train[key] = _train_step(model, opt, x, y, m, "concat" if key == "tu" else "members")
+
+        def run(model=model):
+            with torch.no_grad():
+                model(x)
+
+        infer[key] = run
     single = factory()
-    step, infer = _single_times_m(single, x, y, m)
-    single.train()
-    row["single_train"] = median_ms(step, reps, warmup=2)
-    single.eval()
-    row["single_infer"] = median_ms(infer, reps, warmup=2)
+    train["single"], infer["single"] = _single_times_m(single, x, y, m)
+
+    for model in [*models.values(), single]:
+        model.train()
+    row["ours_exec_train"] = models["ours"].resolved_execution(x.device, grad=True)
+    row.update({f"{k}_train": v for k, v in interleaved_median_ms(train, reps, warmup=2).items()})
+    for model in [*models.values(), single]:
+        model.eval()
+    row.update({f"{k}_infer": v for k, v in interleaved_median_ms(infer, reps, warmup=2).items()})
+    row["ours_exec_infer"] = models["ours"].resolved_execution(x.device, grad=False)
     return row
 
 
@@ -91,24 +92,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    reps = 3 if args.quick else 10
+    reps = 3 if args.quick else args.reps
     cases = [
         ("MLP 64-128-128-10, batch 128", lambda: MLP(64, 10, hidden=(128, 128)), torch.randn(128, 64), torch.randint(0, 10, (128,))),
         ("timm resnet18 32x32, batch 32", lambda: timm.create_model("resnet18", num_classes=10), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))),
     ]
     rows = [bench(n, f, x, y, m, reps) for n, f, x, y in cases for m in (4, 8)]
-    print(f"\nDeepEnsemble vs torch-uncertainty deep_ensembles (member loop) vs M x one model; {torch.get_num_threads()} threads, median ms\n")
-    print("| backbone | M | ours exec | step ours | step vmap | step loop | step TU | step M x single | **TU / ours** | infer ours | infer TU | **TU / ours** |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nDeepEnsemble vs torch-uncertainty deep_ensembles (member loop) vs M x one model; {torch.get_num_threads()} threads, "
+          f"median ms of {reps} interleaved rounds\n")
+    print("| backbone | M | ours exec (train / infer) | step ours | step vmap | step loop | step TU | step M x single | **TU / ours** "
+          "| infer ours | infer vmap | infer loop | infer TU | **TU / ours** |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['backbone']} | {r['M']} | {r['ours_exec']} | {r['ours_train']:.1f} | {r['ours-vmap_train']:.1f} | "
-            f"{r['ours-loop_train']:.1f} | {r['tu_train']:.1f} | {r['single_train']:.1f} | "
-            f"**{r['tu_train'] / r['ours_train']:.2f}x** | {r['ours_infer']:.1f} | {r['tu_infer']:.1f} | "
-            f"**{r['tu_infer'] / r['ours_infer']:.2f}x** |"
+            f"| {r['backbone']} | {r['M']} | {r['ours_exec_train']} / {r['ours_exec_infer']} | {r['ours_train']:.1f} | "
+            f"{r['ours-vmap_train']:.1f} | {r['ours-loop_train']:.1f} | {r['tu_train']:.1f} | {r['single_train']:.1f} | "
+            f"**{r['tu_train'] / r['ours_train']:.2f}x** | {r['ours_infer']:.2f} | {r['ours-vmap_infer']:.2f} | "
+            f"{r['ours-loop_infer']:.2f} | {r['tu_infer']:.2f} | **{r['tu_infer'] / r['ours_infer']:.2f}x** |"
         )
 
 
