@@ -153,9 +153,8 @@ def test_swag_moments_and_sampling(stacked):
         torch.testing.assert_close(w.var(0), target_var, rtol=0.05, atol=1e-7)
     if stacked:
         # MultiSWAG: members draw independent low-rank noise -> no correlation between members.
-        w0 = torch.stack([d["members.0.weight"] for d in draws])  # (N, 2, 3)
-        w1 = torch.stack([d["members.1.weight"] for d in draws])
-        corr = torch.corrcoef(torch.stack([w0[:, 0, 0], w1[:, 0, 0]]))[0, 1]
+        w = torch.stack([d["params.weight"] for d in draws])  # (N, 2, 2, 3)
+        corr = torch.corrcoef(torch.stack([w[:, 0, 0, 0], w[:, 1, 0, 0]]))[0, 1]
         assert abs(float(corr)) < 0.05
 
 

@@ -19,12 +19,12 @@ def tracked_tensors(module: nn.Module, buffers: bool) -> dict[str, Tensor]:
 
 
 def member_groups(module: nn.Module) -> dict[str, str]:
-    """Map each tensor name of a DeepEnsemble member to that member's name (its group).
+    """Map each tensor name stored with a leading member axis to its ensemble's name (its group).
 
-    Elementwise averaging is per tensor and so already per member; SWAG's low-rank part additionally
-    needs to know which tensors belong to one member, so that each member draws its own low-rank noise
-    (MultiSWAG). Tensors outside any DeepEnsemble (a plain model, a PackedEnsemble) form one joint
-    group ``""``.
+    A :class:`~lightning_ensembles.DeepEnsemble` stores member ``i`` at index ``i`` of every tensor,
+    so elementwise averaging is already per member; SWAG's low-rank part additionally needs to know
+    which tensors share a member axis so that each member draws its own low-rank noise.
+    Tensors outside any such ensemble (a plain model, a PackedEnsemble) form one joint group ``""``.
     """
     from ..ensembles.deep import DeepEnsemble
 
@@ -32,8 +32,10 @@ def member_groups(module: nn.Module) -> dict[str, str]:
     for prefix, sub in module.named_modules():
         if isinstance(sub, DeepEnsemble):
             dot = f"{prefix}." if prefix else ""
-            for i, member in enumerate(sub.members):
-                group = f"{dot}members.{i}"
-                for n, _ in [*member.named_parameters(), *member.named_buffers()]:
-                    groups[f"{group}.{n}"] = group
+            for n, _ in sub.named_parameters():
+                groups[dot + n] = prefix or "<root>"
+            for n, _ in sub.named_buffers():
+                groups[dot + n] = prefix or "<root>"
     return groups
+
+

@@ -49,13 +49,7 @@ def snapshot_ensemble(template: nn.Module, snapshots: Sequence[dict[str, Tensor]
     if isinstance(template, DeepEnsemble):
         ens = DeepEnsemble(template.member(0), num_members=len(snapshots) * template.num_members, init="copy",
                            execution=template.execution)
-        m = template.num_members
-        state = {}
-        for s, snap in enumerate(snapshots):  # member i of snapshot s becomes member s * M + i
-            for key, value in snap.items():
-                _, i, rest = key.split(".", 2)  # "members.<i>.<path>"
-                state[f"members.{s * m + int(i)}.{rest}"] = value
-        ens.load_state_dict(state)
+        ens.load_state_dict({k: torch.cat([s[k] for s in snapshots]) for k in snapshots[0]})
         return ens
     if isinstance(template, Ensemble):
         raise ValueError(

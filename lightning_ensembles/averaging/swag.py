@@ -28,8 +28,8 @@ class SWAG(WeightAverager):
     taken right after ``mean_i`` includes ``w_i``, as in the official code). ``scale=0.5`` is the
     paper's ``1/2 (Sigma_diag + Sigma_low-rank)``.
 
-    Per member: each member of a :class:`~lightning_ensembles.DeepEnsemble` draws its own low-rank
-    noise, so a deep ensemble becomes MultiSWAG (one SWAG
+    Per member: tensors of a :class:`~lightning_ensembles.DeepEnsemble` carry the member axis first,
+    and each member draws its own low-rank noise, so a deep ensemble becomes MultiSWAG (one SWAG
     posterior per member). Tensors outside such an ensemble share one joint low-rank draw.
 
     Example:
@@ -123,9 +123,15 @@ class SWAG(WeightAverager):
                 noise = var_sqrt[n] * torch.randn(mean.shape, generator=generator, device="cpu").to(mean)
                 if use_lowrank:
                     group = self.groups.get(n, "")
-                    if group not in z2:
-                        z2[group] = torch.randn(self.rank, generator=generator).to(mean)
-                    coef = z2[group].reshape(self.rank, *([1] * mean.dim()))
+                    if group:  # member axis first: each member gets its own K coefficients
+                        key = (group, mean.shape[0])
+                        if key not in z2:
+                            z2[key] = torch.randn(self.rank, mean.shape[0], generator=generator).to(mean)
+                        coef = z2[key].reshape(self.rank, mean.shape[0], *([1] * (mean.dim() - 1)))
+                    else:
+                        if "" not in z2:
+                            z2[""] = torch.randn(self.rank, generator=generator).to(mean)
+                        coef = z2[""].reshape(self.rank, *([1] * mean.dim()))
                     noise = noise + (devs[n] * coef).sum(0) / math.sqrt(self.rank - 1)
                 sample[n] = mean + math.sqrt(self.scale) * noise
             out.append(sample)

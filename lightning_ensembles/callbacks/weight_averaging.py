@@ -60,7 +60,7 @@ class WeightAveraging(Callback):
     ``method``: ``"swa"`` (equal-weight mean of snapshots), ``"ema"`` (exponential moving average)
     or ``"swag"`` (SWA mean plus a Gaussian posterior to sample from). Averaging is elementwise on
     every floating tensor of the averaged model, so the members of a
-    :class:`~lightning_ensembles.DeepEnsemble` (one module per member) or a PackedEnsemble (disjoint
+    :class:`~lightning_ensembles.DeepEnsemble` (stacked along dim 0) or a PackedEnsemble (disjoint
     channel blocks) are each averaged on their own.
 
     Updates come only from training hooks: after the last batch of every ``every_n``-th epoch

@@ -88,7 +88,7 @@ class InputGradientRepulsion(Regularizer):
         >>> x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
         >>> value = InputGradientRepulsion(weight=1.0)(ens(x), y, inputs=x, ensemble=ens)
         >>> value.backward()  # second-order: gradients reach the weights through the input gradients
-        >>> ens.members[1].net[1].weight.grad.abs().sum() > 0
+        >>> ens.stacked_parameters()["net.1.weight"].grad.abs().sum() > 0
         tensor(True)
     """
 

@@ -72,8 +72,8 @@ class WeightSpaceRepulsion(Regularizer):
         >>> ens = DeepEnsemble(torch.nn.Linear(3, 2), num_members=4)
         >>> value = WeightSpaceRepulsion(weight=1e-3)(ens(torch.randn(5, 3)), None, ensemble=ens)
         >>> value.backward()
-        >>> ens.members[0].weight.grad.shape
-        torch.Size([2, 3])
+        >>> ens.stacked_parameters()["weight"].grad.shape
+        torch.Size([4, 2, 3])
     """
 
     def __init__(

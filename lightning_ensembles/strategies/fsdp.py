@@ -15,8 +15,9 @@ def fully_shard_ensembles(module: nn.Module, mesh: Any = None, **kwargs: Any) ->
     """Apply FSDP2 ``fully_shard`` to every top-level :class:`~lightning_ensembles.Ensemble` in ``module``.
 
     Call it from ``configure_model`` under Lightning's ``ModelParallelStrategy`` with
-    ``mesh=self.device_mesh["data_parallel"]``. Each parameter is sharded along its first axis, so with
-    ``W`` ranks each rank *stores* ``1 / W`` of every member and FSDP all-gathers them for the forward
+    ``mesh=self.device_mesh["data_parallel"]``. Each parameter is sharded along its first axis; for a
+    :class:`~lightning_ensembles.DeepEnsemble` that is the member axis, so with ``W`` ranks each rank
+    *stores* ``M / W`` members (when ``W`` divides ``M``) and FSDP all-gathers them for the forward
     and reduce-scatters gradients, which gives the same training as DDP with less memory per rank.
     Returns the paths of the sharded ensembles; ``ValueError`` if there are none.
 

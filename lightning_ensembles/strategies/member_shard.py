@@ -10,33 +10,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
-from ..ensembles.deep import DeepEnsemble
+from ..ensembles.deep import _SEP, DeepEnsemble
 
 __all__ = ["MemberShard", "gather_members", "slice_members"]
 
 
-def _with_members(ens: DeepEnsemble, num_members: int) -> DeepEnsemble:
-    """A copy of ``ens`` (same settings) with ``num_members`` members shaped like ``ens``'s (weights copied from member 0)."""
-    members, cache = ens.members, ens.__dict__.pop("_slot_cache", None)
-    ens.members = nn.ModuleList()  # copy the settings, not the members
-    try:
-        out = copy.deepcopy(ens)
-    finally:
-        ens.members = members
-        if cache is not None:
-            ens.__dict__["_slot_cache"] = cache
-    out.members = nn.ModuleList(copy.deepcopy(members[0]) for _ in range(num_members))
-    out.num_members = num_members
-    return out
-
-
 def _replace_stacked(ens: DeepEnsemble, fn) -> DeepEnsemble:
-    """A new DeepEnsemble whose every stacked tensor ``t`` (member axis 0) is ``fn(t)`` of ``ens``'s."""
-    with torch.no_grad():
-        params = {n: fn(t) for n, t in ens.stacked_parameters().items()}
-        buffers = {n: fn(t) for n, t in ens.stacked_buffers().items()}
-    out = _with_members(ens, int(next(iter(params.values())).shape[0]))
-    out.load_stacked(params, buffers)
+    """A copy of ``ens`` whose every stacked tensor ``t`` (member axis 0) is replaced by ``fn(t)``."""
+    out = copy.deepcopy(ens)
+    for name, p in ens.stacked_parameters().items():
+        key = name.replace(".", _SEP)
+        out.params._parameters[key] = nn.Parameter(fn(p.detach()).contiguous(), requires_grad=p.requires_grad)
+    for name, b in ens.stacked_buffers().items():
+        key = name.replace(".", _SEP)
+        out.buffers_._buffers[key] = fn(b.detach()).contiguous()
+    first = next(iter(out.stacked_parameters().values()))
+    out.num_members = int(first.shape[0])
     return out
 
 

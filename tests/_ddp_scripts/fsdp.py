@@ -30,7 +30,7 @@ def build(cls):
 
 def full_params(model) -> dict[str, torch.Tensor]:
     out = {}
-    for k, v in model.ensemble.named_parameters():
+    for k, v in model.ensemble.stacked_parameters().items():
         v = v.full_tensor() if hasattr(v, "full_tensor") else v  # DTensor under FSDP2: collective
         out[k] = v.detach().clone()
     return out
@@ -72,7 +72,7 @@ def main(out: str) -> None:
         t.fit(model, dm)
         if name == "fsdp":
             model.ensemble.reshard()  # FSDP2 keeps the root unsharded after its last forward
-        local = {k: v.to_local().shape for k, v in model.ensemble.named_parameters()} if name == "fsdp" else None
+        local = {k: v.to_local().shape for k, v in model.ensemble.stacked_parameters().items()} if name == "fsdp" else None
         result[name] = {"params": full_params(model), "val": floats(t.callback_metrics), "local_shapes": local}
     torch.save(result, f"{out}/rank{t.global_rank}.pt")
 
