@@ -119,6 +119,18 @@ def test_auto_execution_rule_and_vmap_fallback_warns_once():
     assert DeepEnsemble(MLP(4, 2), 2).resolved_execution() == "vmap"
     assert DeepEnsemble(_resnet18(), 2).resolved_execution(torch.device("cpu")) == "loop"
     assert DeepEnsemble(_resnet18(), 2).resolved_execution(torch.device("cuda")) == "vmap"
+    # Inference of a non-convolutional backbone on CPU: timed once, then fixed; training stays vmap.
+    ens = DeepEnsemble(MLP(4, 2), 3).eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert ens.resolved_execution() == "measure"
+        out = ens(x)
+        chosen = ens.resolved_execution()
+        assert chosen in ("loop", "vmap")
+        torch.testing.assert_close(ens._forward_loop(x), ens._forward_vmap(x))
+        torch.testing.assert_close(ens(x), out)
+    assert ens.resolved_execution() == "vmap"
+    assert ens.train().resolved_execution(grad=False) == "vmap"
 
     class DataDependent(nn.Module):
         def __init__(self):
@@ -184,3 +196,31 @@ def test_aggregation_rules():
     torch.testing.assert_close(mix.variance, second - mean.mean(0) ** 2, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="member axis"):
         aggregate_probs(torch.randn(5))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_loop_gradients_equal_vmap_and_accumulate(set_to_none):
+    # The loop writes member gradients into reusable buffers: results must not depend on that reuse.
+    torch.manual_seed(0)
+    loop = DeepEnsemble(_resnet18(), 3, execution="loop")
+    vec = DeepEnsemble(_resnet18(), 3, execution="vmap")
+    vec.load_state_dict(loop.state_dict())
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (12,))
+    grads = []
+    for ens in (loop, vec):
+        ens.zero_grad(set_to_none=set_to_none)
+        nn.functional.cross_entropy(ens(x).flatten(0, 1), y).backward()
+        grads.append([p.grad.clone() for p in ens.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    kept = [p.grad for p in loop.parameters()]  # a caller holding last step's gradients
+    first = [g.clone() for g in kept]
+    loop.zero_grad(set_to_none=set_to_none)
+    nn.functional.cross_entropy(loop(x).flatten(0, 1), y).backward()
+    nn.functional.cross_entropy(loop(x).flatten(0, 1), y).backward()  # accumulation: twice the gradient
+    for p, g in zip(loop.parameters(), grads[0]):
+        torch.testing.assert_close(p.grad, 2 * g, atol=1e-5, rtol=1e-4)
+    if set_to_none:  # the kept tensors were not overwritten by the buffer reuse
+        for k, f in zip(kept, first):
+            assert torch.equal(k, f)
+

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state, vmap
 
 from ..backbones import resolve_backbone
+from ._member_views import GradBuffers, member_views
 from .base import Ensemble
 from .registry import register_method
 from .reinit import reinitialize
@@ -30,6 +32,25 @@ def _set_tensor(module: nn.Module, dotted: str, value: Tensor, parameter: bool) 
         owner._buffers[leaf] = value
 
 
+def _slot_table(template: nn.Module, names: list[str]) -> list[tuple[dict, str, int, Tensor]]:
+    """Where each of ``names`` (parameters, then buffers) lives in ``template``, tied copies included.
+
+    Entries are ``(owner's _parameters or _buffers dict, key, index into names, template's own tensor)``.
+    """
+    index = {n: i for i, n in enumerate(names)}
+    canonical = {id(t): n for n, t in [*template.named_parameters(), *template.named_buffers()]}
+    slots = []
+    for store, items in (
+        ("_parameters", template.named_parameters(remove_duplicate=False)),
+        ("_buffers", template.named_buffers(remove_duplicate=False)),
+    ):
+        for path, tensor in items:
+            *owner_path, leaf = path.split(".")
+            owner = template.get_submodule(".".join(owner_path))
+            slots.append((getattr(owner, store), leaf, index[canonical[id(tensor)]], tensor))
+    return slots
+
+
 @register_method("deep")
 class DeepEnsemble(Ensemble):
     """M independent copies of any backbone, run as one vectorized call.
@@ -43,11 +64,13 @@ class DeepEnsemble(Ensemble):
             re-initialised by :func:`~lightning_ensembles.ensembles.reinit.reinitialize`, which also
             re-draws tensors no layer owns such as a ViT's ``cls_token`` and ``pos_embed``).
             ``"copy"`` starts every member from the given (e.g. pretrained) weights.
-        execution: ``"vmap"`` (``torch.func.vmap`` over ``functional_call``), ``"loop"`` (a Python
-            loop over members), or ``"auto"``: vmap, except for convolutional backbones on CPU where
-            batched convolutions are slower than a loop (measured in ``benchmarks/deep_ensemble.py``).
-            If vmap cannot run the backbone, the ensemble falls back to the loop and warns once with
-            the reason.
+        execution: ``"vmap"`` (``torch.func.vmap`` over the backbone), ``"loop"`` (a Python loop over
+            members), or ``"auto"``: vmap on accelerators; on CPU the loop for convolutional backbones
+            (batched convolutions are slower there, ``benchmarks/deep_ensemble.py``), vmap for training
+            other backbones, and for their inference (eval mode, no grad) whichever of the two a
+            one-off timing on the first batch finds faster (vmap's fixed per-call cost outweighs its
+            gain for small models with few members). If vmap cannot run the backbone, the ensemble
+            falls back to the loop and warns once with the reason.
         backbone_kwargs: keyword arguments when ``backbone`` is a name (e.g. ``{"num_classes": 10}``).
 
     Members are kept as stacked parameters and buffers with a leading member axis (state-dict keys
@@ -116,10 +139,11 @@ class DeepEnsemble(Ensemble):
         persistent = set(members[0].state_dict())  # non-persistent buffers are not in the state dict
         for name, value in buffers.items():
             self.buffers_.register_buffer(name.replace(".", _SEP), value.clone(), persistent=name in persistent)
-        # The template holds no data (meta device); it only supplies the computation to functional_call.
+        # The template holds no data (meta device); it only supplies the computation (`_call_member`).
         # Kept out of the module tree so its (empty) tensors are not parameters of the ensemble.
         self.__dict__["_template"] = copy.deepcopy(members[0]).to("meta")
         self._vmap_failed: str | None = None
+        self.__dict__["_grad_buffers"] = GradBuffers()
 
     # ------------------------------------------------------------------ state access
     def stacked_parameters(self) -> dict[str, Tensor]:
@@ -132,42 +156,103 @@ class DeepEnsemble(Ensemble):
 
     @property
     def template(self) -> nn.Module:
-        """The backbone's structure on the meta device (no data); used by ``functional_call``."""
+        """The backbone's structure on the meta device (no data); run with each member's tensors."""
         return self._template
 
     # ------------------------------------------------------------------ execution
-    def resolved_execution(self, device: torch.device | None = None) -> str:
-        """The execution ``forward`` will use on ``device``: ``"vmap"`` or ``"loop"``."""
+    def resolved_execution(self, device: torch.device | None = None, grad: bool | None = None) -> str:
+        """The execution ``forward`` uses on ``device``: ``"vmap"``, ``"loop"`` or (not decided yet) ``"measure"``.
+
+        ``grad`` is whether autograd records the call (default: ``torch.is_grad_enabled()``).
+        """
         if self._vmap_failed is not None or self.execution == "loop":
             return "loop"
         if self.execution == "vmap":
             return "vmap"
         device = device or next(self.params.parameters()).device
-        return "loop" if (device.type == "cpu" and self._convolutional) else "vmap"
+        if device.type != "cpu":
+            return "vmap"
+        if self._convolutional:
+            return "loop"
+        grad = torch.is_grad_enabled() if grad is None else grad
+        if grad or self.training:
+            return "vmap"
+        return self.__dict__.get("_measured_inference", "measure")
+
+    @torch.no_grad()
+    def _measure_inference(self, x: Tensor) -> str:
+        """Time both executions on ``x`` once (eval mode, no grad: no side effects) and keep the faster."""
+        times = {}
+        for name, run in (("loop", self._forward_loop), ("vmap", self._forward_vmap)):
+            try:
+                run(x)  # warm-up
+                samples = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    run(x)
+                    samples.append(time.perf_counter() - t0)
+                times[name] = min(samples)
+            except Exception:  # vmap cannot run this backbone: the loop it is (forward() warns if forced)
+                if name == "loop":
+                    raise
+        choice = min(times, key=times.get)
+        self.__dict__["_measured_inference"] = choice
+        return choice
+
+    def _slots(self) -> list[tuple[dict, str, int, Tensor]]:
+        cached = self.__dict__.get("_slot_cache")
+        if cached is None or cached[0] is not self._template:
+            cached = (self._template, _slot_table(self._template, self._param_names + self._buffer_names))
+            self.__dict__["_slot_cache"] = cached
+        return cached[1]
+
+    def _call_member(self, tensors: list[Tensor], x: Tensor) -> Tensor:
+        """Run the template with ``tensors`` (parameters then buffers, in stacking order) as its state.
+
+        What ``torch.func.functional_call`` does (tied tensors included) without its per-call
+        bookkeeping, which costs a sub-millisecond backbone more than its own compute: the tensors are
+        put into the template's ``_parameters``/``_buffers`` dicts and its (data-less) own put back after.
+        """
+        slots = self._slots()
+        for store, key, i, _ in slots:
+            store[key] = tensors[i]
+        try:
+            return self._template(x)
+        finally:
+            for store, key, _, own in slots:
+                store[key] = own
+
+    def _stacked_lists(self) -> tuple[list[Tensor], list[Tensor]]:
+        return (
+            [getattr(self.params, n.replace(".", _SEP)) for n in self._param_names],
+            [getattr(self.buffers_, n.replace(".", _SEP)) for n in self._buffer_names],
+        )
 
     def _forward_loop(self, x: Tensor) -> Tensor:
-        params = {n: p.unbind(0) for n, p in self.stacked_parameters().items()}
-        buffers = {n: b.unbind(0) for n, b in self.stacked_buffers().items()}
-        outs = []
-        for i in range(self.num_members):
-            state = {n: p[i] for n, p in params.items()} | {n: b[i] for n, b in buffers.items()}
-            outs.append(functional_call(self._template, state, (x,)))
-        return torch.stack(outs)
+        params, buffers = self._stacked_lists()
+        param_views = member_views(params, self._grad_buffers)
+        buffer_views = list(zip(*(b.unbind(0) for b in buffers))) or [()] * self.num_members
+        return torch.stack([self._call_member([*p, *b], x) for p, b in zip(param_views, buffer_views)])
 
     def _forward_vmap(self, x: Tensor) -> Tensor:
-        template = self._template
+        def one_member(params: list[Tensor], buffers: list[Tensor], inputs: Tensor) -> Tensor:
+            return self._call_member(params + buffers, inputs)
 
-        def one_member(params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return functional_call(template, (params, buffers), (inputs,))
+        params, buffers = self._stacked_lists()
+        return vmap(one_member, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
 
-        return vmap(one_member, in_dims=(0, 0, None), randomness="different")(
-            self.stacked_parameters(), self.stacked_buffers(), x
-        )
+    def train(self, mode: bool = True) -> DeepEnsemble:
+        if not mode:  # the loop's gradient buffers are only needed while training
+            self._grad_buffers.clear()
+        return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)``; every member sees the whole batch ``x``."""
         self._template.train(self.training)
-        if self.resolved_execution(x.device) == "loop":
+        execution = self.resolved_execution(x.device)
+        if execution == "measure":
+            execution = self._measure_inference(x)
+        if execution == "loop":
             return self._forward_loop(x)
         try:
             return self._forward_vmap(x)
