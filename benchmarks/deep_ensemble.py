@@ -25,6 +25,19 @@ def _tu_deep_ensemble(backbone: nn.Module, m: int) -> nn.Module:
     return deep_ensembles(backbone, num_estimators=m, reset_model_parameters=True)
 
 
+OPTIMIZER = {"kind": "adam"}
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    """The same optimiser for every variant: Adam (PyTorch's default implementation), fused Adam or SGD."""
+    kind = OPTIMIZER["kind"]
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    if kind == "adam-fused":
+        return torch.optim.Adam(params, lr=1e-3, fused=True)
+    return torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+
+
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, m: int, layout: str):
     def step():
         opt.zero_grad(set_to_none=True)
@@ -40,7 +53,7 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, m: int, layo
 
 
 def _single_times_m(backbone: nn.Module, x, y, m: int):
-    opt = torch.optim.Adam(backbone.parameters(), lr=1e-3)
+    opt = make_optimizer(backbone.parameters())
 
     def step():
         for _ in range(m):
@@ -66,7 +79,7 @@ def bench(name: str, factory, x, y, m: int, reps: int) -> dict:
     }
     train, infer = {}, {}
     for key, model in models.items():
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = make_optimizer(model.parameters())
         train[key] = _train_step(model, opt, x, y, m, "concat" if key == "tu" else "members")
 
         def run(model=model):
@@ -93,8 +106,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--optimizer", choices=("adam", "adam-fused", "sgd"), default="adam")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    OPTIMIZER["kind"] = args.optimizer
     torch.manual_seed(0)
     reps = 3 if args.quick else args.reps
     cases = [
