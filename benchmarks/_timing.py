@@ -20,20 +20,27 @@ def median_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
 
 
 def interleaved_median_ms(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, inner: int = 1
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, inner: int | None = None
 ) -> dict[str, float]:
     """Median wall time (ms) of one ``fns[k]()``, timing a block of ``inner`` calls of each in turn per round.
 
     Interleaving spreads slow drifts of the machine (other processes, thermal state) evenly over the
     variants, so their ratios are fairer than from back-to-back blocks of calls; ``inner`` > 1 keeps a
-    sub-millisecond model's caches warm within its block, as in a real training loop.
+    sub-millisecond model's caches warm within its block, as in a real training loop. By default
+    ``inner`` makes a block of the slowest variant last about 20 ms.
     """
+    slowest = 0.0
     for fn in fns.values():
         for _ in range(warmup):
+            t0 = time.perf_counter()
             fn()
+            slowest = max(slowest, time.perf_counter() - t0)
+    if inner is None:
+        inner = max(1, round(0.02 / max(slowest, 1e-6)))
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    order = list(fns.items())
+    for r in range(reps):
+        for k, fn in order[r % len(order):] + order[: r % len(order)]:  # rotate: no variant always goes first
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()

@@ -223,10 +223,8 @@ class DeepEnsemble(Ensemble):
                 store[key] = own
 
     def _stacked_lists(self) -> tuple[list[Tensor], list[Tensor]]:
-        return (
-            [getattr(self.params, n.replace(".", _SEP)) for n in self._param_names],
-            [getattr(self.buffers_, n.replace(".", _SEP)) for n in self._buffer_names],
-        )
+        # Registration order is stacking order (replacing an entry keeps its place in the dict).
+        return list(self.params._parameters.values()), list(self.buffers_._buffers.values())
 
     def _forward_loop(self, x: Tensor) -> Tensor:
         params, buffers = self._stacked_lists()
@@ -248,7 +246,8 @@ class DeepEnsemble(Ensemble):
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)``; every member sees the whole batch ``x``."""
-        self._template.train(self.training)
+        if self._template.training != self.training:
+            self._template.train(self.training)
         execution = self.resolved_execution(x.device)
         if execution == "measure":
             execution = self._measure_inference(x)
