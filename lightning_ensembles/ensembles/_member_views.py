@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["GradBuffers", "member_views"]
+__all__ = ["GradBuffers", "Scratch", "member_views"]
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -118,3 +118,13 @@ def member_views(stacked: list[Tensor], buffers: GradBuffers) -> list[tuple[Tens
         return list(zip(*(p.unbind(0) for p in stacked)))
     step = _Step(buffers, tuple(stacked), m)
     return [_MemberView.apply(step, i, *stacked) for i in range(m)]
+
+
+class Scratch(dict):
+    """A dict of caches that copies and pickles as empty (scratch state must never be shared or saved)."""
+
+    def __deepcopy__(self, memo: dict) -> Scratch:
+        return Scratch()
+
+    def __reduce__(self):
+        return (Scratch, ())
