@@ -2,6 +2,9 @@
 
     python benchmarks/deep_ensemble.py            # full table (a few minutes on 2 CPU cores)
     python benchmarks/deep_ensemble.py --quick    # fewer repetitions
+    python benchmarks/deep_ensemble.py --optimizer sgd --only resnet   # another optimiser, one backbone
+
+Every variant is trained with the same optimiser (default: ``torch.optim.Adam`` as constructed by default).
 
 All timings in one run, same inputs; ratios are "torch-uncertainty time / ours" (> 1: ours faster).
 """
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--optimizer", choices=("adam", "adam-fused", "sgd"), default="adam")
+    parser.add_argument("--only", default="", help="run only the backbones whose name contains this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     OPTIMIZER["kind"] = args.optimizer
@@ -116,9 +120,9 @@ def main() -> None:
         ("MLP 64-128-128-10, batch 128", lambda: MLP(64, 10, hidden=(128, 128)), torch.randn(128, 64), torch.randint(0, 10, (128,))),
         ("timm resnet18 32x32, batch 32", lambda: timm.create_model("resnet18", num_classes=10), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))),
     ]
-    rows = [bench(n, f, x, y, m, reps) for n, f, x, y in cases for m in (4, 8)]
+    rows = [bench(n, f, x, y, m, reps) for n, f, x, y in cases for m in (4, 8) if args.only in n]
     print(f"\nDeepEnsemble vs torch-uncertainty deep_ensembles (member loop) vs M x one model; {torch.get_num_threads()} threads, "
-          f"median ms of {reps} interleaved rounds\n")
+          f"optimiser {args.optimizer}, median ms of {reps} interleaved rounds\n")
     print("| backbone | M | ours exec (train / infer) | step ours | step vmap | step loop | step TU | step M x single | **TU / ours** "
           "| infer ours | infer vmap | infer loop | infer TU | **TU / ours** |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -117,7 +117,8 @@ def test_copy_init_starts_every_member_from_the_backbone():
 
 def test_auto_execution_rule_and_vmap_fallback_warns_once():
     assert DeepEnsemble(MLP(4, 2), 2).resolved_execution() == "vmap"
-    assert DeepEnsemble(_resnet18(), 2).resolved_execution(torch.device("cpu")) == "loop"
+    assert DeepEnsemble(_resnet18(), 2).resolved_execution(torch.device("cpu")) == "vmap"  # training
+    assert DeepEnsemble(_resnet18(), 2).eval().resolved_execution(torch.device("cpu"), grad=False) == "loop"
     assert DeepEnsemble(_resnet18(), 2).resolved_execution(torch.device("cuda")) == "vmap"
     # Inference of a non-convolutional backbone on CPU: timed once, then fixed; training stays vmap.
     ens = DeepEnsemble(MLP(4, 2), 3).eval()

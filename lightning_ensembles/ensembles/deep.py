@@ -65,9 +65,9 @@ class DeepEnsemble(Ensemble):
             re-draws tensors no layer owns such as a ViT's ``cls_token`` and ``pos_embed``).
             ``"copy"`` starts every member from the given (e.g. pretrained) weights.
         execution: ``"vmap"`` (``torch.func.vmap`` over the backbone), ``"loop"`` (a Python loop over
-            members), or ``"auto"``: vmap on accelerators; on CPU the loop for convolutional backbones
-            (batched convolutions are slower there, ``benchmarks/deep_ensemble.py``), vmap for training
-            other backbones, and for their inference (eval mode, no grad) whichever of the two a
+            members), or ``"auto"``: vmap for training and on accelerators; for inference on CPU (eval
+            mode, no grad) the loop for convolutional backbones (batched convolutions are slower
+            there, ``benchmarks/deep_ensemble.py``) and, for other backbones, whichever of the two a
             one-off timing on the first batch finds faster (vmap's fixed per-call cost outweighs its
             gain for small models with few members). If vmap cannot run the backbone, the ensemble
             falls back to the loop and warns once with the reason.
@@ -171,13 +171,11 @@ class DeepEnsemble(Ensemble):
         if self.execution == "vmap":
             return "vmap"
         device = device or next(self.params.parameters()).device
-        if device.type != "cpu":
+        grad = torch.is_grad_enabled() if grad is None else grad
+        if device.type != "cpu" or grad or self.training:
             return "vmap"
         if self._convolutional:
             return "loop"
-        grad = torch.is_grad_enabled() if grad is None else grad
-        if grad or self.training:
-            return "vmap"
         return self.__dict__.get("_measured_inference", "measure")
 
     @torch.no_grad()
