@@ -278,6 +278,11 @@ class DeepEnsemble(Ensemble):
             self._grad_buffers.clear()
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):  # .to() / .half() / ...: drop views of the old storage
+        self._grad_buffers.clear()
+        self._scratch.clear()
+        return super()._apply(fn, recurse)
+
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)``; every member sees the whole batch ``x``."""
         if self._template.training != self.training:
