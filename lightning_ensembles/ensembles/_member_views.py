@@ -107,15 +107,13 @@ class _MemberView(torch.autograd.Function):
 
 
 def member_views(stacked: list[Tensor], buffers: GradBuffers) -> list[tuple[Tensor, ...]]:
-    """``result[i][j]`` is member ``i``'s slice of ``stacked[j]``; gradients go through ``buffers``.
+    """``result[i][j]`` is member ``i``'s slice of ``stacked[j]`` for a call autograd records; gradients go through ``buffers``.
 
     Every member's views must feed the output that is differentiated (the ensemble stacks all member
     outputs, so any loss on it reaches every member); a member whose backward never runs would hold
     back the gradient of the others.
     """
     m = stacked[0].shape[0]
-    if not (torch.is_grad_enabled() and any(p.requires_grad for p in stacked)):
-        return list(zip(*(p.unbind(0) for p in stacked)))
     step = _Step(buffers, tuple(stacked), m)
     return [_MemberView.apply(step, i, *stacked) for i in range(m)]
 
