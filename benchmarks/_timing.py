@@ -9,14 +9,7 @@ from collections.abc import Callable
 
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``reps`` calls, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return interleaved_median_ms({"fn": fn}, reps, warmup, inner=1)["fn"]
 
 
 def interleaved_median_ms(
