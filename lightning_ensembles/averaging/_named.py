@@ -18,24 +18,27 @@ def tracked_tensors(module: nn.Module, buffers: bool) -> dict[str, Tensor]:
     return out
 
 
-def member_groups(module: nn.Module) -> dict[str, str]:
-    """Map each tensor name stored with a leading member axis to its ensemble's name (its group).
+def member_groups(module: nn.Module) -> dict[str, tuple[str, bool]]:
+    """Map each tensor name of a DeepEnsemble to ``(group, has_member_axis)``.
 
-    A :class:`~lightning_ensembles.DeepEnsemble` stores member ``i`` at index ``i`` of every tensor,
-    so elementwise averaging is already per member; SWAG's low-rank part additionally needs to know
-    which tensors share a member axis so that each member draws its own low-rank noise.
-    Tensors outside any such ensemble (a plain model, a PackedEnsemble) form one joint group ``""``.
+    A :class:`~lightning_ensembles.DeepEnsemble` stores member ``i`` at index ``i`` of every stacked
+    tensor (``has_member_axis``), or, with ``storage="per_member"``, in a parameter of its own (group
+    ``"<ensemble>[i]"``), so elementwise averaging is already per member; SWAG's low-rank part
+    additionally needs to know which tensors belong to one member so that each member draws its own
+    low-rank noise. Tensors outside any such ensemble (a plain model, a PackedEnsemble) are not listed:
+    they form one joint group.
     """
     from ..ensembles.deep import DeepEnsemble
 
-    groups: dict[str, str] = {}
+    groups: dict[str, tuple[str, bool]] = {}
     for prefix, sub in module.named_modules():
         if isinstance(sub, DeepEnsemble):
-            dot = f"{prefix}." if prefix else ""
+            dot, group = (f"{prefix}." if prefix else ""), prefix or "<root>"
             for n, _ in sub.named_parameters():
-                groups[dot + n] = prefix or "<root>"
+                if sub.storage == "per_member":  # params.<name>.<member>
+                    groups[dot + n] = (f"{group}[{n.rpartition('.')[2]}]", False)
+                else:
+                    groups[dot + n] = (group, True)
             for n, _ in sub.named_buffers():
-                groups[dot + n] = prefix or "<root>"
+                groups[dot + n] = (group, True)
     return groups
-
-

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
-from ..ensembles.deep import DeepEnsemble
+from ..ensembles.deep import DeepEnsemble, stack_member_keys
 
 __all__ = ["cyclic_cosine_lr", "snapshot_ensemble"]
 
@@ -48,8 +48,9 @@ def snapshot_ensemble(template: nn.Module, snapshots: Sequence[dict[str, Tensor]
         raise ValueError("no snapshots yet: a snapshot is taken at the end of every learning-rate cycle.")
     if isinstance(template, DeepEnsemble):
         ens = DeepEnsemble(template.member(0), num_members=len(snapshots) * template.num_members, init="copy",
-                           execution=template.execution)
-        ens.load_state_dict({k: torch.cat([s[k] for s in snapshots]) for k in snapshots[0]})
+                           execution=template.execution, storage=template.storage)
+        stacked = [stack_member_keys(s) for s in snapshots]  # snapshots of per-member storage
+        ens.load_state_dict({k: torch.cat([s[k] for s in stacked]) for k in stacked[0]})
         return ens
     if isinstance(template, Ensemble):
         raise ValueError(

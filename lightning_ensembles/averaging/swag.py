@@ -28,8 +28,8 @@ class SWAG(WeightAverager):
     taken right after ``mean_i`` includes ``w_i``, as in the official code). ``scale=0.5`` is the
     paper's ``1/2 (Sigma_diag + Sigma_low-rank)``.
 
-    Per member: tensors of a :class:`~lightning_ensembles.DeepEnsemble` carry the member axis first,
-    and each member draws its own low-rank noise, so a deep ensemble becomes MultiSWAG (one SWAG
+    Per member: tensors of a :class:`~lightning_ensembles.DeepEnsemble` carry the member axis first
+    (or, with ``storage="per_member"``, belong to one member), and each member draws its own low-rank noise, so a deep ensemble becomes MultiSWAG (one SWAG
     posterior per member). Tensors outside such an ensemble share one joint low-rank draw.
 
     Example:
@@ -55,7 +55,7 @@ class SWAG(WeightAverager):
         self.scale = scale
         self.sq_mean: dict[str, Tensor] = {}
         self.deviations: dict[str, Tensor] = {}  # name -> (max_rank, *shape) ring buffer
-        self.groups: dict[str, str] = {}
+        self.groups: dict[str, tuple[str, bool]] = {}
         self._swa = SWA()
 
     # The mean is exactly SWA's; the second moment is SWA's update applied to squared weights.
@@ -122,16 +122,16 @@ class SWAG(WeightAverager):
             for n, mean in self.average.items():
                 noise = var_sqrt[n] * torch.randn(mean.shape, generator=generator, device="cpu").to(mean)
                 if use_lowrank:
-                    group = self.groups.get(n, "")
-                    if group:  # member axis first: each member gets its own K coefficients
+                    group, member_axis = self.groups.get(n, ("", False))
+                    if member_axis:  # member axis first: each member gets its own K coefficients
                         key = (group, mean.shape[0])
                         if key not in z2:
                             z2[key] = torch.randn(self.rank, mean.shape[0], generator=generator).to(mean)
                         coef = z2[key].reshape(self.rank, mean.shape[0], *([1] * (mean.dim() - 1)))
-                    else:
-                        if "" not in z2:
-                            z2[""] = torch.randn(self.rank, generator=generator).to(mean)
-                        coef = z2[""].reshape(self.rank, *([1] * mean.dim()))
+                    else:  # one member's own tensor, or outside any DeepEnsemble ("": one joint draw)
+                        if group not in z2:
+                            z2[group] = torch.randn(self.rank, generator=generator).to(mean)
+                        coef = z2[group].reshape(self.rank, *([1] * mean.dim()))
                     noise = noise + (devs[n] * coef).sum(0) / math.sqrt(self.rank - 1)
                 sample[n] = mean + math.sqrt(self.scale) * noise
             out.append(sample)
@@ -167,7 +167,7 @@ class SWAG(WeightAverager):
         super().load_state_dict(state)
         self.sq_mean = {n: t.clone() for n, t in state["sq_mean"].items()}
         self.deviations = {n: t.clone() for n, t in state["deviations"].items()}
-        self.groups = dict(state["groups"])
+        self.groups = {n: tuple(g) for n, g in state["groups"].items()}
 
     def to(self, device: torch.device | str) -> "SWAG":
         super().to(device)

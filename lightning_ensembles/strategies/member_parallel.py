@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
-from ..ensembles.deep import DeepEnsemble
+from ..ensembles.deep import DeepEnsemble, stack_member_keys
 from .member_shard import MemberShard, _all_gather_cat
 
 __all__ = ["MemberParallelStrategy"]
@@ -138,6 +138,7 @@ class MemberParallelStrategy(DDPStrategy):
             return super().load_model_state_dict(checkpoint, strict)
         state = dict(checkpoint["state_dict"])
         for path, shard in self._shards.items():
+            state = stack_member_keys(state, f"{path}.")  # a checkpoint of per-member storage
             lo, hi = shard.offset, shard.offset + shard.members_per_rank
             for key in [k for k in state if k.startswith(f"{path}.")]:
                 state[f"{path}.local.{key[len(path) + 1:]}"] = state.pop(key)[lo:hi]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -10,27 +9,24 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
-from ..ensembles.deep import _SEP, DeepEnsemble
+from ..ensembles.deep import DeepEnsemble
 
 __all__ = ["MemberShard", "gather_members", "slice_members"]
 
 
-def _replace_stacked(ens: DeepEnsemble, fn) -> DeepEnsemble:
+def _replace_stacked(ens: DeepEnsemble, fn, storage: str | None = None) -> DeepEnsemble:
     """A copy of ``ens`` whose every stacked tensor ``t`` (member axis 0) is replaced by ``fn(t)``."""
-    out = copy.deepcopy(ens)
-    for name, p in ens.stacked_parameters().items():
-        key = name.replace(".", _SEP)
-        out.params._parameters[key] = nn.Parameter(fn(p.detach()).contiguous(), requires_grad=p.requires_grad)
-    for name, b in ens.stacked_buffers().items():
-        key = name.replace(".", _SEP)
-        out.buffers_._buffers[key] = fn(b.detach()).contiguous()
-    first = next(iter(out.stacked_parameters().values()))
-    out.num_members = int(first.shape[0])
-    return out
+    params = {n: _keep_grad_flag(fn(p.detach()), p) for n, p in ens.stacked_parameters().items()}
+    buffers = {n: fn(b.detach()) for n, b in ens.stacked_buffers().items()}
+    return ens.with_members(params, buffers, storage=storage)
 
 
-def slice_members(ens: DeepEnsemble, start: int, stop: int) -> DeepEnsemble:
-    """A DeepEnsemble holding members ``[start, stop)`` of ``ens`` (copies, same order).
+def _keep_grad_flag(t: Tensor, like: Tensor) -> Tensor:
+    return t.requires_grad_(like.requires_grad) if t.is_floating_point() else t
+
+
+def slice_members(ens: DeepEnsemble, start: int, stop: int, storage: str | None = None) -> DeepEnsemble:
+    """A DeepEnsemble holding members ``[start, stop)`` of ``ens`` (copies, same order, ``storage`` default: ``ens``'s).
 
     Example:
         >>> import torch
@@ -42,7 +38,7 @@ def slice_members(ens: DeepEnsemble, start: int, stop: int) -> DeepEnsemble:
     """
     if not 0 <= start < stop <= ens.num_members:
         raise ValueError(f"member slice [{start}, {stop}) is out of range for {ens.num_members} members.")
-    return _replace_stacked(ens, lambda t: t[start:stop].clone())
+    return _replace_stacked(ens, lambda t: t[start:stop].clone(), storage)
 
 
 def _all_gather_cat(t: Tensor, group=None) -> Tensor:
@@ -53,9 +49,9 @@ def _all_gather_cat(t: Tensor, group=None) -> Tensor:
     return torch.cat(parts, 0)
 
 
-def gather_members(ens: DeepEnsemble, group=None) -> DeepEnsemble:
+def gather_members(ens: DeepEnsemble, group=None, storage: str | None = None) -> DeepEnsemble:
     """Collective: the DeepEnsemble of every rank's members, in rank order (call on all ranks)."""
-    return _replace_stacked(ens, lambda t: _all_gather_cat(t, group))
+    return _replace_stacked(ens, lambda t: _all_gather_cat(t, group), storage)
 
 
 class MemberShard(Ensemble):
@@ -111,7 +107,11 @@ class MemberShard(Ensemble):
         self.rank, self.world_size = rank, world_size
         self.members_per_rank = m // world_size
         self.offset = rank * self.members_per_rank
-        self.local = slice_members(ensemble, self.offset, self.offset + self.members_per_rank)
+        # The local members are always stacked: MemberParallelStrategy maps checkpoints and optimiser
+        # state between ranks along the member axis of each parameter. The full ensemble's storage is
+        # restored by `gather()`.
+        self.full_storage = ensemble.storage
+        self.local = slice_members(ensemble, self.offset, self.offset + self.members_per_rank, storage="stacked")
         self.mode = mode
 
     @property
@@ -158,8 +158,8 @@ class MemberShard(Ensemble):
     def gather(self) -> DeepEnsemble:
         """Collective (call on every rank): the full DeepEnsemble with every rank's trained members."""
         if not self.distributed:
-            return copy.deepcopy(self.local)
-        return gather_members(self.local)
+            return slice_members(self.local, 0, self.local.num_members, storage=self.full_storage)
+        return gather_members(self.local, storage=self.full_storage)
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, rank={self.rank}, local=[{self.offset}, {self.offset + self.members_per_rank})"
