@@ -75,9 +75,9 @@ def _single_times_m(backbone: nn.Module, x, y, m: int):
 def bench(name: str, factory, x, y, m: int, reps: int) -> dict:
     row: dict = {"backbone": name, "M": m}
     models = {
-        "ours": DeepEnsemble(factory(), m),
-        "ours-vmap": DeepEnsemble(factory(), m, execution="vmap"),
-        "ours-loop": DeepEnsemble(factory(), m, execution="loop"),
+        "ours": DeepEnsemble(factory(), m),  # storage and execution chosen by the library
+        "ours-vmap": DeepEnsemble(factory(), m, execution="vmap", storage="stacked"),
+        "ours-loop": DeepEnsemble(factory(), m, execution="loop", storage="stacked"),
         "tu": _tu_deep_ensemble(factory(), m),
     }
     train, infer = {}, {}
@@ -95,6 +95,7 @@ def bench(name: str, factory, x, y, m: int, reps: int) -> dict:
 
     for model in [*models.values(), single]:
         model.train()
+    row["ours_storage"] = models["ours"].storage
     row["ours_exec_train"] = models["ours"].resolved_execution(x.device, grad=True)
     row.update({f"{k}_train": v for k, v in interleaved_median_ms(train, reps, warmup=2).items()})
     for model in [*models.values(), single]:
@@ -123,12 +124,14 @@ def main() -> None:
     rows = [bench(n, f, x, y, m, reps) for n, f, x, y in cases for m in (4, 8) if args.only in n]
     print(f"\nDeepEnsemble vs torch-uncertainty deep_ensembles (member loop) vs M x one model; {torch.get_num_threads()} threads, "
           f"optimiser {args.optimizer}, median ms of {reps} interleaved rounds\n")
-    print("| backbone | M | ours exec (train / infer) | step ours | step vmap | step loop | step TU | step M x single | **TU / ours** "
-          "| infer ours | infer vmap | infer loop | infer TU | **TU / ours** |")
+    print("ours: DeepEnsemble with default arguments (storage and execution chosen by the library); "
+          "stacked vmap / stacked loop: storage='stacked' with execution forced.\n")
+    print("| backbone | M | ours storage, exec (train / infer) | step ours | step stacked vmap | step stacked loop | step TU "
+          "| step M x single | **TU / ours** | infer ours | infer stacked vmap | infer stacked loop | infer TU | **TU / ours** |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['backbone']} | {r['M']} | {r['ours_exec_train']} / {r['ours_exec_infer']} | {r['ours_train']:.1f} | "
+            f"| {r['backbone']} | {r['M']} | {r['ours_storage']}, {r['ours_exec_train']} / {r['ours_exec_infer']} | {r['ours_train']:.1f} | "
             f"{r['ours-vmap_train']:.1f} | {r['ours-loop_train']:.1f} | {r['tu_train']:.1f} | {r['single_train']:.1f} | "
             f"**{r['tu_train'] / r['ours_train']:.2f}x** | {r['ours_infer']:.2f} | {r['ours-vmap_infer']:.2f} | "
             f"{r['ours-loop_infer']:.2f} | {r['tu_infer']:.2f} | **{r['tu_infer'] / r['ours_infer']:.2f}x** |"

@@ -209,3 +209,30 @@ def test_snapshot_ensemble_and_update_bn_with_per_member_storage():
         torch.testing.assert_close(ens.stacked_buffers()[name], b)
     mean = torch.cat(loader) @ ens.member(0)[0].weight.T + ens.member(0)[0].bias
     torch.testing.assert_close(ens.stacked_buffers()["1.running_mean"][0], mean.detach().mean(0), atol=1e-4, rtol=1e-4)
+
+
+def test_lightning_checkpoint_resumes_and_loads_into_the_other_layout(tmp_path):
+    from conftest import quiet_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ensembles import EnsembleClassifier
+
+    kwargs = {"in_features": 5, "out_features": 3}
+    model = EnsembleClassifier(backbone="mlp", num_members=3, backbone_kwargs=kwargs,
+                               ensemble_kwargs={"storage": "per_member"})
+    data = DataLoader(TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,))), batch_size=8)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "per_member.ckpt")
+    # Resuming restores the optimiser state of every member's own parameters.
+    resumed = EnsembleClassifier.load_from_checkpoint(tmp_path / "per_member.ckpt")
+    assert resumed.ensemble.storage == "per_member"
+    quiet_trainer(max_epochs=2).fit(resumed, data, ckpt_path=tmp_path / "per_member.ckpt")
+    # The same checkpoint loads into stacked storage (e.g. on a GPU machine) with identical predictions.
+    stacked = EnsembleClassifier.load_from_checkpoint(tmp_path / "per_member.ckpt", ensemble_kwargs={"storage": "stacked"})
+    assert stacked.ensemble.storage == "stacked"
+    x = torch.randn(4, 5)
+    model.eval()
+    stacked.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stacked.ensemble(x), model.ensemble(x))
