@@ -127,6 +127,12 @@ def test_state_dicts_load_across_layouts():
     # A state dict with the wrong number of members is refused, not silently truncated.
     with pytest.raises(RuntimeError):
         DeepEnsemble(_bn_mlp(), 2, storage="per_member").load_state_dict(stacked.state_dict())
+    three = DeepEnsemble(MLP(4, 2), 3, storage="stacked")  # no buffers: only the parameters can tell
+    with pytest.raises(RuntimeError, match="params"):
+        DeepEnsemble(MLP(4, 2), 2, storage="per_member").load_state_dict(three.state_dict())
+    with pytest.raises(RuntimeError, match="params"):
+        DeepEnsemble(MLP(4, 2), 2, storage="stacked").load_state_dict(
+            DeepEnsemble(MLP(4, 2), 3, storage="per_member").state_dict())
 
 
 def test_load_member_member_and_copies_per_member():

@@ -479,9 +479,9 @@ def _to_own_layout(ens: DeepEnsemble, state: dict, prefix: str) -> None:
         key = f"{prefix}params.{name.replace('.', _SEP)}"
         per_member = [f"{key}.{i}" for i in range(ens.num_members)]
         if ens.storage == "per_member" and key in state:
-            stacked = state.pop(key)
-            for k, t in zip(per_member, stacked.unbind(0) if stacked.dim() else []):
-                state[k] = t
+            if state[key].dim() and state[key].shape[0] == ens.num_members:  # else load_state_dict reports it
+                for k, t in zip(per_member, state.pop(key).unbind(0)):
+                    state[k] = t
         elif ens.storage == "stacked" and key not in state and all(k in state for k in per_member):
             # only this ensemble's own keys (M of them): anything else is reported by load_state_dict
             state[key] = torch.stack([state.pop(k) for k in per_member])
