@@ -242,3 +242,20 @@ def test_lightning_checkpoint_resumes_and_loads_into_the_other_layout(tmp_path):
     stacked.eval()
     with torch.no_grad():
         torch.testing.assert_close(stacked.ensemble(x), model.ensemble(x))
+
+
+def test_weight_space_repulsion_reaches_per_member_parameters():
+    from lightning_ensembles.losses import WeightSpaceRepulsion
+
+    stacked, per_member = _pair(lambda: MLP(4, 2), 3)
+    x = torch.randn(5, 4)
+    values = []
+    for ens in (stacked, per_member):
+        value = WeightSpaceRepulsion(weight=1.0)(ens(x), None, ensemble=ens)
+        value.backward()
+        values.append(value.detach())
+    torch.testing.assert_close(values[0], values[1])
+    for name, p in stacked.params.named_parameters():
+        got = torch.stack([q.grad for q in getattr(per_member.params, name)])
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, p.grad)

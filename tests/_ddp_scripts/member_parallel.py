@@ -24,14 +24,16 @@ M, SEED = 4, 0
 
 
 def build() -> EnsembleClassifier:
+    """Per-member storage (ranks train stacked shards and gather back into it); vmap as in the shards."""
     L.seed_everything(SEED, verbose=False)
     return EnsembleClassifier(
         backbone="mlp", num_members=M, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}, lr=1e-2,
+        ensemble_kwargs={"storage": "per_member", "execution": "vmap"},
     )
 
 
 def build_bn_swa() -> tuple[EnsembleClassifier, WeightAveraging]:
-    """Members with BatchNorm, averaged by SWA (BatchNorm recomputed on the training data at the end)."""
+    """Members with BatchNorm (stacked storage), averaged by SWA (BatchNorm recomputed on the training data at the end)."""
     L.seed_everything(SEED, verbose=False)
     backbone = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
     model = EnsembleClassifier(backbone=backbone, num_members=M, lr=1e-2)
@@ -111,6 +113,7 @@ def main(out: str) -> None:
                            auto_insert_metric_name=False)
     t = trainer(devices=2, strategy=MemberParallelStrategy(), callbacks=[check, ckpt], enable_checkpointing=True)
     t.fit(model, dm)
+    assert model.ensemble.storage == "per_member", model.ensemble  # gathered back into the full layout
     val = floats(t.callback_metrics)
     t.test(model, dm, verbose=False)
     result = {
