@@ -223,25 +223,36 @@ def test_lightning_checkpoint_resumes_and_loads_into_the_other_layout(tmp_path):
 
     from lightning_ensembles import EnsembleClassifier
 
-    kwargs = {"in_features": 5, "out_features": 3}
-    model = EnsembleClassifier(backbone="mlp", num_members=3, backbone_kwargs=kwargs,
-                               ensemble_kwargs={"storage": "per_member"})
+    def build(storage):
+        torch.manual_seed(0)
+        return EnsembleClassifier(backbone="mlp", num_members=3, backbone_kwargs={"in_features": 5, "out_features": 3},
+                                  ensemble_kwargs={"storage": storage})
+
+    torch.manual_seed(1)
     data = DataLoader(TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,))), batch_size=8)
+    straight = build("per_member")  # e.g. trained on a CPU-only machine
+    quiet_trainer(max_epochs=2).fit(straight, data)
+    model = build("per_member")
     trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, data)
     trainer.save_checkpoint(tmp_path / "per_member.ckpt")
-    # Resuming restores the optimiser state of every member's own parameters.
-    resumed = EnsembleClassifier.load_from_checkpoint(tmp_path / "per_member.ckpt")
-    assert resumed.ensemble.storage == "per_member"
+    # Resumed by a module whose "auto" storage is stacked (an MLP; on a GPU machine also ResNets):
+    # it takes the checkpoint's storage, so the Adam state matches and training continues exactly.
+    resumed = build("auto")
+    assert resumed.ensemble.storage == "stacked"
     quiet_trainer(max_epochs=2).fit(resumed, data, ckpt_path=tmp_path / "per_member.ckpt")
-    # The same checkpoint loads into stacked storage (e.g. on a GPU machine) with identical predictions.
+    assert resumed.ensemble.storage == "per_member"
+    for name, p in straight.ensemble.stacked_parameters().items():
+        torch.testing.assert_close(resumed.ensemble.stacked_parameters()[name], p)
+    # load_from_checkpoint adopts it too; an explicit storage is kept, with identical predictions.
+    loaded = EnsembleClassifier.load_from_checkpoint(tmp_path / "per_member.ckpt", ensemble_kwargs={"storage": "auto"})
+    assert loaded.ensemble.storage == "per_member"
     stacked = EnsembleClassifier.load_from_checkpoint(tmp_path / "per_member.ckpt", ensemble_kwargs={"storage": "stacked"})
     assert stacked.ensemble.storage == "stacked"
     x = torch.randn(4, 5)
-    model.eval()
-    stacked.eval()
     with torch.no_grad():
-        torch.testing.assert_close(stacked.ensemble(x), model.ensemble(x))
+        torch.testing.assert_close(stacked.eval().ensemble(x), model.eval().ensemble(x))
+        torch.testing.assert_close(loaded.eval().ensemble(x), model.ensemble(x))
 
 
 def test_weight_space_repulsion_reaches_per_member_parameters():
@@ -259,3 +270,20 @@ def test_weight_space_repulsion_reaches_per_member_parameters():
         got = torch.stack([q.grad for q in getattr(per_member.params, name)])
         assert got.abs().sum() > 0
         torch.testing.assert_close(got, p.grad)
+
+
+def test_ensembling_callback_resume_takes_the_checkpoints_storage(tmp_path):
+    from conftest import quiet_trainer
+    from user_project.classifier import LitClassifier
+
+    from lightning_ensembles.callbacks import Ensembling
+    from lightning_ensembles.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=256)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2, method_kwargs={"storage": "per_member"})])
+    trainer.fit(LitClassifier(), dm)
+    trainer.save_checkpoint(tmp_path / "ens.ckpt")
+    fresh = LitClassifier()
+    resumed = quiet_trainer(max_epochs=2, callbacks=[Ensembling(num_members=2)])  # "auto": stacked for this model
+    resumed.fit(fresh, dm, ckpt_path=tmp_path / "ens.ckpt")
+    assert fresh.model.ensemble.storage == "per_member" and resumed.current_epoch == 2

@@ -19,6 +19,7 @@ from ..ensembles.base import (
     aggregate_log_probs,
     split_gaussian,
 )
+from ..ensembles.deep import adopt_checkpoint_storage
 from ..ensembles.registry import build_ensemble
 from ..ensembles.surgery import set_submodule
 
@@ -262,6 +263,12 @@ class Ensembling(Callback):
         self.apply(pl_module, trainer)
         if self.batch == "repeat" and self._original_training_step is None:
             self._patch_training_step(pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores callbacks before configure_optimizers: take the checkpoint's DeepEnsemble
+        # storage so that its optimiser and averaging states match (see adopt_checkpoint_storage).
+        if not trainer.optimizers:
+            adopt_checkpoint_storage(pl_module, checkpoint.get("state_dict", {}))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._original_training_step is not None:

@@ -161,6 +161,7 @@ class DeepEnsemble(Ensemble):
                 raise ValueError(f"DeepEnsemble cannot store tensor {name!r}: its name contains {_SEP!r}.")
 
         params, buffers = stack_module_state(members)
+        self.requested_storage = storage
         self.storage = _auto_storage(params) if storage == "auto" else storage
         self.params = nn.Module()
         self.buffers_ = nn.Module()
@@ -186,6 +187,19 @@ class DeepEnsemble(Ensemble):
             else:
                 per_member = nn.ParameterList([nn.Parameter(v.clone(), requires_grad=grad) for v in value.unbind(0)])
                 self.params.register_module(name.replace(".", _SEP), per_member)
+
+    def _set_storage(self, storage: str) -> None:
+        """Keep the same values in ``storage``. Creates new parameter objects: only before an optimiser holds them."""
+        if storage == self.storage:
+            return
+        containers = list(self.params._parameters.values()) or [ps[0] for ps in self.params._modules.values()]
+        grad = {n: bool(p.requires_grad) for n, p in zip(self._param_names, containers)}
+        stacked = {n: p.detach().clone() for n, p in self.stacked_parameters().items()}
+        self.storage = storage
+        self.params = nn.Module()
+        self._register_params(stacked, grad)
+        self._grad_buffers.clear()
+        self._scratch.clear()
 
     def with_members(
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], storage: str | None = None
@@ -452,6 +466,29 @@ class DeepEnsemble(Ensemble):
             f"num_members={self.num_members}, backbone={type(self._template).__name__}, init={self.init!r}, "
             f"execution={self.execution!r}, storage={self.storage!r}"
         )
+
+
+def adopt_checkpoint_storage(module: nn.Module, state_dict: dict[str, Tensor]) -> list[str]:
+    """Give every ``storage="auto"`` DeepEnsemble in ``module`` the storage its tensors have in ``state_dict``.
+
+    A checkpoint written on a CPU-only machine (per-member storage for a large backbone) resumed on a
+    GPU machine (stacked) would otherwise not match its optimiser and weight-averaging states, which
+    follow the parameter layout. Re-creates parameters, so call it before any optimiser is built:
+    the LightningModules and the ``Ensembling`` callback call it from ``on_load_checkpoint``, which
+    Lightning runs before ``configure_optimizers``. An explicit ``storage`` is kept (the weights
+    still load; a resumed optimiser state then needs the same layout). Returns the converted paths.
+    """
+    changed = []
+    for path, ens in module.named_modules():
+        if not isinstance(ens, DeepEnsemble) or ens.requested_storage != "auto":
+            continue
+        key = f"{path}.params." if path else "params."
+        key += ens._param_names[0].replace(".", _SEP)
+        saved = "stacked" if key in state_dict else "per_member" if f"{key}.0" in state_dict else None
+        if saved is not None and saved != ens.storage:
+            ens._set_storage(saved)
+            changed.append(path)
+    return changed
 
 
 def stack_member_keys(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
+from ..ensembles.deep import adopt_checkpoint_storage
 from ..ensembles.registry import build_ensemble
 from ..losses.base import Regularizer
 
@@ -125,6 +126,12 @@ class EnsembleModule(LightningModule):
         return total * outputs.shape[0]
 
     # ---------------------------------------------------------------- optimisation
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before configure_optimizers (Lightning restores the model first): the checkpoint's own
+        # DeepEnsemble storage, so its optimiser and averaging states match the parameters.
+        if self._trainer is None or not self.trainer.optimizers:
+            adopt_checkpoint_storage(self, checkpoint.get("state_dict", {}))
+
     def configure_optimizers(self):
         opt_cls = _OPTIMIZERS[self.hparams.optimizer]
         kwargs: dict[str, Any] = {"lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}
