@@ -28,10 +28,11 @@ def _data(n=64, seed=0):
 class TinyModule(L.LightningModule):
     """A user's own LightningModule: averaging must work without any library base class."""
 
-    def __init__(self, lr=0.1, optimizer="sgd", scheduler=False):
+    def __init__(self, lr=0.1, optimizer="sgd", scheduler=False, storage="auto"):
         super().__init__()
         torch.manual_seed(0)
-        self.net = DeepEnsemble(nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)), 2)
+        self.net = DeepEnsemble(nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)), 2,
+                                storage=storage)
         self.lr, self.optimizer, self.scheduler = lr, optimizer, scheduler
         self.val_weights = []  # (epoch, weights seen by validation)
 
@@ -119,8 +120,9 @@ def test_step_interval_updates_every_n_steps():
     _assert_params(_params(model.net), expected)
 
 
-def test_batchnorm_recomputed_per_member_after_fit():
-    model = TinyModule()
+@pytest.mark.parametrize("storage", ["stacked", "per_member"])
+def test_batchnorm_recomputed_per_member_after_fit(storage):
+    model = TinyModule(storage=storage)
     cb = WeightAveraging("swa", attribute="net", start_epoch=1)
     quiet_trainer(max_epochs=3, callbacks=[cb]).fit(model)
     loader = model.train_dataloader()
@@ -132,8 +134,8 @@ def test_batchnorm_recomputed_per_member_after_fit():
             torch.testing.assert_close(b, r, atol=1e-6, rtol=1e-6)
 
 
-def _run(tmp_path, cb_kwargs, max_epochs, ckpt_path=None, name="a"):
-    model = TinyModule(optimizer="sgd", lr=0.1, scheduler=True)
+def _run(tmp_path, cb_kwargs, max_epochs, ckpt_path=None, name="a", storage="auto"):
+    model = TinyModule(optimizer="sgd", lr=0.1, scheduler=True, storage=storage)
     cb = WeightAveraging(attribute="net", **cb_kwargs)
     ckpt = ModelCheckpoint(dirpath=tmp_path / name, save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[cb, ckpt], enable_checkpointing=True)
@@ -147,14 +149,18 @@ def _run(tmp_path, cb_kwargs, max_epochs, ckpt_path=None, name="a"):
         dict(method="swa", start_epoch=1, swa_lr=0.02, annealing_epochs=2),
         dict(method="ema", interval="step", every_n=2, decay=0.7),
         dict(method="swag", start_epoch=1, max_rank=2, num_samples=0),
+        dict(method="swag", start_epoch=1, max_rank=2, num_samples=0, storage="per_member"),
     ],
-    ids=["swa+swalr", "ema-steps", "swag"],
+    ids=["swa+swalr", "ema-steps", "swag", "swag-per-member"],
 )
 def test_interrupt_and_resume_gives_the_same_average(tmp_path, cb_kwargs):
-    full_model, full_cb, full_trainer = _run(tmp_path, cb_kwargs, max_epochs=4, name="full")
-    _run(tmp_path, cb_kwargs, max_epochs=2, name="part")  # stopped mid-averaging
+    cb_kwargs = dict(cb_kwargs)
+    storage = cb_kwargs.pop("storage", "auto")
+    full_model, full_cb, full_trainer = _run(tmp_path, cb_kwargs, max_epochs=4, name="full", storage=storage)
+    _run(tmp_path, cb_kwargs, max_epochs=2, name="part", storage=storage)  # stopped mid-averaging
     ckpt = tmp_path / "part" / "last.ckpt"
-    resumed_model, resumed_cb, resumed_trainer = _run(tmp_path, cb_kwargs, max_epochs=4, ckpt_path=ckpt, name="res")
+    resumed_model, resumed_cb, resumed_trainer = _run(tmp_path, cb_kwargs, max_epochs=4, ckpt_path=ckpt, name="res",
+                                                      storage=storage)
     assert resumed_cb.averager.n_averaged == full_cb.averager.n_averaged > 1
     _assert_params(_params(resumed_model.net), _params(full_model.net), atol=1e-6)
     for n in full_cb.averager.average:
