@@ -155,6 +155,25 @@ def test_auto_execution_rule_and_vmap_fallback_warns_once():
         torch.testing.assert_close(ens.member(i)(x), out[i])
 
 
+def test_autocast_inference_does_not_depend_on_a_timing():
+    """Under autocast vmap and the loop give different dtypes (vmap keeps bias adds in float32): the
+    timed choice must not decide the prediction, whatever an earlier timing outside autocast chose."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    ens = DeepEnsemble(MLP(4, 2), 3).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loop, vm = ens._forward_loop(x), ens._forward_vmap(x)
+        assert loop.dtype != vm.dtype  # the reason for the rule; if torch aligns them this may go
+        ens.__dict__["_measured_inference"] = "loop"  # as if a timing outside autocast had picked the loop
+        assert ens.resolved_execution() == "vmap"
+        torch.testing.assert_close(ens(x), vm, rtol=0, atol=0)
+        ens.train()
+        with torch.enable_grad():
+            assert ens(x).dtype == vm.dtype  # training and evaluation agree under autocast
+    with torch.no_grad():
+        assert ens.eval().resolved_execution() == "loop"  # outside autocast the timing's choice stands
+
+
 def test_genuine_errors_are_not_swallowed_by_the_fallback():
     ens = DeepEnsemble(MLP(4, 2), 2)
     with pytest.raises(RuntimeError):

@@ -88,8 +88,11 @@ class DeepEnsemble(Ensemble):
             mode, no grad), the loop for convolutional backbones (batched convolutions are slower
             there, ``benchmarks/deep_ensemble.py``) and, for other backbones, whichever of the two a
             one-off timing on the first batch finds faster (vmap's fixed per-call cost outweighs its
-            gain for small models with few members). If vmap cannot run the backbone, the ensemble
-            falls back to the loop and warns once with the reason.
+            gain for small models with few members). Under autocast (e.g. ``precision="bf16-mixed"``)
+            that timing is skipped and vmap runs: vmap decomposes ``linear``, convolutions and norms
+            into ops that autocast leaves in float32, so the two executions give different dtypes and
+            values there, and a timing must never change a prediction. If vmap cannot run the
+            backbone, the ensemble falls back to the loop and warns once with the reason.
         backbone_kwargs: keyword arguments when ``backbone`` is a name (e.g. ``{"num_classes": 10}``).
         storage: how parameters are kept. ``"stacked"``: one ``(M, ...)`` tensor per parameter
             (state-dict key ``params.<path-with-dashes>``), which vmap runs without copying.
@@ -275,6 +278,10 @@ class DeepEnsemble(Ensemble):
             return "vmap"
         if self._convolutional:
             return "loop"
+        if torch.is_autocast_enabled(device.type):
+            # Under autocast vmap's decompositions keep bias adds and norms in float32 while the loop
+            # follows autocast (bfloat16 out): results would depend on which one a timing picked.
+            return "vmap"
         return self.__dict__.get("_measured_inference", "measure")
 
     @torch.no_grad()
