@@ -142,11 +142,12 @@ class ClassificationMetrics(MetricCollection):
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
         out: dict[str, Tensor] = {}
         for key, value in super().compute().items():
-            if value.dim() == 0:
+            base, post = (key[: -len(self.postfix)], self.postfix) if self.postfix else (key, "")
+            if base.endswith("member_acc"):  # per-member values -> member_acc/<i>
+                # reshape: torchmetrics squeezes a single member's (1,) result to a scalar.
+                out.update({f"{base}/{i}{post}": v for i, v in enumerate(value.reshape(-1))})
+            else:
                 out[key] = value
-            else:  # per-member values -> member_acc/<i>
-                base, post = (key[: -len(self.postfix)], self.postfix) if self.postfix else (key, "")
-                out.update({f"{base}/{i}{post}": v for i, v in enumerate(value)})
         return out
 
 
