@@ -14,7 +14,7 @@ Losses live in :mod:`lightning_ensembles.losses`, metrics in :mod:`lightning_ens
 averaging tools in :mod:`lightning_ensembles.averaging`, data in :mod:`lightning_ensembles.data`.
 """
 
-from .backbones import MLP, resolve_backbone
+from .backbones import MLP, register_backbone, resolve_backbone
 from .callbacks import (
     CalibrationMetrics,
     ConformalPrediction,
@@ -66,6 +66,7 @@ __all__ = [
     "aggregate_probs",
     "build_ensemble",
     "fully_shard_ensembles",
+    "register_backbone",
     "register_method",
     "resolve_backbone",
 ]

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
-__all__ = ["MLP", "resolve_backbone"]
+__all__ = ["MLP", "register_backbone", "resolve_backbone"]
 
 
 class MLP(nn.Module):
@@ -51,13 +51,90 @@ class MLP(nn.Module):
 
 _BUILTIN = {"mlp": MLP}
 
+# Names and dotted paths a user allowed with `register_backbone`: the only way code outside the
+# allowlisted packages gets built from a name in a config or a checkpoint.
+_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
+
+# Packages whose modules may be imported to resolve a dotted path to an nn.Module class. Importing a
+# module runs its code, so a path is checked against this list *before* anything is imported.
+_CLASS_PACKAGES = ("lightning_ensembles.", "torch.nn.")
+
+
+def register_backbone(factory: Callable[..., nn.Module] | None = None, *, name: str | None = None):
+    """Allow ``factory`` (an ``nn.Module`` class or a function returning one) to be built by name.
+
+    Configs and checkpoints name their backbone as a string; only allowlisted names are ever built
+    (see :func:`resolve_backbone`). Register your own model in *your* code, before building or loading:
+    it becomes available under its dotted path (``"mypkg.models.MyNet"``) and under ``name`` if given.
+    Works as a plain call or as a decorator, with or without ``name``.
+
+    Example:
+        >>> from torch import nn
+        >>> @register_backbone(name="tiny_linear")
+        ... class TinyLinear(nn.Linear):
+        ...     pass
+        >>> resolve_backbone("tiny_linear", {"in_features": 3, "out_features": 2})
+        TinyLinear(in_features=3, out_features=2, bias=True)
+    """
+
+    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if not callable(f):
+            raise ValueError(f"register_backbone needs a class or function, got {type(f).__name__}.")
+        keys = [f"{f.__module__}.{f.__qualname__}"]
+        if name is not None:
+            if name in _BUILTIN:
+                raise ValueError(f"`name`={name!r} is a built-in backbone; choose another name.")
+            keys.append(name)
+        for key in keys:
+            _REGISTERED[key] = f
+        return f
+
+    return add if factory is None else add(factory)
+
+
+def _allowed_factory(path: str) -> Callable[..., nn.Module]:
+    """The builder a dotted path names, if the allowlist admits it; else a ``ValueError`` saying how to allow it."""
+    if path in _REGISTERED:
+        return _REGISTERED[path]
+    refusal = (
+        f"`backbone`={path!r} is not an allowed backbone. A name in a config or checkpoint may only build a timm "
+        f"model name, a built-in ({sorted(_BUILTIN)}), an nn.Module class of lightning_ensembles or torch.nn, a "
+        "torchvision.models builder, or a name registered with `lightning_ensembles.register_backbone(...)`: "
+        "loading a file never imports or calls anything else. If you trust this code, call "
+        "`register_backbone(<the class or function>)` in your own code before building or loading, or pass the "
+        "built module as `backbone=`."
+    )
+    module_name, _, attr = path.rpartition(".")
+    if path.startswith("torchvision.models."):
+        from torchvision import models  # a trusted package: its builders only construct networks
+
+        if attr not in models.list_models():
+            raise ValueError(refusal)
+        builder = models.get_model_builder(attr)
+        if not (builder.__module__ + ".").startswith("torchvision.models."):
+            raise ValueError(refusal)
+        return builder
+    if not path.startswith(_CLASS_PACKAGES):
+        raise ValueError(refusal)
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"`backbone`={path!r}: cannot import {attr!r} from {module_name!r} ({err}).") from err
+    # Only classes: a function of these packages could do anything with its arguments.
+    if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+        raise ValueError(refusal)
+    return factory
+
 
 def resolve_backbone(backbone: nn.Module | str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build a backbone from a module, a built-in name (``"mlp"``), a dotted path or a timm name.
+    """Build a backbone from a module, a built-in name (``"mlp"``), a timm name or an allowed dotted path.
 
-    Dotted paths (``"torchvision.models.resnet18"``) are imported and called with ``kwargs``.
-    timm names are created with ``timm.create_model(name, pretrained=False, **kwargs)`` unless
-    ``kwargs`` says ``pretrained=True`` (which downloads weights: never done in tests).
+    A string comes from configs and checkpoints, so it is resolved only through an allowlist and
+    nothing else is imported or called: timm model names (created with ``pretrained=False`` unless
+    ``kwargs`` says ``pretrained=True``, which downloads weights: never done in tests), the built-in
+    ``"mlp"``, ``nn.Module`` classes of ``lightning_ensembles`` and ``torch.nn``, ``torchvision.models``
+    builders (``"torchvision.models.resnet18"``), and names registered with :func:`register_backbone`.
+    Anything else raises a ``ValueError`` that names the path and how to register it.
     """
     kwargs = dict(kwargs or {})
     if isinstance(backbone, nn.Module):
@@ -68,13 +145,8 @@ def resolve_backbone(backbone: nn.Module | str, kwargs: dict[str, Any] | None = 
         raise ValueError(f"`backbone` must be an nn.Module or a name, got {type(backbone).__name__}.")
     if backbone in _BUILTIN:
         return _BUILTIN[backbone](**kwargs)
-    if "." in backbone:
-        module_name, _, attr = backbone.rpartition(".")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"`backbone`={backbone!r}: cannot import {attr!r} from {module_name!r} ({err}).") from err
-        model = factory(**kwargs)
+    if backbone in _REGISTERED or "." in backbone:
+        model = _allowed_factory(backbone)(**kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(f"`backbone`={backbone!r} returned {type(model).__name__}, not an nn.Module.")
         return model
@@ -84,8 +156,9 @@ def resolve_backbone(backbone: nn.Module | str, kwargs: dict[str, Any] | None = 
         close = timm.list_models(f"*{backbone}*")[:8]
         hint = f" Similar timm names: {close}." if close else ""
         raise ValueError(
-            f"`backbone`={backbone!r} is not a timm model name, a built-in ({sorted(_BUILTIN)}) or a dotted "
-            f"import path.{hint} See `timm.list_models()`."
+            f"`backbone`={backbone!r} is not a timm model name, a built-in ({sorted(_BUILTIN)}), a registered name "
+            f"({sorted(k for k in _REGISTERED if '.' not in k)}) or an allowed dotted path.{hint} See "
+            "`timm.list_models()` and `lightning_ensembles.register_backbone`."
         )
     kwargs.setdefault("pretrained", False)
     return timm.create_model(backbone, **kwargs)

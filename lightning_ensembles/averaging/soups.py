@@ -26,7 +26,8 @@ def load_ingredient(ingredient: Ingredient, prefix: str = "") -> dict[str, Tenso
     if isinstance(ingredient, nn.Module):
         state = ingredient.state_dict()
     elif isinstance(ingredient, (str, Path)):
-        loaded = torch.load(ingredient, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data; loading one must never unpickle (run) arbitrary objects.
+        loaded = torch.load(ingredient, map_location="cpu", weights_only=True)
         state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     elif isinstance(ingredient, Mapping):
         state = ingredient

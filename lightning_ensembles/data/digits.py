@@ -41,8 +41,10 @@ class DigitsDataModule(TensorDataModule):
         seed: int = 0,
         ood_classes: Sequence[int] = (),
         num_workers: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, shuffle_seed)
+        self.save_hyperparameters()
         self.split = tuple(split)
         self.seed = seed
         self.ood_classes = tuple(ood_classes)

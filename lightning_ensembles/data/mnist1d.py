@@ -44,8 +44,10 @@ class MNIST1DDataModule(TensorDataModule):
         seed: int = 0,
         generator_seed: int = 42,
         num_workers: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, shuffle_seed)
+        self.save_hyperparameters()
         self.num_samples = num_samples
         self.split = tuple(split)
         self.seed = seed

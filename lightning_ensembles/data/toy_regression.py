@@ -35,8 +35,17 @@ class ToyRegressionDataModule(TensorDataModule):
 
     gap = (-2.0, 2.0)
 
-    def __init__(self, num_train: int = 512, num_val: int = 128, num_test: int = 400, batch_size: int = 64, seed: int = 0) -> None:
-        super().__init__(batch_size)
+    def __init__(
+        self,
+        num_train: int = 512,
+        num_val: int = 128,
+        num_test: int = 400,
+        batch_size: int = 64,
+        seed: int = 0,
+        shuffle_seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, shuffle_seed=shuffle_seed)
+        self.save_hyperparameters()
         self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
 
     def _sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..ensembles.base import Ensemble
 from ..ensembles.deep import adopt_checkpoint_storage
 from ..ensembles.registry import build_ensemble
-from ..losses.base import Regularizer
+from ..losses.base import Regularizer, regularizer_from_config
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 _SCHEDULERS = ("none", "cosine")
@@ -78,10 +78,19 @@ class EnsembleModule(LightningModule):
                 "to ensemble a plain model pass it as `backbone=` instead."
             )
         self.ensemble = ensemble
-        self.regularizers = nn.ModuleList(regularizers or [])
-        for r in self.regularizers:
-            if not isinstance(r, Regularizer):
-                raise ValueError(f"`regularizers` must be Regularizer instances, got {type(r).__name__}.")
+        # Dicts are the plain-data form checkpoints store (`Regularizer.config()`), rebuilt here.
+        self.regularizers = nn.ModuleList(regularizer_from_config(r) for r in regularizers or [])
+
+    def _plain_hyperparameters(self) -> None:
+        """Store configuration objects in ``hparams`` as plain data, after ``save_hyperparameters``.
+
+        Checkpoints must load with ``weights_only=True``, which refuses pickled objects: regularisers
+        become their ``{"class_path", "init_args"}`` config, rebuilt on load by ``__init__``.
+        """
+        if self.hparams.get("regularizers"):
+            self.hparams["regularizers"] = [
+                r.config() if isinstance(r, Regularizer) else r for r in self.hparams["regularizers"]
+            ]
 
     @property
     def num_members(self) -> int:

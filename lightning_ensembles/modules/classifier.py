@@ -89,6 +89,7 @@ class EnsembleClassifier(EnsembleModule):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}.")
         self.save_hyperparameters(ignore=_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}))
+        self._plain_hyperparameters()
         self._metrics: dict[tuple[str, int], Any] = {}
         self._ood: Any = None
         self.last_test_results: dict[int, dict[str, float]] = {}

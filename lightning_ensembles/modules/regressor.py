@@ -65,6 +65,7 @@ class EnsembleRegressor(EnsembleModule):
         if num_targets < 1:
             raise ValueError(f"`num_targets` must be >= 1, got {num_targets}.")
         self.save_hyperparameters(ignore=_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}))
+        self._plain_hyperparameters()
         self._metrics: dict[str, RegressionMetrics] = {}
 
     # ---------------------------------------------------------------- helpers
