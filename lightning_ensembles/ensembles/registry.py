@@ -53,7 +53,7 @@ def _load_builtin_methods() -> None:
     # Imported here, not at module import, so the registry has no import cycles with the methods.
     from . import deep  # noqa: F401
 
-    for optional in ("packed", "batch", "lora", "symmetry"):
+    for optional in ("packed", "batch", "lora", "symmetry", "mc_dropout", "mimo", "masksembles", "tta", "asymmetric"):
         try:
             __import__(f"{__package__}.{optional}")
         except ModuleNotFoundError as err:
