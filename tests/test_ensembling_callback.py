@@ -60,11 +60,11 @@ def test_split_batch_mode_and_dict_batches():
     assert out.shape == (5, 10)
     torch.testing.assert_close(out[:3], members[0, :3])
     torch.testing.assert_close(out[3:], members[1, 3:])
-    batch = {"x": x, "y": torch.arange(5)}
-    repeated = Ensembling(num_members=3).repeat_targets(batch, 3)
-    assert torch.equal(repeated["y"], torch.arange(5).repeat(3)) and repeated["x"] is x
-    with pytest.raises(ValueError, match="override `repeat_targets`"):
-        Ensembling().repeat_targets({"image": x}, 3)
+    # Outside the per-member passes of training_step, a training-mode call gives the ensemble prediction.
+    repeat = LitClassifier()
+    Ensembling(num_members=3).apply(repeat)
+    repeat.train()
+    torch.testing.assert_close(repeat(x), repeat.model.combine(repeat.model.ensemble(x)))
 
 
 def test_checkpoint_restores_into_a_fresh_trainer_with_the_callback(tmp_path):

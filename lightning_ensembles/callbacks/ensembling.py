@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import types
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
+from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -19,26 +23,115 @@ from ..ensembles.base import (
     aggregate_log_probs,
     split_gaussian,
 )
-from ..ensembles.deep import adopt_checkpoint_storage
+from ..ensembles.deep import DeepEnsemble, adopt_checkpoint_storage
 from ..ensembles.registry import build_ensemble
 from ..ensembles.surgery import set_submodule
 
 __all__ = ["Ensembling", "EnsembledModel"]
 
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features")
+
+# The inputs of the submodule's call other than the first, while an EnsembledModel runs its ensemble:
+# (rows of the first input, extra positional inputs, keyword inputs, keyword name of the first input or None).
+_EXTRA_INPUTS: ContextVar[tuple[int, tuple, dict, str | None] | None] = ContextVar("_ensembling_extra_inputs", default=None)
+
+
+def _inject_extra_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook on the module an ensemble runs: hand it the call's other inputs too.
+
+    Ensembles run their backbone with one input; a submodule called as ``model(inputs, target, mask=m)``
+    gets ``target`` and ``mask`` from here. An ensemble that stacks the batch member-major (BatchEnsemble,
+    LoRA: ``M * B`` rows) gets the other batch-sized inputs repeated the same way. Outside an
+    EnsembledModel call (exported members) the hook does nothing.
+    """
+    context = _EXTRA_INPUTS.get()
+    if context is None or not args:
+        return None
+    rows, extra_args, extra_kwargs, first_name = context
+    got = args[0].shape[0] if isinstance(args[0], Tensor) and args[0].dim() else rows
+    if got != rows:
+        if got % rows:
+            raise ValueError(
+                f"Ensembling: the ensemble ran its backbone on {got} rows for a batch of {rows}; the submodule's other "
+                "inputs cannot be matched to them. Use method='deep' for a submodule called with several inputs."
+            )
+
+        def tile(t: Any) -> Any:
+            return t.repeat(got // rows, *([1] * (t.dim() - 1))) if isinstance(t, Tensor) and t.dim() and t.shape[0] == rows else t
+
+        extra_args = tuple(tile(a) for a in extra_args)
+        extra_kwargs = {k: tile(v) for k, v in extra_kwargs.items()}
+    if first_name is not None:  # the submodule's input was given by keyword
+        return (*args[1:], *extra_args), {**kwargs, first_name: args[0], **extra_kwargs}
+    return (*args, *extra_args), {**kwargs, **extra_kwargs}
+
+
+def _entry_module(ensemble: Ensemble) -> nn.Module | None:
+    """The module an ensemble calls with the batch (DeepEnsemble's template, the converters' model)."""
+    if isinstance(ensemble, DeepEnsemble):
+        return ensemble.template
+    for name in ("model", "backbone"):
+        module = getattr(ensemble, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor{list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {list(value)}"
+    return type(value).__name__
+
+
+class _RandomState:
+    """The global random generators' states (torch CPU and CUDA, NumPy, Python), to replay a stretch of code."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.numpy = np.random.get_state()
+        self.python = random.getstate()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
+class _MemberPasses:
+    """State of one ``training_step`` run once per member (``batch="repeat"``).
+
+    Pass 0 runs the ensemble at each call of the submodule and keeps the member outputs ``(M, ...)``
+    and the random state after the call; pass ``i`` returns member ``i``'s outputs of the same call and
+    restores that random state, so the user's code around the call sees what it saw in pass 0.
+    """
+
+    def __init__(self) -> None:
+        self.member = 0
+        self.call = 0
+        self.outputs: list[Tensor] = []
+        self.states: list[_RandomState] = []
 
 
 class EnsembledModel(nn.Module):
     """What the user's module sees in place of its submodule after :class:`Ensembling` converts it.
 
-    * training, ``batch="repeat"``: member outputs stacked member-major, ``(M * B, ...)``; the callback
-      repeats the targets to match, so the user's own loss is the mean of the member losses;
-    * training, ``batch="split"``: member ``i`` computes chunk ``i`` of the batch; outputs ``(B, ...)``
-      in batch order, targets unchanged;
-    * evaluation and prediction: the ensemble prediction in the shape of one model's output: the log of
-      the mean member probability (classification: a user's ``cross_entropy``/``argmax`` measure the
-      ensemble) or the mixture mean (regression).
+    It is called exactly as the submodule was (any positional and keyword inputs; the first input, or
+    the first tensor given by keyword, is the batch the members share) and returns what one model returns:
+
+    * training, ``batch="repeat"``: inside the user's ``training_step``, which :class:`Ensembling` runs
+      once per member, member ``i``'s output in pass ``i`` (the ensemble runs once, in pass 0);
+    * training, ``batch="split"``: member ``i`` computes chunk ``i`` of the batch; outputs in batch order
+      (an output with ``k`` rows per sample, such as a ``(B * T, V)`` view, is split by sample);
+    * evaluation and prediction (and training calls outside ``training_step``): the ensemble prediction
+      in the shape of one model's output: the log of the mean member probability (classification: a
+      user's ``cross_entropy``/``argmax`` measure the ensemble) or the mixture mean (regression).
 
     The member outputs of the last evaluation forward are kept in ``last_member_outputs`` ``(M, B, ...)``.
     """
@@ -49,6 +142,12 @@ class EnsembledModel(nn.Module):
         self.task = task
         self.batch = batch
         self.last_member_outputs: Tensor | None = None
+        self.__dict__["_passes"] = None  # a _MemberPasses while training_step runs once per member
+        entry = _entry_module(ensemble)
+        if entry is not None:
+            # Module-level function: exported members keep a hook that pickles and does nothing.
+            entry.register_forward_pre_hook(_inject_extra_inputs, with_kwargs=True)
+        self.__dict__["_accepts_extra_inputs"] = entry is not None
 
     @property
     def num_members(self) -> int:
@@ -72,21 +171,59 @@ class EnsembledModel(nn.Module):
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _split_forward(self, x: Tensor) -> Tensor:
-        m, b = self.num_members, x.shape[0]
-        if b < m:
-            raise ValueError(f"Ensembling(batch='split') needs a batch of at least num_members={m} samples, got {b}.")
-        outputs = self.ensemble(x)  # (M, B, ...); every member on every sample, then keep member i's chunk
-        owner = torch.arange(b, device=x.device) * m // b  # chunk i -> member i, sizes differ by at most 1
-        return outputs[owner, torch.arange(b, device=x.device)]
+    # ---------------------------------------------------------------- running the members
+    def member_outputs(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Every member's output ``(M, ...)`` for the submodule's inputs, as one call of the submodule would take them."""
+        if args:
+            x, first_name, extra_args, extra_kwargs = args[0], None, args[1:], kwargs
+        else:
+            first_name = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
+            x = kwargs.get(first_name) if first_name is not None else None
+            extra_args, extra_kwargs = (), {k: v for k, v in kwargs.items() if k != first_name}
+        if not isinstance(x, Tensor) or not x.dim():
+            raise ValueError(
+                f"Ensembling: the ensembled submodule was called with {_describe(x) if args else 'no tensor input'} as "
+                "its first input; the members need a batch tensor (B, ...) there. Call the submodule with its "
+                "batch first, or point `attribute` at a submodule that takes one."
+            )
+        if not (extra_args or extra_kwargs or first_name):
+            outputs = self.ensemble(x)
+        else:
+            if not self._accepts_extra_inputs:
+                raise ValueError(
+                    f"Ensembling: the submodule is called with several inputs, but {type(self.ensemble).__name__} "
+                    "runs its backbone with one. Use method='deep'."
+                )
+            token = _EXTRA_INPUTS.set((x.shape[0], tuple(extra_args), dict(extra_kwargs), first_name))
+            try:
+                outputs = self.ensemble(x)
+            finally:
+                _EXTRA_INPUTS.reset(token)
+        if not isinstance(outputs, Tensor):
+            raise ValueError(
+                f"Ensembling: the ensemble returned {_describe(outputs)}, not one tensor of member outputs. Point "
+                "`attribute` at a submodule whose forward returns one tensor."
+            )
+        return outputs
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            if self.batch == "split":
-                return self._split_forward(x)
-            return self.ensemble(x).flatten(0, 1)
-        outputs = self.ensemble(x)
-        self.last_member_outputs = outputs.detach()
+    def _split_forward(self, outputs: Tensor, rows: int) -> Tensor:
+        m = self.num_members
+        if rows < m:
+            raise ValueError(f"Ensembling(batch='split') needs a batch of at least num_members={m} samples, got {rows}.")
+        # Every member ran on every sample; keep member i's chunk (chunk sizes differ by at most 1).
+        owner = torch.arange(rows, device=outputs.device) * m // rows
+        out_rows = outputs.shape[1]
+        if out_rows != rows:
+            if out_rows % rows:
+                raise ValueError(
+                    f"Ensembling(batch='split'): the submodule returned {out_rows} rows for a batch of {rows}; "
+                    "cannot tell which sample each row belongs to. Use batch='repeat'."
+                )
+            owner = owner.repeat_interleave(out_rows // rows)  # a (B * k, ...) view: k rows per sample, sample-major
+        return outputs[owner, torch.arange(out_rows, device=outputs.device)]
+
+    def combine(self, outputs: Tensor) -> Tensor:
+        """The ensemble prediction of member outputs ``(M, ...)``, in the shape of one member's output."""
         if self.task == "classification":
             return aggregate_log_probs(outputs)
         if self.task == "gaussian":
@@ -96,29 +233,72 @@ class EnsembledModel(nn.Module):
             return torch.cat([mix.mean, raw], dim=-1)
         return outputs.mean(0)
 
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        passes = self._passes
+        if self.training and passes is not None and passes.member > 0:
+            # A replayed pass of training_step: this call's member outputs were computed in pass 0.
+            if passes.call >= len(passes.outputs):
+                raise RuntimeError(
+                    f"Ensembling(batch='repeat'): training_step called the ensembled submodule {passes.call + 1} "
+                    f"times for member {passes.member} but {len(passes.outputs)} times for member 0; it must make "
+                    "the same calls whatever the random state. Use batch='split'."
+                )
+            out = passes.outputs[passes.call][passes.member]
+            passes.states[passes.call].restore()
+            passes.call += 1
+            return out
+        outputs = self.member_outputs(*args, **kwargs)
+        if self.training:
+            if self.batch == "split":
+                first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+                return self._split_forward(outputs, first.shape[0])
+            if passes is not None:
+                passes.outputs.append(outputs)
+                passes.states.append(_RandomState())
+                passes.call += 1
+                return outputs[0]
+            if self.num_members == 1:
+                return outputs[0]
+            return self.combine(outputs)
+        self.last_member_outputs = outputs.detach()
+        return self.combine(outputs)
+
+
+class _ProbeDone(Exception):
+    """Stops the setup probe once the submodule has been called."""
+
 
 class Ensembling(Callback):
     """Make an unchanged LightningModule train and evaluate an ensemble: add this callback, nothing else.
 
     At ``setup`` the submodule named ``attribute`` (default ``"model"``; ``None``: the child module
     with the most parameters, reported) is converted with ``method`` (``"deep"``, ``"packed"``,
-    ``"batch"``, ``"lora"``) into ``num_members`` members and replaced by an :class:`EnsembledModel`.
+    ``"batch"``, ``"lora"``) into ``num_members`` members and replaced by an :class:`EnsembledModel`,
+    which is called exactly as the submodule was: any inputs (``model(inputs, target, mask=m)``),
+    an inner submodule (a decoder or head fed by other layers), any batch structure (a bare tensor,
+    tuples, dicts). Before converting, ``fit`` runs the user's ``training_step`` on (two rows of) the
+    first training batch up to the submodule's call, with the module's random state and buffers
+    restored after, to check that the submodule is called and returns one tensor.
 
     Training: every member gets its own loss under the user's own ``training_step``.
-    ``batch="repeat"`` (default) gives every member the whole batch: the user's forward returns
-    ``(M * B, ...)`` member outputs and the callback repeats the targets of the batch ``M`` times before
-    ``training_step`` sees it, so ``F.cross_entropy(self(x), y)`` is the mean member loss.
+    ``batch="repeat"`` (default) gives every member the whole batch: the callback runs
+    ``training_step`` once per member, the ensemble runs once (first pass) and the submodule's call
+    returns member ``i``'s output in pass ``i``; the random generators (torch, NumPy, Python) are
+    replayed so that every pass sees the same augmentation. The step returns the mean of the member
+    losses (of ``"loss"`` for a dict; other entries are member 0's), and a value the step logs is
+    logged once, the mean of its member values (a torchmetrics object, updated by every member, once).
+    The batch is never changed, so nothing has to be found in it. Manual optimisation cannot repeat
+    its steps: it needs ``batch="split"``.
     ``batch="split"`` gives member ``i`` the ``i``-th chunk of the batch (outputs and targets keep
-    shape ``(B, ...)``). Targets are found in ``(x, y, ...)`` tuples (everything after the first
-    element) and in dict batches (keys ``y``, ``target``, ``targets``, ``label``, ``labels``); for
-    other batch structures subclass and override :meth:`repeat_targets`.
+    shape ``(B, ...)``; ``training_step`` runs once).
 
     Evaluation and prediction: the user's module sees the ensemble prediction in the shape its code
     expects (log of the mean member probability for ``task="classification"``; the mixture mean for
     ``"regression"``; mean and softplus-inverse variance for ``"gaussian"`` outputs), so the user's own
     metrics measure the ensemble. Member outputs of each evaluation batch are offered to
     :class:`CalibrationMetrics`, :class:`ReliabilityDiagram` and :class:`TemperatureScaling` through
-    :meth:`member_predictions`.
+    :meth:`member_predictions` (targets: the second element of a tuple batch or a dict's ``y``,
+    ``target``, ``targets``, ``label`` or ``labels``).
 
     A submodule whose forward returns a tuple or dict is refused at setup with an error naming what
     was found: point ``attribute`` at a submodule that returns one tensor. Checkpoints written with the callback hold every
@@ -174,6 +354,8 @@ class Ensembling(Callback):
         self.batch = batch
         self.method_kwargs = dict(method_kwargs or {})
         self.chosen_attribute: str | None = None
+        #: How the setup probe saw the submodule called, e.g. ``"model(Tensor[2, 8], Tensor[2, 8])"``.
+        self.probed_call: str | None = None
         self._original_training_step: Any = None
 
     # ---------------------------------------------------------------- conversion
@@ -191,32 +373,76 @@ class Ensembling(Callback):
             )
         return max(candidates)[1]
 
-    def _probe(self, trainer: L.Trainer, backbone: nn.Module, path: str) -> None:
-        """Run the single backbone on one training batch to check that it returns one tensor."""
+    @staticmethod
+    def _first_training_batch(trainer: L.Trainer) -> Any:
         try:
             # Private but the one place that knows the fit dataloader at setup time, whether it came
             # from a datamodule, the module's own `train_dataloader` or `trainer.fit(train_dataloaders=...)`.
             loader = trainer.fit_loop._data_source.dataloader()
         except Exception:
-            loader = None
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
+            return None
         if loader is None:
+            return None
+        if isinstance(loader, (Mapping, list, tuple)):  # several loaders: training_step gets them combined
+            loader = CombinedLoader(loader, "max_size_cycle")
+            return next(iter(loader))[0]
+        return next(iter(loader))
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, backbone: nn.Module, path: str) -> None:
+        """Run the user's ``training_step`` on the first training batch up to the submodule's call.
+
+        This finds how the submodule is really called (which inputs, from which layers) without
+        guessing it from the batch, and checks that it returns one tensor. The call is stopped right
+        after the submodule returns; buffers (BatchNorm statistics) and random states are restored.
+        """
+        if trainer.state.fn != "fit":
             return
-        batch = next(iter(loader))
-        x = self.inputs_of(batch)
-        if x is None:
+        batch = self._first_training_batch(trainer)
+        if batch is None:
             return
-        was_training = backbone.training
-        backbone.eval()
-        with torch.no_grad():
-            out = backbone(x[:2])
-        backbone.train(was_training)
-        if not isinstance(out, Tensor):
-            what = (
-                f"a {type(out).__name__} of {len(out)} items" if isinstance(out, (tuple, list, Mapping)) else type(out).__name__
+        first = next(iter(t for t in _tensors(batch) if t.dim()), None)
+        if first is not None and first.shape[0] > 2:  # two samples are enough to see the call
+            rows = first.shape[0]
+            batch = apply_to_collection(batch, Tensor, lambda t: t[:2] if t.dim() and t.shape[0] == rows else t)
+        seen: dict[str, Any] = {}
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            seen.update(args=args, kwargs=kwargs, output=output)
+            raise _ProbeDone
+
+        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+        state = _RandomState()
+        handle = backbone.register_forward_hook(hook, with_kwargs=True)
+        step = self._original_training_step or pl_module.training_step
+        try:
+            with torch.no_grad():
+                step(batch, 0)
+        except _ProbeDone:
+            pass
+        except Exception as err:  # the step failed before calling the submodule: the real step will say why
+            if seen:
+                raise
+            rank_zero_info(f"Ensembling: could not probe `{path}` at setup ({type(err).__name__}: {err}).")
+            return
+        finally:
+            handle.remove()
+            state.restore()
+            with torch.no_grad():
+                for name, b in pl_module.named_buffers():
+                    if name in buffers and b.shape == buffers[name].shape:
+                        b.copy_(buffers[name])
+        if not seen:
+            raise ValueError(
+                f"Ensembling: `training_step` of {type(pl_module).__name__} never called `{path}` on the first "
+                "training batch, so its members would not be trained. Name the submodule training_step uses with "
+                "`attribute='...'`."
             )
+        inputs = [_describe(a) for a in seen["args"]] + [f"{k}={_describe(v)}" for k, v in seen["kwargs"].items()]
+        self.probed_call = f"{path}({', '.join(inputs)})"
+        out = seen["output"]
+        if not isinstance(out, Tensor):
             keys = f" (keys {list(out)})" if isinstance(out, Mapping) else ""
+            what = f"a {type(out).__name__} of {len(out)} items" if isinstance(out, (tuple, list, Mapping)) else type(out).__name__
             raise ValueError(
                 f"Ensembling cannot ensemble `{path}`: its forward returned {what}{keys}, not one tensor. "
                 "Point `attribute` at a submodule whose forward returns the logits (classification) or the "
@@ -235,14 +461,14 @@ class Ensembling(Callback):
         parent_path, _, leaf = path.rpartition(".")
         parent = pl_module.get_submodule(parent_path) if parent_path else pl_module
         if not hasattr(parent, leaf) or not isinstance(getattr(parent, leaf), nn.Module):
-            children = [n for n, _ in pl_module.named_children()]
+            children = [n for n, c in pl_module.named_children() if not isinstance(c, Metric)]
             raise ValueError(
                 f"Ensembling: `attribute`={path!r} is not a submodule of {type(pl_module).__name__} "
                 f"(its children: {children}). Name the model to ensemble, or pass attribute=None."
             )
         backbone = getattr(parent, leaf)
-        if trainer is not None:
-            self._probe(trainer, backbone, path)
+        if trainer is not None and isinstance(pl_module, L.LightningModule):
+            self._probe(trainer, pl_module, backbone, path)
         kwargs = dict(self.method_kwargs)
         ensemble = build_ensemble(self.method, backbone, self.num_members, **kwargs)
         wrapped = EnsembledModel(ensemble, self.task, self.batch)
@@ -260,6 +486,12 @@ class Ensembling(Callback):
         return module if isinstance(module, EnsembledModel) else None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.batch == "repeat" and self.num_members > 1 and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"Ensembling(batch='repeat') runs training_step once per member, which under manual optimisation "
+                f"({type(pl_module).__name__}.automatic_optimization is False) would step the optimisers once per "
+                "member. Use Ensembling(batch='split'), or automatic optimisation."
+            )
         self.apply(pl_module, trainer)
         if self.batch == "repeat" and self._original_training_step is None:
             self._patch_training_step(pl_module)
@@ -272,24 +504,14 @@ class Ensembling(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._original_training_step is not None:
-            pl_module.training_step = self._original_training_step
+            pl_module.__dict__.pop("training_step", None)
+            if pl_module.training_step != self._original_training_step:  # it was an instance attribute itself
+                pl_module.training_step = self._original_training_step
             self._original_training_step = None
 
     # ---------------------------------------------------------------- batches
-    def inputs_of(self, batch: Any) -> Tensor | None:
-        """The model input of a batch: first element of a tuple/list, or a dict's ``x``/``input``/... entry."""
-        if isinstance(batch, Tensor):
-            return batch
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-            return batch[0]
-        if isinstance(batch, Mapping):
-            for key in _INPUT_KEYS:
-                if isinstance(batch.get(key), Tensor):
-                    return batch[key]
-        return None
-
     def targets_of(self, batch: Any) -> Tensor | None:
-        """The targets of a batch (second element of a tuple, or a dict's target key)."""
+        """The targets of an evaluation batch (second element of a tuple, or a dict's target key)."""
         if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
             return batch[1]
         if isinstance(batch, Mapping):
@@ -298,42 +520,15 @@ class Ensembling(Callback):
                     return batch[key]
         return None
 
-    def repeat_targets(self, batch: Any, num_members: int) -> Any:
-        """The batch with its targets repeated ``num_members`` times along dim 0 (``batch="repeat"``).
-
-        Override for batch structures other than ``(x, y, ...)`` tuples and dicts with target keys.
-        """
-        if isinstance(batch, (tuple, list)):
-            if len(batch) < 2:
-                raise ValueError(
-                    "Ensembling(batch='repeat') found no targets in a batch of one element; "
-                    "subclass Ensembling and override `repeat_targets`."
-                )
-            rest = [t.repeat(num_members, *([1] * (t.dim() - 1))) if isinstance(t, Tensor) else t for t in batch[1:]]
-            return type(batch)([batch[0], *rest]) if isinstance(batch, tuple) else [batch[0], *rest]
-        if isinstance(batch, Mapping):
-            keys = [k for k in _TARGET_KEYS if isinstance(batch.get(k), Tensor)]
-            if not keys:
-                raise ValueError(
-                    f"Ensembling(batch='repeat') found no target in a dict batch with keys {sorted(batch)}; "
-                    f"use one of {_TARGET_KEYS} or override `repeat_targets`."
-                )
-            out = dict(batch)
-            for k in keys:
-                t = batch[k]
-                out[k] = t.repeat(num_members, *([1] * (t.dim() - 1)))
-            return out
-        raise ValueError(
-            f"Ensembling(batch='repeat') cannot find targets in a batch of type {type(batch).__name__}; "
-            "subclass Ensembling and override `repeat_targets`, or use batch='split'."
-        )
-
     def _patch_training_step(self, pl_module: L.LightningModule) -> None:
         original = pl_module.training_step
         callback = self
 
-        def training_step(module: L.LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
-            return original(callback.repeat_targets(batch, callback.num_members), *args, **kwargs)
+        def training_step(module: L.LightningModule, *args: Any, **kwargs: Any) -> Any:
+            model = callback._current(module)
+            if model is None or model.num_members == 1:
+                return original(*args, **kwargs)
+            return _run_member_passes(module, model, original, args, kwargs)
 
         self._original_training_step = original
         # An instance attribute shadows the class method; DDP's wrapper calls it through the module too.
@@ -351,3 +546,66 @@ class Ensembling(Callback):
         if target is not None:
             out["target"] = target
         return out
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    apply_to_collection(batch, Tensor, found.append)
+    return found
+
+
+def _run_member_passes(
+    module: L.LightningModule, model: EnsembledModel, step: Any, args: tuple, kwargs: dict
+) -> Any:
+    """``training_step`` once per member (see :class:`Ensembling`): the mean loss, each logged value logged once."""
+    passes = _MemberPasses()
+    logged: dict[str, list[tuple[Any, tuple, dict]]] = {}
+
+    def record(name: str, value: Any, *log_args: Any, **log_kwargs: Any) -> None:
+        logged.setdefault(name, []).append((value, log_args, log_kwargs))
+
+    start = _RandomState()
+    results = []
+    own_log = module.__dict__.get("log")
+    model.__dict__["_passes"] = passes
+    module.log = record  # type: ignore[method-assign]
+    try:
+        for member in range(model.num_members):
+            if member:
+                start.restore()
+            passes.member, passes.call = member, 0
+            results.append(step(*args, **kwargs))
+            if member and passes.call != len(passes.outputs):
+                raise RuntimeError(
+                    f"Ensembling(batch='repeat'): training_step called the ensembled submodule {passes.call} times for "
+                    f"member {member} but {len(passes.outputs)} times for member 0; it must make the same calls "
+                    "whatever the random state. Use batch='split'."
+                )
+    finally:
+        model.__dict__["_passes"] = None
+        if own_log is None:
+            module.__dict__.pop("log", None)
+        else:
+            module.log = own_log
+    for name, calls in logged.items():
+        value, log_args, log_kwargs = calls[-1]
+        values = [v for v, _, _ in calls]
+        if all(isinstance(v, (Tensor, int, float)) and not isinstance(v, bool) for v in values):
+            value = sum(values) / len(values)
+        module.log(name, value, *log_args, **log_kwargs)
+    return _mean_result(results)
+
+
+def _mean_result(results: list[Any]) -> Any:
+    first = results[0]
+    if all(r is None for r in results):
+        return None
+    if isinstance(first, Tensor) and all(isinstance(r, Tensor) for r in results):
+        return sum(results) / len(results)
+    if isinstance(first, Mapping) and all(isinstance(r, Mapping) and isinstance(r.get("loss"), Tensor) for r in results):
+        return {**first, "loss": sum(r["loss"] for r in results) / len(results)}
+    raise ValueError(
+        "Ensembling(batch='repeat'): training_step returned "
+        f"{', '.join(_describe(r) for r in results)} for the members; it must return a loss tensor, a dict with "
+        "'loss', or None, the same for every member."
+    )
