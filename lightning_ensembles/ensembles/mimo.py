@@ -1,0 +1,254 @@
+"""MIMO (Havasi et al., ICLR 2021): M sub-networks inside one backbone, trained and run in one pass.
+
+The backbone's input layer (first ``Linear``/``Conv``) is widened to take M inputs concatenated on its
+channel axis, and its output layer (last ``Linear``/``Conv``) to give M heads. Everything between is
+shared and runs once per example, so M members cost about one model.
+
+Inside the converted network the batch is member-major ``(M * B, ...)`` up to the input layer (so
+per-example preprocessing such as ``Flatten`` runs per member), ``(B, ...)`` between the two layers,
+and member-major again after the output layer.
+
+Training (the paper's batching, as in uncertainty-baselines): the batch is tiled ``batch_repetition``
+times and shuffled; a fraction ``1 - input_repetition`` of the slots is shuffled again independently
+per member, the rest is shared, so with probability ``input_repetition`` (the paper's ``rho``) the
+members see the same example. :meth:`MIMO.forward` puts each member's outputs back in batch order, so
+output ``[m, t]`` predicts target ``t % B``: targets are the batch's, tiled (:meth:`member_targets`),
+and the per-member losses are the paper's.
+Evaluation: the same input in every slot, one forward pass.
+
+Initialisation keeps the backbone: ``init="copy"`` gives every input block ``W / M`` and every head the
+backbone's output layer, so before training each member computes exactly the backbone on a repeated
+input; ``init="reinit"`` draws the widened layers with PyTorch's default initialiser (the paper trains
+from scratch).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .base import Ensemble
+from .registry import register_method
+from .surgery import ConversionError, convert
+
+__all__ = ["MIMO", "MIMOInput", "MIMOOutput"]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_layer(path: str, layer: nn.Module, role: str) -> None:
+    if not isinstance(layer, _LAYERS) or isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        raise ConversionError(path, f"MIMO's {role} layer must be nn.Linear or nn.Conv1d/2d/3d, got "
+                              f"{type(layer).__name__}. Name another one with `{role}_layer=`.")
+    if isinstance(layer, _ConvNd) and layer.groups != 1:
+        raise ConversionError(path, f"MIMO's {role} layer is a grouped convolution (groups={layer.groups}); "
+                              "its channels cannot be widened per member. Name a dense layer with "
+                              f"`{role}_layer=`.")
+
+
+def _widened(layer: nn.Module, in_mult: int, out_mult: int) -> nn.Module:
+    """A fresh layer of ``layer``'s class with ``in_mult`` x the inputs and ``out_mult`` x the outputs."""
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features * in_mult, layer.out_features * out_mult, bias=layer.bias is not None,
+                         device=w.device, dtype=w.dtype)
+    return type(layer)(layer.in_channels * in_mult, layer.out_channels * out_mult, layer.kernel_size,
+                       stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                       bias=layer.bias is not None, padding_mode=layer.padding_mode, device=w.device, dtype=w.dtype)
+
+
+class MIMOInput(nn.Module):
+    """The input layer of M sub-networks: member-major ``(M * B, ..., C)`` in, ``(B, ...)`` out.
+
+    Member ``m``'s activations go to input channels ``[m * C, (m + 1) * C)`` of one wide layer.
+
+    Example:
+        >>> import torch
+        >>> lin = nn.Linear(4, 8)
+        >>> wide = MIMOInput(lin, num_members=3)
+        >>> wide.layer.weight.shape
+        torch.Size([8, 12])
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(wide(x.repeat(3, 1)), lin(x), atol=1e-6)  # init="copy": blocks W / M
+        True
+    """
+
+    def __init__(self, layer: nn.Module, num_members: int, init: str = "copy", path: str = "") -> None:
+        super().__init__()
+        _check_layer(path, layer, "first")
+        self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
+        self.layer = _widened(layer, num_members, 1)
+        if init == "copy":
+            with torch.no_grad():
+                self.layer.weight.copy_(torch.cat([layer.weight / num_members] * num_members, dim=1))
+                if layer.bias is not None:
+                    self.layer.bias.copy_(layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xm = x.unflatten(0, (self.num_members, -1))  # (M, B, ...)
+        if self.linear:  # (M, B, ..., C) -> (B, ..., M * C)
+            return self.layer(xm.movedim(0, -2).flatten(-2))
+        return self.layer(xm.movedim(0, 1).flatten(1, 2))  # (M, B, C, *S) -> (B, M * C, *S)
+
+
+class MIMOOutput(nn.Module):
+    """The M heads: ``(B, ...)`` in, member-major ``(M * B, ..., C_out)`` out; head ``m`` = channels ``[m * C, (m + 1) * C)``.
+
+    Example:
+        >>> import torch
+        >>> head = MIMOOutput(nn.Linear(8, 3), num_members=2)
+        >>> head(torch.randn(5, 8)).shape
+        torch.Size([10, 3])
+    """
+
+    def __init__(self, layer: nn.Module, num_members: int, init: str = "copy", path: str = "") -> None:
+        super().__init__()
+        _check_layer(path, layer, "last")
+        self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
+        self.layer = _widened(layer, 1, num_members)
+        if init == "copy":
+            with torch.no_grad():
+                self.layer.weight.copy_(torch.cat([layer.weight] * num_members, dim=0))
+                if layer.bias is not None:
+                    self.layer.bias.copy_(torch.cat([layer.bias] * num_members))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.layer(x)
+        if self.linear:  # (B, ..., M * C) -> (M, B, ..., C)
+            return y.unflatten(-1, (self.num_members, -1)).movedim(-2, 0).flatten(0, 1)
+        return y.unflatten(1, (self.num_members, -1)).movedim(1, 0).flatten(0, 1)
+
+
+class _MIMOMember(nn.Module):
+    """Member ``index`` of a MIMO network: the whole network on the input repeated in every slot, head ``index``."""
+
+    def __init__(self, model: nn.Module, num_members: int, index: int) -> None:
+        super().__init__()
+        self.model, self.num_members, self.index = model, num_members, index
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = x.unsqueeze(0).expand(self.num_members, *x.shape).flatten(0, 1)
+        return self.model(xs).unflatten(0, (self.num_members, -1))[self.index]
+
+
+@register_method("mimo")
+class MIMO(Ensemble):
+    """MIMO of any backbone: widened input and output layers, M sub-networks in one forward pass.
+
+    Args:
+        backbone: any ``nn.Module`` with a ``Linear``/``Conv`` input and output layer (timm included); a
+            copy is converted, the caller's module is unchanged.
+        num_members: M (the paper uses 3 on CIFAR, 2 on ImageNet).
+        input_repetition: the paper's ``rho``, probability in [0, 1) that members see the same example
+            in training (uncertainty-baselines: 0.5 on CIFAR-10, 0.6 on ImageNet).
+        batch_repetition: times the batch is tiled in training (outputs ``(M, B * R, ...)``).
+        first_layer, last_layer: module paths of the input and output layers; default: the first and
+            the last ``Linear``/``Conv`` in registration order.
+        init: ``"copy"`` (keep the backbone's function; see the module docstring) or ``"reinit"``.
+
+    ``converted`` is ``[first_layer, last_layer]``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_ensembles.backbones import MLP
+        >>> ens = MIMO(MLP(4, 3, hidden=(16,)), num_members=3).eval()
+        >>> ens(torch.randn(5, 4)).shape
+        torch.Size([3, 5, 3])
+        >>> torch.allclose(ens.member(1)(torch.ones(2, 4)), ens(torch.ones(2, 4))[1])
+        True
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_members: int = 3,
+        input_repetition: float = 0.0,
+        batch_repetition: int = 1,
+        first_layer: str | None = None,
+        last_layer: str | None = None,
+        init: Literal["copy", "reinit"] = "copy",
+    ) -> None:
+        super().__init__(num_members)
+        if not isinstance(backbone, nn.Module):
+            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}.")
+        if not (isinstance(input_repetition, (int, float)) and 0 <= input_repetition < 1):
+            raise ValueError(f"`input_repetition` must be in [0, 1), got {input_repetition!r}.")
+        if not (isinstance(batch_repetition, int) and batch_repetition >= 1):
+            raise ValueError(f"`batch_repetition` must be an integer >= 1, got {batch_repetition!r}.")
+        if init not in ("copy", "reinit"):
+            raise ValueError(f"`init` must be 'copy' or 'reinit', got {init!r}.")
+        self.input_repetition, self.batch_repetition, self.init = float(input_repetition), batch_repetition, init
+        layers = [p for p, m in backbone.named_modules() if isinstance(m, _LAYERS)]
+        first = first_layer if first_layer is not None else (layers[0] if layers else None)
+        last = last_layer if last_layer is not None else (layers[-1] if layers else None)
+        if first is None:
+            raise ConversionError("", "the backbone has no nn.Linear or nn.Conv layer to widen for MIMO.")
+        names = dict(backbone.named_modules())
+        for path, role in ((first, "first_layer"), (last, "last_layer")):
+            if path not in names or not path:
+                raise ConversionError(path, f"`{role}` is not a submodule path of the backbone; e.g. {layers[:6]}.")
+        if first == last:
+            raise ConversionError(first, "MIMO needs distinct input and output layers, but the backbone's only "
+                                  "Linear/Conv is both. Use a backbone with a hidden layer.")
+        m = num_members
+
+        def build(path: str, mod: nn.Module) -> nn.Module:
+            return MIMOInput(mod, m, init, path) if path == first else MIMOOutput(mod, m, init, path)
+
+        self.model, self.converted = convert(backbone, lambda p, mod: p in (first, last), build)
+        self.converted = [first, last]
+        self.train(backbone.training)
+
+    def training_indices(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        """``(M, B * R)`` tiled-batch positions each member's slots read in one training step.
+
+        Every row is a permutation of ``range(B * R)`` (each member sees every example R times); the
+        last ``B * R - int(B * R * (1 - rho))`` slots are the same for all members (input repetition).
+        Position ``t`` holds example ``t % B``.
+        """
+        n = batch_size * self.batch_repetition
+        main = torch.randperm(n, device=device)
+        shuffled = int(n * (1.0 - self.input_repetition))
+        rows = [torch.cat([main[:shuffled][torch.randperm(shuffled, device=device)], main[shuffled:]])
+                for _ in range(self.num_members)]
+        return torch.stack(rows)
+
+    def forward_slots(self, xs: Tensor) -> Tensor:
+        """Raw MIMO call: slot ``m`` gets ``xs[m]`` ``(M, B, ...)``; returns head outputs ``(M, B, ...)``."""
+        if xs.shape[0] != self.num_members:
+            raise ValueError(f"`xs` must hold one input per member on axis 0 ({self.num_members}), got {tuple(xs.shape)}.")
+        return self.model(xs.flatten(0, 1)).unflatten(0, (self.num_members, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Evaluation: ``(M, B, ...)`` on the same input. Training: ``(M, B * R, ...)`` in tiled batch order."""
+        if not self.training:
+            return self.forward_slots(x.unsqueeze(0).expand(self.num_members, *x.shape))
+        b = x.shape[0]
+        idx = self.training_indices(b, x.device)  # (M, n) positions
+        out = self.forward_slots(x[idx % b])  # slot j of member m read position idx[m, j]
+        inverse = torch.argsort(idx, dim=1)  # put each member's outputs back at their positions
+        gather = inverse.view(*inverse.shape, *([1] * (out.dim() - 2))).expand_as(out)
+        return out.gather(1, gather)
+
+    def member_targets(self, target: Tensor) -> Tensor:
+        """``(M, B * R, ...)`` in training (the batch tiled R times), ``(M, B, ...)`` otherwise."""
+        if self.training and self.batch_repetition > 1:
+            target = target.repeat(self.batch_repetition, *([1] * (target.dim() - 1)))
+        return target.unsqueeze(0).expand(self.num_members, *target.shape)
+
+    def member(self, index: int) -> nn.Module:
+        """Member ``index``: a copy of the MIMO network fed the same input in every slot, returning head ``index``.
+
+        MIMO members share every weight but the input and output blocks, so a member is not smaller
+        than the ensemble.
+        """
+        index = self._check_index(index)
+        return _MIMOMember(copy.deepcopy(self.model), self.num_members, index).train(self.training)
+
+    def extra_repr(self) -> str:
+        return (f"num_members={self.num_members}, input_repetition={self.input_repetition}, "
+                f"batch_repetition={self.batch_repetition}, converted={self.converted}")
