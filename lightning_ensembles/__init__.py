@@ -37,6 +37,13 @@ from .modules import EnsembleClassifier, EnsembleRegressor
 # Importing the strategies registers `Trainer(strategy="member_parallel")`.
 from .strategies import MemberParallelStrategy, MemberShard, fully_shard_ensembles
 
+# More ensemble families (issue 18).
+from .ensembles.asymmetric import asymmetric_ensemble, w_asymmetric
+from .ensembles.masksembles import Masksembles
+from .ensembles.mc_dropout import MCDropout
+from .ensembles.mimo import MIMO
+from .ensembles.tta import TTAEnsemble
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -69,4 +76,10 @@ __all__ = [
     "register_backbone",
     "register_method",
     "resolve_backbone",
+    "MCDropout",
+    "MIMO",
+    "Masksembles",
+    "TTAEnsemble",
+    "asymmetric_ensemble",
+    "w_asymmetric",
 ]

@@ -31,7 +31,8 @@ def build_ensemble(
     backbone_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Ensemble:
-    """Build ``method`` (``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ...) around ``backbone``.
+    """Build ``method`` (``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ``"mc_dropout"``, ``"mimo"``,
+    ``"masksembles"``, ``"tta"``, ``"asymmetric"``, ...) around ``backbone``.
 
     Example:
         >>> ens = build_ensemble("deep", "mlp", num_members=2, backbone_kwargs={"in_features": 4, "out_features": 3})
