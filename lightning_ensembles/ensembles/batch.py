@@ -16,7 +16,10 @@ reads its ``out_proj`` weight directly, so the projection cannot be wrapped).
 from __future__ import annotations
 
 import copy
-from typing import Literal
+import fnmatch
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +27,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .base import Ensemble
 from .registry import register_method
+from .dataflow import trace_layers
 from .surgery import ConversionError, convert, replace_modules
+from .verify import VerificationReport, make_probe, verify_ensemble
 
 __all__ = ["BatchEnsemble", "TabM", "BatchEnsembleLayer", "PerMemberBatchNorm", "PerMemberLinear"]
 
@@ -81,6 +86,18 @@ class BatchEnsembleLayer(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().expand(num_members, -1).contiguous())
         self.__dict__["_template"] = _hidden_template(layer)
         self.__dict__["_template"].bias = None if bias is None else nn.Parameter(torch.empty_like(bias, device="meta"))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":
+                raise AttributeError(
+                    f"{self.path!r} was converted to a BatchEnsembleLayer, which has no single `weight`: code that reads "
+                    "`.weight` directly (e.g. F.linear(h, layer.weight)) bypasses the per-member factors. Call the layer, "
+                    f"or pass exclude=[{self.path!r}] to keep it a plain layer shared by all members."
+                ) from None
+            raise
 
     def _shape(self, v: Tensor, ndim: int) -> Tensor:
         # (M, C) -> broadcastable against (M, B, ...): channels last for Linear, at axis 2 for convs.
@@ -234,6 +251,8 @@ class PerMemberLinear(nn.Module):
 
 
 _MEMBER_LAYERS = (BatchEnsembleLayer, PerMemberBatchNorm, PerMemberLinear)
+_ADVICE = ("Exclude it (exclude=[path] keeps a layer plain and shared by all members), or convert it by hand so "
+           "that it acts on each member's rows (the batch holds the members back to back, (M * B, ...)).")
 
 
 @register_method("batch")
@@ -254,8 +273,17 @@ class BatchEnsemble(Ensemble):
             ``(M, B, ...)``; ``"split"``: in training, member i sees the i-th of M equal chunks of the batch
             and ``forward`` returns ``(M, B // M, ...)`` (use :meth:`member_targets` on the targets).
             Evaluation always repeats.
-        independent_head: give the last ``Linear`` (in registration order) fully independent
-            per-member weights instead of rank-1 factors (TabM's heads).
+        independent_head: give the output ``Linear`` (found from the data flow of a probe forward,
+            :mod:`~lightning_ensembles.ensembles.dataflow`) fully independent per-member weights instead of
+            rank-1 factors (TabM's heads).
+        exclude: ``fnmatch`` patterns of layer paths kept as plain layers shared by all members. Layers
+            whose forward never runs on the probe (their weight is read directly by other code, e.g.
+            ``F.linear(h, self.fc.weight)``) are kept shared automatically, with a warning; both are
+            listed in ``shared_layers``.
+        verify: after conversion, check on a probe that ``member(i)`` reproduces output ``i`` and that
+            members are independent (:mod:`~lightning_ensembles.ensembles.verify`), raising
+            ``ConversionError`` otherwise; ``False`` skips it (``verification.ran`` is then ``False``).
+        example_input, input_shape: the probe batch, or one example's shape; inferred by default.
 
     ``converted`` lists the converted module paths. ``fast_parameters()`` returns the rank-1 factors
     (uncertainty-baselines trains them at half the learning rate).
@@ -280,6 +308,10 @@ class BatchEnsemble(Ensemble):
         init_std: float = 0.5,
         batch_mode: Literal["repeat", "split"] = "repeat",
         independent_head: bool = False,
+        exclude: Sequence[str] | None = None,
+        verify: bool = True,
+        example_input: Tensor | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(num_members)
         if not isinstance(backbone, nn.Module):
@@ -294,13 +326,33 @@ class BatchEnsemble(Ensemble):
         self.independent_head = independent_head
         m = num_members
 
-        linears = [p for p, mod in backbone.named_modules() if isinstance(mod, nn.Linear) and not _inside_mha(backbone, p)]
-        head = linears[-1] if (independent_head and linears) else None
-        if independent_head and head is None:
-            raise ValueError("`independent_head=True` needs a backbone with an nn.Linear output layer.")
+        if not any(isinstance(mod, _RANK1) for mod in backbone.modules()):
+            raise ValueError("`backbone` has no Linear or Conv layer to convert; BatchEnsemble needs at least one.")
+        try:
+            probe = make_probe(backbone, example_input, input_shape)
+        except ValueError:
+            if verify:
+                raise
+            probe = None  # only verification and the data-flow head need it
+        flow = trace_layers(backbone, probe, _RANK1) if probe is not None else None
+        patterns = list(exclude or [])
+        rank1 = [p for p, mod in backbone.named_modules() if isinstance(mod, _RANK1) and _not_mha_child(backbone, p)]
+        never_called = [p for p in rank1 if flow is not None and p not in flow.called]
+        if never_called:
+            warnings.warn(f"BatchEnsemble keeps {never_called[:5]} as plain layers shared by all members: their forward "
+                          "never runs on the probe (their weight is read directly, or they are unused).", stacklevel=2)
+        self.shared_layers = [p for p in rank1 if p in never_called or any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
+        linears = [p for p in rank1 if isinstance(backbone.get_submodule(p), nn.Linear) and p not in self.shared_layers]
+        head = None
+        if independent_head:
+            data_heads = [p for p in (flow.last if flow else []) if p in linears]
+            head = data_heads[0] if len(data_heads) == 1 else (linears[-1] if linears and flow is None else None)
+            if head is None:
+                raise ValueError("`independent_head=True` needs a backbone with one nn.Linear output layer "
+                                 f"(the data flow gives {flow.last if flow else []}).")
 
         def select(path: str, mod: nn.Module) -> bool:
-            if isinstance(mod, nn.MultiheadAttention):
+            if isinstance(mod, nn.MultiheadAttention) or path in self.shared_layers:
                 return False
             if isinstance(mod, _BatchNorm):
                 if type(mod).forward is not _BatchNorm.forward and type(mod).__name__ != "BatchNormAct2d":
@@ -321,6 +373,18 @@ class BatchEnsemble(Ensemble):
             raise ValueError("`backbone` has no Linear or Conv layer to convert; BatchEnsemble needs at least one.")
         self.reset_fast_weights()
         self.train(backbone.training)  # keep the backbone's train/eval mode
+        if verify:
+            # split mode gives each member its own rows in training: a probe of M * B rows
+            rows = probe.repeat(m, *([1] * (probe.dim() - 1))) if batch_mode == "split" else probe
+            self.verification = verify_ensemble(self, rows, advice=_ADVICE)
+        else:
+            self.verification = VerificationReport(ran=False)
+
+    _inner_prefix = "model."
+
+    def member_parameter_axes(self) -> dict[str, int]:
+        """Own (per-member) parameters: name in ``named_parameters()`` -> 0 (the member axis)."""
+        return {f"model.{n}": 0 for n in self.stacked_parameters()}
 
     @torch.no_grad()
     def reset_fast_weights(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Ensemble
+from .dataflow import trace_layers
 from .registry import register_method
+from .verify import VerificationReport, make_probe, verify_ensemble
 
 __all__ = ["LoRAEnsemble", "LoRAFactors", "BatchedLoRALinear", "BatchedLoRAMultiheadAttention", "BatchedLinear"]
 
@@ -120,8 +123,11 @@ class LoRAFactors(nn.Module):
 
 
 def _check_rows(x: Tensor, rows: _Rows, num_members: int, path: str, axis: int = 0) -> None:
+    # A multiple of the repeated batch is allowed: window attention (Swin) folds windows into the batch
+    # axis, batch-outermost, so member i's rows stay one contiguous block. Anything else is caught by the
+    # post-conversion verification.
     n = x.shape[axis] if x.dim() > axis else -1
-    if (rows.expected is not None and n != rows.expected) or n % num_members:
+    if (rows.expected is not None and (n < rows.expected or n % rows.expected)) or n % num_members:
         raise ValueError(
             f"LoRAEnsemble: adapted module {path!r} received input of shape {tuple(x.shape)}, whose dim {axis} is not "
             f"the repeated batch ({rows.expected if rows.expected is not None else 'a multiple of num_members'}). "
@@ -361,7 +367,7 @@ class BatchedLoRAMultiheadAttention(nn.Module):
         return mha
 
 
-def _find_head(backbone: nn.Module, head: str | None) -> str | None:
+def _find_head(backbone: nn.Module, head: str | None, data_last: list[str] | None = None) -> str | None:
     if head is None or head == "none":
         return None
     names = dict(backbone.named_modules())
@@ -385,6 +391,12 @@ def _find_head(backbone: nn.Module, head: str | None) -> str | None:
                 return n
     inside_mha = {f"{n}.out_proj" for n, m in names.items() if isinstance(m, nn.MultiheadAttention)}
     linears = [n for n, m in names.items() if isinstance(m, nn.Linear) and n not in inside_mha]
+    if data_last is not None:  # the output layer from the data flow, not registration order
+        heads = [n for n in data_last if n in linears]
+        if len(heads) != 1:
+            raise ValueError(f"`head`='auto': the output layers in the data flow are {data_last}, not one nn.Linear; "
+                             "name the head module or pass head=None.")
+        return heads[0]
     if not linears:
         raise ValueError("`head`='auto' found no nn.Linear head in the backbone; pass `head=None` for a shared head.")
     return linears[-1]
@@ -421,6 +433,13 @@ class LoRAEnsemble(Ensemble):
             member equals the frozen backbone with its own head.
         init_gain: gain of the Xavier draw; 10 in the paper's final configurations (the main
             diversity knob).
+        verify: after conversion, check on a probe that ``member(i)`` reproduces output ``i`` and that
+            members are independent (:mod:`~lightning_ensembles.ensembles.verify`), raising
+            ``ConversionError`` otherwise; ``False`` skips it (``verification.ran`` is then ``False``).
+        example_input, input_shape: the probe batch, or one example's shape; inferred by default.
+            The probe also finds the output layer (``head="auto"`` without timm's ``get_classifier``)
+            from the data flow, and leaves out targets whose forward never runs (their weight is read
+            directly by other code), with a warning (``skipped_targets``).
 
     Trainable parameters (all other weights are frozen)::
 
@@ -456,6 +475,9 @@ class LoRAEnsemble(Ensemble):
         head_init: Literal["reinit", "copy"] = "reinit",
         init: Literal["xavier_uniform", "normal", "kaiming_uniform"] = "xavier_uniform",
         init_gain: float = 10.0,
+        verify: bool = True,
+        example_input: Tensor | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(num_members)
         if not isinstance(backbone, nn.Module):
@@ -479,8 +501,15 @@ class LoRAEnsemble(Ensemble):
         self._rows = _Rows()
 
         # Plan the whole conversion first so that a refusal leaves nothing half-converted.
+        try:
+            probe = make_probe(backbone, example_input, input_shape)
+        except ValueError:
+            if verify:
+                raise
+            probe = None
+        flow = trace_layers(backbone, probe, (nn.Linear, nn.MultiheadAttention)) if probe is not None else None
         names = dict(backbone.named_modules())
-        head_path = _find_head(backbone, head)
+        head_path = _find_head(backbone, head, flow.last if flow is not None else None)
         mha_children = {f"{n}.{c}" for n, m in names.items() if isinstance(m, nn.MultiheadAttention) for c in ("out_proj",)}
         patterns = list(target_modules) if target_modules is not None else list(DEFAULT_TARGETS)
         targets: list[str] = []
@@ -509,6 +538,14 @@ class LoRAEnsemble(Ensemble):
             )
         nested = [t for t in targets if any(t.startswith(o + ".") for o in targets if o != t)]
         targets = [t for t in targets if t not in nested]  # a MultiheadAttention target covers its children
+        self.skipped_targets = [t for t in targets if flow is not None and t not in flow.called]
+        if self.skipped_targets:
+            warnings.warn(f"LoRAEnsemble leaves {self.skipped_targets[:5]} unadapted (frozen, shared): their forward never "
+                          "runs on the probe (their weight is read directly, or they are unused).", stacklevel=2)
+            targets = [t for t in targets if t not in self.skipped_targets]
+            if not targets:
+                raise ValueError("`target_modules` matched only layers whose forward never runs on the probe; "
+                                 "nothing to adapt.")
 
         model = copy.deepcopy(backbone).requires_grad_(False)
         self.adapted_modules: list[str] = targets
@@ -528,6 +565,18 @@ class LoRAEnsemble(Ensemble):
                 head_path, BatchedLinear(model.get_submodule(head_path), num_members, head_init, head_path, self._rows)
             )
         self.backbone = model
+        self.verification = verify_ensemble(self, probe) if verify else VerificationReport(ran=False)
+
+    _inner_prefix = "backbone."
+
+    def member_parameter_axes(self) -> dict[str, int]:
+        """Own (per-member) parameters: LoRA factors and per-member heads, member axis 0."""
+        out = {}
+        for path, mod in self.backbone.named_modules():
+            if isinstance(mod, (LoRAFactors, BatchedLinear)):
+                for n, _ in mod.named_parameters(recurse=False):
+                    out[f"backbone.{path}.{n}" if path else f"backbone.{n}"] = 0
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)`` from one pass over the member-major repeated batch."""

@@ -32,24 +32,33 @@ reduce ``gamma``):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
+import os
 import warnings
-from typing import Callable, Literal
+from collections.abc import Sequence
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.overrides import TorchFunctionMode
 
 from .base import Ensemble
+from .dataflow import trace_layers
 from .registry import register_method
 from .reinit import reinitialize
 from .surgery import ConversionError, leaf_parameter_owners
+from .verify import VerificationReport, call_site, make_probe, run_named, verify_ensemble
 
-__all__ = ["PackedEnsemble", "GroupedLinear", "PackedLayerNorm", "PackedMultiheadAttention", "PackedAttention"]
+_CONVERT_ADVICE = ("If this module reads a converted layer's weight directly (e.g. F.linear(h, self.fc.weight)) or "
+                   "assumes the backbone's channel count, convert it by hand or keep it out of the backbone.")
+
+__all__ = ["PackedEnsemble", "ChannelOpsModule", "GroupedLinear", "PackedLayerNorm", "PackedMultiheadAttention", "PackedAttention"]
 
 # Leaf modules owning parameters that are packed along their last axis like free tensors.
 _FREE_PARAM_LEAVES = {"LayerScale", "LayerScale2d"}
@@ -248,17 +257,216 @@ def _is_layernorm2d(module: nn.Module) -> bool:
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
-    return type(module).__name__ == "Attention" and all(hasattr(module, a) for a in ("qkv", "proj", "num_heads"))
+    # timm's own ``Attention`` (exactly its forward): other classes named "Attention" compute differently.
+    try:
+        from timm.layers import Attention
+    except ImportError:  # timm is optional
+        return False
+    return isinstance(module, Attention) and type(module).forward is Attention.forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Channel operations of the backbone's own code (torch.cat, split, chunk, narrow, slicing) on packed tensors.
+#
+# Packed tensors hold member i's channels in the i-th contiguous block of the member axis. Code written for
+# the backbone concatenates, splits and slices that axis with the backbone's widths. A ``TorchFunctionMode``
+# rewrites those calls per member: ``torch.cat`` concatenates member by member (so each member's blocks stay
+# contiguous), ``split``/``chunk``/``narrow``/slices split or slice each member's block with the widths
+# scaled to the member width. Which call sites touch the member axis is learnt once, at conversion, by
+# running the backbone and the packed model side by side on the probe: a call whose tensor differs from the
+# backbone's on the operated axis operates on the member axis. Sites never seen on the probe run unchanged
+# (and are therefore not covered by the verification either).
+_INTERCEPT = {"cat": "cat", "concat": "cat", "concatenate": "cat", "split": "split", "chunk": "chunk",
+              "narrow": "narrow", "__getitem__": "getitem"}
+
+
+def _parse(kind: str, args: tuple, kwargs: dict) -> tuple[Any, Any, int]:
+    """(tensor or tensors, argument, dim) of an intercepted call."""
+    if kind == "cat":
+        tensors = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+        return list(tensors), None, dim
+    if kind in ("split", "chunk"):
+        x = args[0] if args else kwargs.get("tensor", kwargs.get("input", kwargs.get("self")))
+        arg = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks")))
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        return x, arg, dim
+    if kind == "narrow":
+        x = args[0] if args else kwargs["input"]
+        rest = list(args[1:]) + [kwargs[k] for k in ("dim", "start", "length") if k in kwargs]
+        return x, (rest[1], rest[2]), rest[0]
+    return args[0], args[1], -1  # getitem: the dim is found from the index
+
+
+def _basic_index(idx: Any, ndim: int) -> list | None:
+    """Index as one entry per dim (slices and ints only), or None if it uses anything else."""
+    idx = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(not (isinstance(i, (slice, int)) or i is Ellipsis) or isinstance(i, bool) for i in idx):
+        return None
+    if any(isinstance(i, slice) and not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+           for i in idx):
+        return None
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + [slice(None)] * (ndim - len(idx) + 1) + idx[k + 1:]
+    return idx + [slice(None)] * (ndim - len(idx))
+
+
+def _scale(v: int, c: int, w: int, where: str) -> int:
+    if (v * w) % c:
+        raise ConversionError(where, f"a channel offset/size {v} of the backbone's {c} channels does not scale to a "
+                              f"whole number of the member's {w} channels; choose alpha so that alpha * C / M == C "
+                              "(alpha == num_members) or convert this operation by hand.")
+    return v * w // c
+
+
+class _ChannelOps(TorchFunctionMode):
+    """Record (backbone), learn (packed model on the probe) or apply (runtime) per-member channel operations."""
+
+    def __init__(self, num_members: int, rules: dict | None = None, reference: list | None = None,
+                 record: bool = False) -> None:
+        super().__init__()
+        self.m, self.rules = num_members, rules if rules is not None else {}
+        self.reference, self.record = reference, record
+        self.log: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        kind = _INTERCEPT.get(getattr(func, "__name__", ""))
+        if kind is None or (kind == "getitem" and not isinstance(args[0], Tensor)):
+            return func(*args, **kwargs)
+        fname, line, internal = call_site()
+        if internal:
+            return func(*args, **kwargs)
+        key = (fname, line, kind)
+        where = f"{kind} at {os.path.basename(fname)}:{line}"
+        if self.record:
+            x, _, _ = _parse(kind, args, kwargs)
+            self.log.append((key, [tuple(t.shape) for t in x] if kind == "cat" else tuple(x.shape)))
+            return func(*args, **kwargs)
+        if self.reference is not None:
+            self._learn(key, where, kind, args, kwargs)
+        rule = self.rules.get(key)
+        if rule is None:
+            return func(*args, **kwargs)
+        return self._apply(rule, where, kind, func, args, kwargs)
+
+    # ---------------------------------------------------------------- learning on the probe
+    def _learn(self, key: tuple, where: str, kind: str, args: tuple, kwargs: dict) -> None:
+        k = len(self.log)
+        if k >= len(self.reference) or self.reference[k][0] != key:
+            raise ConversionError(where, "the packed model's channel operations do not follow the backbone's (the "
+                                  "control flow depends on the channel widths); convert this model by hand.")
+        ref = self.reference[k][1]
+        self.log.append(key)
+        x, arg, dim = _parse(kind, args, kwargs)
+        if kind == "cat":
+            d = dim % x[0].dim()
+            member = [t.shape[d] != r[d] for t, r in zip(x, ref)]
+            if not any(member):
+                rule = ("plain",)
+            elif not all(member):
+                raise ConversionError(where, "torch.cat joins packed (per-member) channels with unpacked ones; the "
+                                      "unpacked tensor would have to be copied into each member. Convert by hand.")
+            else:
+                if any(t.shape[d] % self.m for t in x):
+                    raise ConversionError(where, f"torch.cat on a packed axis whose size is not a multiple of M={self.m}.")
+                rule = ("cat", d)
+        else:
+            if x.dim() != len(ref):
+                raise ConversionError(where, f"tensor has {x.dim()} dims in the packed model, {len(ref)} in the backbone.")
+            diff = [i for i in range(x.dim()) if x.shape[i] != ref[i]]
+            if kind == "getitem":
+                idx = _basic_index(arg, x.dim())
+                touched = [i for i in diff if idx is None or idx[i] != slice(None)]
+                if not touched:
+                    rule = ("plain",)
+                elif idx is None or len(diff) != 1 or not isinstance(idx[diff[0]], slice):
+                    raise ConversionError(where, f"indexing {arg!r} selects along the packed channel axis in a way that "
+                                          "cannot be applied per member (only plain slices can). Convert by hand.")
+                else:
+                    rule = ("getitem", diff[0], {x.shape[diff[0]] // self.m: ref[diff[0]]})
+            else:
+                d = dim % x.dim()
+                if d not in diff:
+                    rule = ("plain",)
+                elif x.shape[d] % self.m:
+                    raise ConversionError(where, f"packed axis of size {x.shape[d]} is not a multiple of M={self.m}.")
+                else:
+                    rule = (kind, d, {x.shape[d] // self.m: ref[d]})
+        old = self.rules.get(key)
+        if old is not None and old[:2] != rule[:2]:
+            raise ConversionError(where, "this call site operates on the packed channel axis in one call and on another "
+                                  "axis in another; it cannot be rewritten per member. Convert by hand.")
+        if old is not None and len(rule) > 2:
+            rule[2].update(old[2])
+        self.rules[key] = rule
+        if rule[0] != "plain":
+            self._apply(rule, where, kind, None, args, kwargs, dry=True)
+
+    # ---------------------------------------------------------------- per-member rewrite
+    def _apply(self, rule: tuple, where: str, kind: str, func: Any, args: tuple, kwargs: dict, dry: bool = False) -> Any:
+        if rule[0] == "plain":
+            return func(*args, **kwargs)
+        m, d = self.m, rule[1]
+        x, arg, dim = _parse(kind, args, kwargs)
+        if kind == "cat":
+            if m == 1:
+                return None if dry else torch.cat(x, d)
+            return None if dry else torch.cat([t.unflatten(d, (m, -1)) for t in x], d + 1).flatten(d, d + 1)
+        w = x.shape[d] // m
+        c = rule[2].get(w)
+        if c is None or x.shape[d] % m:
+            raise ConversionError(where, f"packed channel axis of size {x.shape[d]} was not seen at conversion for this "
+                                  f"call site (seen member widths: {sorted(rule[2])}).")
+        xm = x.unflatten(d, (m, w))
+        if kind == "split":
+            sizes = [arg] * (c // arg) + ([c % arg] if c % arg else []) if isinstance(arg, int) else list(arg)
+            per = [_scale(s, c, w, where) for s in sizes]
+            return None if dry else tuple(p.flatten(d, d + 1) for p in xm.split(per, d + 1))
+        if kind == "chunk":
+            if c % arg or w % arg:
+                raise ConversionError(where, f"chunk({arg}) of {c} backbone / {w} member channels is uneven; convert by hand.")
+            return None if dry else tuple(p.flatten(d, d + 1) for p in xm.chunk(arg, d + 1))
+        if kind == "narrow":
+            start, length = (_scale(v % c if i == 0 else v, c, w, where) for i, v in enumerate(arg))
+            return None if dry else xm.narrow(d + 1, start, length).flatten(d, d + 1)
+        idx = _basic_index(arg, x.dim())
+        a, b, step = idx[d].indices(c)
+        if step != 1:
+            raise ConversionError(where, "a strided slice of the packed channel axis cannot be applied per member.")
+        per = slice(_scale(a, c, w, where), _scale(max(b, a), c, w, where))
+        new = idx[:d] + [slice(None), per] + idx[d + 1:]
+        d_out = d - sum(isinstance(i, int) for i in idx[:d])
+        return None if dry else xm[tuple(new)].flatten(d_out, d_out + 1)
+
+    def needs_member_wrapper(self) -> bool:
+        """Whether a 1-member model needs the rewrite too (some member width differs from the backbone's)."""
+        return any(r[0] not in ("plain", "cat") and any(w != c for w, c in r[2].items()) for r in self.rules.values())
+
+
+class ChannelOpsModule(nn.Module):
+    """A packed network whose forward runs under the per-member channel rewrite (a member of a packed
+    backbone that splits or slices channels with the backbone's widths)."""
+
+    def __init__(self, module: nn.Module, rules: dict, num_members: int = 1) -> None:
+        super().__init__()
+        self.module = module
+        self.__dict__["_rules"], self.num_members = rules, num_members
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _ChannelOps(self.num_members, self._rules):
+            return self.module(*args, **kwargs)
 
 
 class _Packer:
     """Builds the packed copy of a backbone for ``num_members`` members of per-member width ``width(C)``."""
 
     def __init__(self, num_members: int, width: Callable[[int], int], gamma: int, min_channels_per_group: int,
-                 first: str, last: str, no_gamma_layers: list[str] | None = None) -> None:
+                 first: Sequence[str], last: Sequence[str], no_gamma_layers: list[str] | None = None) -> None:
         self.m, self.width, self.gamma, self.min_cpg = num_members, width, gamma, min_channels_per_group
         self.no_gamma = list(no_gamma_layers or [])
-        self.first, self.last = first, last
+        self.first, self.last = set(first), set(last)
         self.member_axes: dict[str, int | None] = {}  # tensor name -> axis holding the M blocks
         self.gamma_reductions: dict[str, int] = {}
         self.converted: list[str] = []
@@ -282,7 +490,7 @@ class _Packer:
 
     # -------------------------------------------------------------- layers
     def linear(self, path: str, lin: nn.Linear) -> tuple[nn.Module, dict[str, int]]:
-        first, last = path == self.first, path == self.last
+        first, last = path in self.first, path in self.last
         out_p = self.m * lin.out_features if last else self.packed(lin.out_features)
         if first:
             new = copy.deepcopy(lin)
@@ -296,7 +504,7 @@ class _Packer:
         return GroupedLinear(in_p, out_p, self.m * g, bias=lin.bias is not None), {"weight": 0, "bias": 0}
 
     def conv(self, path: str, conv: _ConvNd) -> tuple[nn.Module, dict[str, int]]:
-        first, last = path == self.first, path == self.last
+        first, last = path in self.first, path in self.last
         transposed = conv.transposed
         out_p = self.m * conv.out_channels if last else self.packed(conv.out_channels)
         if first:
@@ -499,12 +707,29 @@ class PackedEnsemble(Ensemble):
         no_gamma_layers: ``fnmatch`` patterns of layer paths that keep gamma = 1 (torch-uncertainty's
             hand-written ResNets apply gamma only to each block's second conv and shortcut:
             ``["*.conv1", "linear"]`` reproduces their parameter count).
-        first_layer, last_layer: module paths of the layer reading the input and of the output layer;
-            by default the first and last ``Linear``/``Conv`` in registration order.
+        first_layer, last_layer: module paths (or lists of paths) of the layers reading the shared input
+            and of the output layers. By default they are found from the data flow of a probe forward
+            (:mod:`~lightning_ensembles.ensembles.dataflow`): the ``Linear``/``Conv`` layers whose input comes
+            from the model input through parameter-free operations, and those whose output reaches the model
+            output without another layer. Registration order is not used.
+        verify: after conversion, check on the probe that ``member(i)`` reproduces output ``i`` and that the
+            members are independent (:mod:`~lightning_ensembles.ensembles.verify`); raise ``ConversionError``
+            naming the module or operation that couples members otherwise. ``False`` skips it (faster);
+            ``verification.ran`` is then ``False``.
+        example_input, input_shape: the probe: a batch ``(B, ...)``, or one example's shape (a batch of 2
+            is drawn). By default inferred from timm's ``pretrained_cfg``/``patch_embed`` or the first
+            convolution / ``Linear`` (the first shape the backbone runs on).
 
-    ``converted`` lists converted module paths, ``gamma_reductions`` layers where gamma was lowered.
-    The output layer's channels are split into members: ``(B, M * K)`` becomes ``(M, B, K)`` (channel
-    axis last for a ``Linear`` output layer, axis 1 for a convolutional one).
+    ``converted`` lists converted module paths, ``gamma_reductions`` layers where gamma was lowered,
+    ``verification`` what was checked. The output layers' channels are split into members:
+    ``(B, M * K)`` becomes ``(M, B, K)`` (the member axis is the output axis that the conversion widened).
+
+    Channel operations in the backbone's own code (``torch.cat``, ``split``, ``chunk``, ``narrow`` and
+    slices on the channel axis, as in DenseNet, CSP and Ghost modules) are rewritten per member while
+    the packed model runs, by a ``TorchFunctionMode`` (see the section comment above ``_ChannelOps``);
+    ``channel_sites`` lists the rewritten call sites. Operations that mix channels across members
+    (``F.normalize`` over channels, channel shuffles, means over channels) are found by the verification
+    and refused, naming the operation.
 
     Example:
         >>> import torch
@@ -515,6 +740,8 @@ class PackedEnsemble(Ensemble):
         torch.Size([4, 5, 3])
         >>> ens.converted
         ['0', '2']
+        >>> ens.verification.passed
+        True
         >>> torch.allclose(ens.member(1)(torch.ones(2, 4)), ens(torch.ones(2, 4))[1], atol=1e-6)
         True
     """
@@ -527,9 +754,12 @@ class PackedEnsemble(Ensemble):
         gamma: int = 1,
         init: Literal["reinit", "copy"] = "reinit",
         min_channels_per_group: int = 0,
-        first_layer: str | None = None,
-        last_layer: str | None = None,
+        first_layer: str | list[str] | None = None,
+        last_layer: str | list[str] | None = None,
         no_gamma_layers: list[str] | None = None,
+        verify: bool = True,
+        example_input: Tensor | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(num_members)
         if not isinstance(backbone, nn.Module):
@@ -553,12 +783,34 @@ class PackedEnsemble(Ensemble):
         layers = [p for p, mod in backbone.named_modules() if isinstance(mod, (nn.Linear, _ConvNd))]
         if not layers:
             raise ValueError("`backbone` has no Linear or Conv layer; PackedEnsemble has nothing to pack.")
+        given = {}
         for arg, value in (("first_layer", first_layer), ("last_layer", last_layer)):
-            if value is not None and value not in layers:
-                raise ValueError(f"`{arg}`={value!r} is not a Linear/Conv module path of the backbone; choose from {layers[:8]}...")
-        self.first_layer = first_layer or layers[0]
-        self.last_layer = last_layer or layers[-1]
-        last_mod = backbone.get_submodule(self.last_layer)
+            if value is None:
+                continue
+            value = [value] if isinstance(value, str) else list(value)
+            for v in value:
+                if v not in layers:
+                    raise ValueError(f"`{arg}`={v!r} is not a Linear/Conv module path of the backbone; choose from {layers[:8]}...")
+            given[arg] = value
+        probe = None
+        if verify or len(given) < 2 or example_input is not None or input_shape is not None:
+            probe = make_probe(backbone, example_input, input_shape)
+        flow = None
+        if probe is not None:
+            flow = trace_layers(backbone, probe)
+            if "first_layer" not in given and flow.mixed:
+                raise ConversionError(flow.mixed[0], "this layer reads both the model input (through parameter-free "
+                                      "operations) and another layer's output; the shared input cannot be joined to "
+                                      "packed channels. Convert by hand or pass first_layer=.")
+            if flow.input_reaches_output:
+                raise ConversionError("", "the model output depends on the model input through a path without any "
+                                      "Linear/Conv layer (a global skip connection); members would share it. Convert by hand.")
+        self.first_layer = given.get("first_layer") or (flow.first if flow else [])
+        self.last_layer = given.get("last_layer") or (flow.last if flow else [])
+        if not self.first_layer or not self.last_layer:
+            raise ValueError(f"PackedEnsemble found no {'input' if not self.first_layer else 'output'} layer in the data flow "
+                             "of the probe forward; pass first_layer=/last_layer= (module paths).")
+        last_mod = backbone.get_submodule(self.last_layer[0])
         self._out_axis = -1 if isinstance(last_mod, nn.Linear) else 1
         self._num_outputs = last_mod.out_features if isinstance(last_mod, nn.Linear) else last_mod.out_channels
 
@@ -573,6 +825,11 @@ class PackedEnsemble(Ensemble):
         self.model = packer.build(backbone)
         self.converted, self.gamma_reductions = packer.converted, packer.gamma_reductions
         self._member_axes = packer.member_axes
+        self.__dict__["_rules"] = {}
+        if probe is not None:
+            self._learn_channel_ops(backbone, probe, flow)
+        self.channel_sites = sorted({f"{os.path.basename(k[0])}:{k[1]} ({r[0]})" for k, r in self._rules.items()
+                                     if r[0] != "plain"})
         if self.gamma_reductions:
             warnings.warn(f"PackedEnsemble lowered gamma (min_channels_per_group={min_channels_per_group}) in "
                           f"{len(self.gamma_reductions)} layers: {dict(list(self.gamma_reductions.items())[:5])}...", stacklevel=2)
@@ -587,15 +844,53 @@ class PackedEnsemble(Ensemble):
         sources = [_source_for_grouped(s, self.model) for s in sources] if (init == "copy" or exact) else sources
         _fill_from_sources(self.model, sources, self._member_axes, width_exact=init == "copy" or exact)
         self.train(backbone.training)  # keep the backbone's train/eval mode
+        self.verification = verify_ensemble(self, probe) if verify else VerificationReport(ran=False)
+
+    def _learn_channel_ops(self, backbone: nn.Module, probe: Tensor, flow: Any) -> None:
+        """Run backbone and packed model side by side on the probe: learn the channel-op rewrites and the output axis."""
+        modes = {mod: mod.training for mod in list(backbone.modules()) + list(self.model.modules())}
+        try:
+            backbone.eval()
+            self.model.eval()
+            with torch.no_grad():
+                with _ChannelOps(self.num_members, record=True) as rec:
+                    ref_out = backbone(probe)
+                learner = _ChannelOps(self.num_members, rules={}, reference=rec.log)
+                with learner:
+                    out = run_named(self.model, probe, "the packed model's forward", _CONVERT_ADVICE)
+        finally:
+            for mod, t in modes.items():
+                mod.training = t
+        self.__dict__["_rules"] = learner.rules if any(r[0] != "plain" for r in learner.rules.values()) else {}
+        if not isinstance(out, Tensor) or not isinstance(ref_out, Tensor) or out.dim() != ref_out.dim():
+            raise ConversionError("", f"the backbone returns {type(ref_out).__name__}; PackedEnsemble needs one output tensor.")
+        axes = [a for a in range(out.dim()) if out.shape[a] != ref_out.shape[a]]
+        if len(axes) != 1 or out.shape[axes[0]] != self.num_members * ref_out.shape[axes[0]]:
+            raise ConversionError(",".join(self.last_layer), f"the packed output has shape {tuple(out.shape)} for the "
+                                  f"backbone's {tuple(ref_out.shape)}; expected exactly one axis widened M={self.num_members} "
+                                  "times by the output layers. Something after the output layers changes the channel "
+                                  "count (pass last_layer=) or the model is not a single-output network.")
+        self._out_axis, self._num_outputs = axes[0], ref_out.shape[axes[0]]
+
+    def _ops(self, num_members: int) -> contextlib.AbstractContextManager:
+        return _ChannelOps(num_members, self._rules) if self._rules else contextlib.nullcontext()
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)``; every member sees the whole batch."""
-        out = self.model(x)
+        with self._ops(self.num_members):
+            out = self.model(x)
         axis = self._out_axis % out.dim()
         if out.shape[axis] != self.num_members * self._num_outputs:
             raise RuntimeError(f"the packed model's output has {out.shape[axis]} channels on axis {axis}, expected "
                                f"{self.num_members} * {self._num_outputs}; is `last_layer`={self.last_layer!r} the output layer?")
         return out.unflatten(axis, (self.num_members, -1)).movedim(axis, 0)
+
+    _inner_prefix = "model."
+
+    def member_parameter_axes(self) -> dict[str, int]:
+        """Own (per-member) parameters: name in ``named_parameters()`` -> axis holding the M member blocks."""
+        params = {n for n, _ in self.named_parameters()}
+        return {f"model.{n}": a for n, a in self._member_axes.items() if a is not None and f"model.{n}" in params}
 
     def stacked_parameters(self) -> dict[str, Tensor]:
         """Every member's own block of each packed parameter, member axis first: ``{name: (M, ...)}``.
@@ -632,7 +927,10 @@ class PackedEnsemble(Ensemble):
                 value = src[name] if axis is None else src[name].unflatten(axis, (self.num_members, -1)).select(axis, index)
                 t.copy_(value.reshape(t.shape))
         member.train(self.training)
-        return member.to(next(self.model.parameters()).device)
+        member = member.to(next(self.model.parameters()).device)
+        if self._rules and _ChannelOps(1, self._rules).needs_member_wrapper():
+            member = ChannelOpsModule(member, self._rules, 1)
+        return member
 
     def _unpacked_structure(self) -> nn.Module:
         # Real (uninitialised) tensors: every one of them is overwritten from the packed model in member().
