@@ -89,3 +89,38 @@ def ensembling_callback_fit(method: str, num_members: int, method_kwargs: dict[s
     trainer.fit(module, DigitsDataModule(batch_size=64))
     assert "val/calibration/ece" in trainer.callback_metrics
     return float(trainer.callback_metrics["val_acc"])
+
+
+def cli_fit_with_diversity_averaging_and_calibration(tmp_path, method: str, ensemble_kwargs: dict[str, Any],
+                                                     num_members: int = 3) -> Any:
+    """``lightning-ensembles fit`` from YAML with a diversity term, EMA weight averaging and calibration metrics."""
+    from lightning_ensembles.cli import run_cli
+
+    config = tmp_path / "family.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {
+            "class_path": "lightning_ensembles.EnsembleClassifier",
+            "init_args": {
+                "backbone": "mlp", "method": method, "num_members": num_members, "backbone_kwargs": DIGITS_MLP,
+                "ensemble_kwargs": ensemble_kwargs,
+                "regularizers": [{"class_path": "lightning_ensembles.losses.JensenShannon", "init_args": {"weight": 0.1}}],
+            },
+        },
+        "data": {"class_path": "lightning_ensembles.data.DigitsDataModule", "init_args": {"batch_size": 32}},
+        "trainer": {
+            "max_epochs": 1, "limit_train_batches": 4, "limit_val_batches": 2, "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "callbacks": [
+                {"class_path": "lightning_ensembles.callbacks.WeightAveraging",
+                 "init_args": {"method": "ema", "attribute": "ensemble", "interval": "step", "decay": 0.5}},
+                {"class_path": "lightning_ensembles.callbacks.CalibrationMetrics"},
+            ],
+        },
+    }))
+    cli = run_cli(["fit", "--config", str(config), "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}"])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/neg_jensen_shannon"])
+    assert "val/calibration/ece" in metrics and "val/acc" in metrics, sorted(metrics)
+    averager = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "WeightAveraging").averager
+    assert averager.n_averaged >= 3
+    return cli

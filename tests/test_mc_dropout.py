@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _family_checks import DIGITS_MLP, checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit
+from _family_checks import DIGITS_MLP, checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit, cli_fit_with_diversity_averaging_and_calibration
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.ensembles.mc_dropout import MCDropout, seeded_uniform
 from lightning_ensembles.ensembles.registry import build_ensemble
@@ -159,3 +159,8 @@ def test_yaml_checkpoint_round_trip_and_registry(tmp_path):
 def test_ensembling_callback_and_calibration_metrics():
     acc = ensembling_callback_fit("mc_dropout", 4, {})
     assert acc > 0.7
+
+
+def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
+    cli = cli_fit_with_diversity_averaging_and_calibration(tmp_path, "mc_dropout", {"p": 0.2, "insert_before": ["net.3"]})
+    assert type(cli.model.ensemble).__name__ == "MCDropout"

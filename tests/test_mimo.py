@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from _family_checks import checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit
+from _family_checks import checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit, cli_fit_with_diversity_averaging_and_calibration
 from conftest import quiet_trainer
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.ensembles.mimo import MIMO, MIMOInput, MIMOOutput
@@ -141,3 +141,8 @@ def test_yaml_checkpoint_round_trip(tmp_path):
 
 def test_ensembling_callback_and_calibration_metrics():
     assert ensembling_callback_fit("mimo", 2, {"init": "reinit"}) > 0.6
+
+
+def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
+    cli = cli_fit_with_diversity_averaging_and_calibration(tmp_path, "mimo", {"input_repetition": 0.5})
+    assert type(cli.model.ensemble).__name__ == "MIMO"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from _family_checks import checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit
+from _family_checks import checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit, cli_fit_with_diversity_averaging_and_calibration
 from lightning_ensembles import DeepEnsemble
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.ensembles.registry import build_ensemble
@@ -106,3 +106,9 @@ def test_yaml_checkpoint_round_trip(tmp_path):
 
 def test_ensembling_callback_and_calibration_metrics():
     assert ensembling_callback_fit("tta", 2, {"transforms": ["identity", "shift_0_1"], "train_augment": True}) > 0.6
+
+
+def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
+    kwargs = {"transforms": ["identity", "shift_1_0"], "inner_method": "deep", "train_augment": True}
+    cli = cli_fit_with_diversity_averaging_and_calibration(tmp_path, "tta", kwargs, num_members=2)
+    assert cli.model.ensemble.num_members == 4
