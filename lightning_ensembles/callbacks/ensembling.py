@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
 import types
 from collections.abc import Mapping
@@ -87,21 +88,44 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-class _RandomState:
-    """The global random generators' states (torch CPU and CUDA, NumPy, Python), to replay a stretch of code."""
+def _numpy_state_bytes() -> bytes | None:
+    """NumPy's global generator state (Mersenne Twister key and position) as raw bytes, in ~1 us.
 
-    def __init__(self) -> None:
+    ``np.random.get_state()`` takes ~100 us, too slow to take at every training step; these bytes
+    tell whether the state changed and put it back. ``None`` where that memory layout is unavailable.
+    """
+    try:
+        address = np.random.mtrand._rand._bit_generator.ctypes.state_address
+    except AttributeError:
+        return None
+    return ctypes.string_at(address, _MT19937_BYTES)
+
+
+def _restore_numpy_state_bytes(saved: bytes) -> None:
+    ctypes.memmove(np.random.mtrand._rand._bit_generator.ctypes.state_address, saved, _MT19937_BYTES)
+
+
+_MT19937_BYTES = 624 * 4 + 4  # numpy's mt19937_state: uint32_t key[624]; int pos
+
+
+class _RandomState:
+    """The global random generators' states, to replay a stretch of code.
+
+    torch (CPU and CUDA) always; NumPy's and Python's (slow to read) only with ``host=True``.
+    """
+
+    def __init__(self, host: bool = False) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        self.numpy = np.random.get_state()
-        self.python = random.getstate()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.host = (np.random.get_state(), random.getstate()) if host else None
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
-        np.random.set_state(self.numpy)
-        random.setstate(self.python)
+        if self.host is not None:
+            np.random.set_state(self.host[0])
+            random.setstate(self.host[1])
 
 
 class _MemberPasses:
@@ -109,7 +133,8 @@ class _MemberPasses:
 
     Pass 0 runs the ensemble at each call of the submodule and keeps the member outputs ``(M, ...)``
     and the random state after the call; pass ``i`` returns member ``i``'s outputs of the same call and
-    restores that random state, so the user's code around the call sees what it saw in pass 0.
+    restores torch's random state after the call (the ensemble's dropout drew from it in pass 0 only),
+    so the user's code around the call sees what it saw in pass 0.
     """
 
     def __init__(self) -> None:
@@ -411,7 +436,7 @@ class Ensembling(Callback):
             raise _ProbeDone
 
         buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
-        state = _RandomState()
+        state = _RandomState(host=True)
         handle = backbone.register_forward_hook(hook, with_kwargs=True)
         step = self._original_training_step or pl_module.training_step
         try:
@@ -564,7 +589,14 @@ def _run_member_passes(
     def record(name: str, value: Any, *log_args: Any, **log_kwargs: Any) -> None:
         logged.setdefault(name, []).append((value, log_args, log_kwargs))
 
-    start = _RandomState()
+    # Every pass starts from the same random state. NumPy's and Python's generators (~100 us to read) are
+    # saved in the first step and in steps of a module seen to draw from them in training_step; otherwise a
+    # cheap fingerprint tells whether pass 0 drew from them, and only their raw states are put back (not
+    # NumPy's cached second normal sample) in that step.
+    uses_host = model.__dict__.get("_host_random")  # None: not known yet
+    start = _RandomState(host=uses_host is not False)
+    host_before = None if uses_host else (_numpy_state_bytes(), random.getstate())
+    host_approximate = False
     results = []
     own_log = module.__dict__.get("log")
     model.__dict__["_passes"] = passes
@@ -573,8 +605,17 @@ def _run_member_passes(
         for member in range(model.num_members):
             if member:
                 start.restore()
+                if host_approximate:
+                    numpy_state, python_state = host_before
+                    if numpy_state is not None:
+                        _restore_numpy_state_bytes(numpy_state)
+                    random.setstate(python_state)
             passes.member, passes.call = member, 0
             results.append(step(*args, **kwargs))
+            if not member and host_before is not None:
+                drew = (_numpy_state_bytes(), random.getstate()) != host_before
+                model.__dict__["_host_random"] = drew or bool(uses_host)
+                host_approximate = drew and start.host is None
             if member and passes.call != len(passes.outputs):
                 raise RuntimeError(
                     f"Ensembling(batch='repeat'): training_step called the ensembled submodule {passes.call} times for "
