@@ -167,3 +167,69 @@ def test_reliability_diagram_png_after_test(tmp_path, use_tensorboard):
     if use_tensorboard:
         assert cb.paths[-1].startswith(logger.log_dir)
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(logger.log_dir))
+
+
+# ------------------------------------------------------------------ ill-posed fits in the callback
+def test_temperature_fit_on_five_samples_is_refused(overfit_digits):
+    """The reported case: T fitted on 5 validation samples collapsed (2.3e-4) and tripled the test NLL."""
+    import copy
+
+    from lightning_ensembles.calibration import CalibrationWarning
+
+    model, dm, ts, _ = overfit_digits
+    fresh = TemperatureScaling()
+    with pytest.warns(CalibrationWarning, match=r"only 5 samples.*min_samples=100.*kept T=1"):
+        quiet_trainer(callbacks=[fresh], limit_val_batches=1).validate(model, DigitsDataModule(batch_size=5), verbose=False)
+    assert fresh.temperature == 1.0 and not fresh.last_fit.accepted
+    (res,) = quiet_trainer(callbacks=[fresh]).test(model, dm, verbose=False)
+    assert res["test/ts/nll_after"] == pytest.approx(res["test/ts/nll_before"], abs=1e-6)  # identity, not 3x
+    # A fitted callback keeps its previous temperature.
+    fitted = copy.deepcopy(ts)
+    with pytest.warns(CalibrationWarning, match="only 5 samples"):
+        quiet_trainer(callbacks=[fitted], limit_val_batches=1).validate(model, DigitsDataModule(batch_size=5), verbose=False)
+    assert fitted.temperature == ts.temperature and fitted.kind == ts.kind
+
+
+def test_temperature_empty_validation_warns_and_keeps_the_previous_value(overfit_digits):
+    import copy
+
+    from lightning_ensembles.calibration import CalibrationWarning
+
+    model, dm, ts, _ = overfit_digits
+    fitted = copy.deepcopy(ts)
+    with pytest.warns(CalibrationWarning, match="ran no validation epoch"):
+        quiet_trainer(callbacks=[fitted], limit_val_batches=0).validate(model, dm, verbose=False)
+    assert fitted.temperature == ts.temperature
+
+    class NoTargets(PlainClassifier):
+        def validation_step(self, batch, batch_idx):
+            return {"logits": self(batch[0])}
+
+    no_targets = NoTargets()
+    no_targets.load_state_dict(model.state_dict())
+    with pytest.warns(CalibrationWarning, match="no validation predictions with targets"):
+        quiet_trainer(callbacks=[fitted]).validate(no_targets, dm, verbose=False)
+    assert fitted.temperature == ts.temperature
+    fresh = TemperatureScaling()
+    with pytest.warns(CalibrationWarning, match="ran no validation epoch"):
+        quiet_trainer(callbacks=[fresh], limit_val_batches=0).validate(model, dm, verbose=False)
+    assert fresh.temperature == 1.0  # the identity: test and predict run uncalibrated, not crash
+
+
+def test_temperature_out_of_bounds_is_refused_and_validation_nll_never_worse(overfit_digits):
+    from lightning_ensembles.calibration import CalibrationWarning
+
+    model, dm, ts, _ = overfit_digits
+    assert 1.0 < ts.temperature < 20.0
+    narrow = TemperatureScaling(bounds=(0.5, 1.0))  # the optimum lies above
+    trainer = quiet_trainer(callbacks=[narrow])
+    with pytest.warns(CalibrationWarning, match=r"outside the bounds \[0.5, 1\]"):
+        (res,) = trainer.validate(model, dm, verbose=False)
+    assert narrow.temperature == 1.0 and narrow.last_fit.optimum == pytest.approx(ts.temperature, rel=1e-3)
+    assert res["val/ts/nll_after"] == pytest.approx(res["val/ts/nll_before"])
+    (res,) = quiet_trainer(callbacks=[TemperatureScaling()]).validate(model, dm, verbose=False)
+    assert res["val/ts/nll_after"] < res["val/ts/nll_before"]
+    with pytest.raises(ValueError, match="bounds"):
+        TemperatureScaling(bounds=(2.0, 1.0))
+    with pytest.raises(ValueError, match="min_samples"):
+        TemperatureScaling(min_samples=0)

@@ -11,12 +11,14 @@ and they wrap a model; here everything works on stored probabilities, so it plug
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..metrics._checks import check_probs, check_targets
+from .temperature import CalibrationWarning
 
 Method = Literal["thr", "aps", "raps"]
 
@@ -50,6 +52,16 @@ def conformal_scores(
         rank = torch.arange(1, probs.shape[-1] + 1, device=probs.device, dtype=probs.dtype)
         cumsum = cumsum + penalty * (rank - k_reg).clamp_min(0)
     return torch.empty_like(cumsum).scatter_(-1, order, cumsum)
+
+
+def min_calibration_samples(alpha: float) -> int:
+    """The fewest calibration samples whose ``ceil((n + 1)(1 - alpha))``-th score exists (9 for ``alpha=0.1``)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"`alpha` (miscoverage) must be in (0, 1), e.g. 0.1 for 90% sets; got {alpha}.")
+    n = max(1, math.floor((1 - alpha) / alpha) - 1)
+    while math.ceil((n + 1) * (1 - alpha)) > n:
+        n += 1
+    return n
 
 
 def conformal_quantile(scores: Tensor, alpha: float) -> float:
@@ -115,6 +127,14 @@ class ConformalClassifier(nn.Module):
         check_targets(target, probs.shape[0], probs.shape[-1])
         true_scores = self.scores(probs).gather(1, target[:, None]).squeeze(1)
         self.threshold.fill_(conformal_quantile(true_scores, self.alpha))
+        if math.isinf(float(self.threshold)):
+            warnings.warn(
+                f"conformal calibration on {probs.shape[0]} samples: alpha={self.alpha} needs at least "
+                f"{min_calibration_samples(self.alpha)} for a finite threshold, so every prediction set holds all "
+                "classes (coverage 1, trivially).",
+                CalibrationWarning,
+                stacklevel=2,
+            )
         return self
 
     def predict_sets(self, probs: Tensor) -> Tensor:

@@ -3,14 +3,82 @@
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
-from ..calibration.temperature import fit_temperature, scaled_log_probs
+from ..calibration.temperature import (
+    MIN_SAMPLES,
+    TEMPERATURE_BOUNDS,
+    CalibrationWarning,
+    TemperatureFit,
+    member_log_probs,
+    safe_fit_temperature,
+    scaled_log_probs,
+)
 from ..metrics import ExpectedCalibrationError, NegativeLogLikelihood
-from ._predictions import EpochBuffer, read_predictions, step_outputs
+from ._predictions import EpochBuffer, Predictions, read_predictions, step_outputs
+
+
+def fit_values(preds: Predictions) -> tuple[Tensor, str]:
+    """What a temperature is fitted on, and its kind, for a step's predictions.
+
+    ``member_logits`` and ``logits`` as they are; ``member_probs`` as member log-probabilities of kind
+    ``member_logits`` (exactly the same scaling, see :func:`~lightning_ensembles.calibration.member_log_probs`);
+    ``probs`` (the ensemble prediction) as ``probs``.
+    """
+    v = preds.values.detach().float()
+    if preds.kind == "member_probs":
+        return member_log_probs(v), "member_logits"
+    if preds.kind in ("member_logits", "logits"):
+        return v, preds.kind
+    return v, "probs"
+
+
+def apply_values(preds: Predictions, fitted_kind: str, hook: str) -> tuple[Tensor, str]:
+    """What to scale in a step's predictions so that a temperature fitted on ``fitted_kind`` means the same.
+
+    Exact conversions only (``softmax(log p / T) == softmax(z / T)`` when ``p = softmax(z)``):
+
+    ============================  =========================================================================
+    fitted on                     applied to
+    ============================  =========================================================================
+    ``member_logits`` (M, B, C)   ``member_logits``; ``member_probs`` (their logs). Not ``logits`` /
+                                  ``probs`` (B, C): the averaged prediction cannot be scaled member by member
+    ``logits`` (B, C)             ``logits``; ``probs`` (their logs); member outputs only with one member
+    ``probs`` (B, C)              everything (the ensemble probabilities: mean of member softmax)
+    ============================  =========================================================================
+    """
+    kind, v = preds.kind, preds.values.detach().float()
+    if fitted_kind == "probs":
+        return preds.probs, "probs"
+    if fitted_kind == "member_logits":
+        if kind == "member_logits":
+            return v, kind
+        if kind == "member_probs":
+            return member_log_probs(v), "member_logits"
+        raise ValueError(
+            f"TemperatureScaling was fitted on member logits (M, B, C), a temperature that scales every member "
+            f"before the members are averaged, but `{hook}` returns only the averaged '{kind}' (B, C), from which "
+            f"that cannot be computed. Return 'member_logits' or 'member_probs' (M, B, C) from `{hook}` as well."
+        )
+    if fitted_kind == "logits":
+        if kind == "logits":
+            return v, kind
+        if kind == "probs":
+            return member_log_probs(v), "logits"
+        if v.shape[0] == 1:
+            return (v[0] if kind == "member_logits" else member_log_probs(v[0])), "logits"
+        raise ValueError(
+            f"TemperatureScaling was fitted on one prediction per sample, 'logits' (B, C), but `{hook}` returns "
+            f"'{kind}' of {v.shape[0]} members (M, B, C): that temperature does not scale members. Return the same "
+            "kind of predictions from `validation_step` and from this step."
+        )
+    raise ValueError(f"TemperatureScaling: unknown fitted kind {fitted_kind!r}.")
 
 
 class TemperatureScaling(Callback):
@@ -22,11 +90,24 @@ class TemperatureScaling(Callback):
     minimising NLL with L-BFGS (:func:`~lightning_ensembles.calibration.fit_temperature`). Refitting
     each epoch keeps ``T`` in step with the weights, so the ``T`` of the last validation is the
     "after fit" temperature and every checkpoint holds the ``T`` of its own weights; after
-    ``trainer.fit`` it is in ``self.temperature``. A stand-alone ``trainer.validate`` refits it.
-    With several processes, the predictions of all ranks are gathered first.
+    ``trainer.fit`` it is in ``self.temperature``. A stand-alone ``trainer.validate`` refits it (also
+    under Lightning's default ``inference_mode=True``). With several processes, the predictions of all ranks are gathered first.
 
-    What is scaled: ``logits`` -> ``softmax(z / T)``; ``member_logits`` -> every member's logits
-    divided by ``T`` before averaging; ``probs`` / ``member_probs`` -> ``softmax(log p / T)``.
+    **Safeguards.** The fit is :func:`~lightning_ensembles.calibration.safe_fit_temperature`: with
+    fewer than ``min_samples`` (default 100) validation samples, or an NLL-optimal ``T`` outside
+    ``bounds`` (default ``[0.05, 20]``), the previous temperature is kept (1.0, the identity, when
+    there is none) and a :class:`~lightning_ensembles.calibration.CalibrationWarning` gives the reason;
+    a fitted ``T`` never has a higher validation NLL than ``T = 1``. A validation run without
+    samples (an empty dataloader, batches without targets) warns and keeps the previous value too.
+    ``last_fit`` holds the last decision (:class:`~lightning_ensembles.calibration.TemperatureFit`).
+
+    What is scaled: ``logits`` -> ``softmax(z / T)``; ``member_logits`` and ``member_probs`` -> every
+    member divided by ``T`` before averaging (member probabilities through their logs, the same
+    thing: ``softmax(log p / T) == softmax(z / T)``); ``probs`` -> ``softmax(log p / T)``. At test and
+    predict the step may return another kind than at validation where the conversion is exact (e.g.
+    fitted on ``member_logits``, applied to the ``member_probs`` of ``EnsembleClassifier.predict_step``);
+    where it is not (fitted on member outputs, only the averaged ``probs`` returned) the error says so.
+    A temperature of exactly 1 is the identity and applies to every kind.
 
     **Checkpoint.** ``T`` is saved in the callback state of every checkpoint and restored by
     ``trainer.test(ckpt_path=...)`` / ``trainer.fit(ckpt_path=...)``.
@@ -34,8 +115,11 @@ class TemperatureScaling(Callback):
     **Apply.** Test: logs ``test/ts/ece_before``, ``ece_after``, ``nll_before``, ``nll_after`` and
     adds ``"calibrated_probs"`` to the ``test_step`` output dict. Predict: adds
     ``"calibrated_probs"`` ``(B, C)`` to the dict returned by ``predict_step`` (so it appears in
-    ``trainer.predict``'s result). Validation logs ``val/ts/temperature`` and the before/after values.
-    The module's own metrics are not changed.
+    ``trainer.predict``'s result); a ``predict_step`` that returns no dict (a tensor, with
+    :class:`~lightning_ensembles.callbacks.Ensembling` providing the member outputs) cannot carry it,
+    so the calibrated probabilities of its batches are in ``self.predictions`` (a list, one CPU tensor
+    per batch in the order they ran, reset at every predict run). Validation logs
+    ``val/ts/temperature`` and the before/after values. The module's own metrics are not changed.
 
     Example:
         >>> import lightning as L
@@ -52,22 +136,41 @@ class TemperatureScaling(Callback):
         True
     """
 
-    def __init__(self, init: float = 1.5, max_iter: int = 100, n_bins: int = 15) -> None:
+    def __init__(
+        self,
+        init: float = 1.5,
+        max_iter: int = 100,
+        n_bins: int = 15,
+        min_samples: int = MIN_SAMPLES,
+        bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+    ) -> None:
         if init <= 0:
             raise ValueError(f"`init` temperature must be > 0, got {init}.")
+        if min_samples < 1:
+            raise ValueError(f"`min_samples` must be >= 1, got {min_samples}.")
+        if not 0 < bounds[0] < bounds[1]:
+            raise ValueError(f"`bounds` must be (low, high) with 0 < low < high, got {bounds}.")
         self.init = init
         self.max_iter = max_iter
         self.n_bins = n_bins
+        self.min_samples = min_samples
+        self.bounds = (float(bounds[0]), float(bounds[1]))
         self.temperature: float = math.nan
         self.kind: str | None = None
+        self.last_fit: TemperatureFit | None = None
+        self.predictions: list[Tensor] = []
         self._buffer = EpochBuffer()
         self._test_metrics: dict[str, Any] = {}
+        self._validated = False
 
     @property
     def is_fitted(self) -> bool:
         return not math.isnan(self.temperature)
 
     # ---------------------------------------------------------------- fit on validation
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._validated = False
+
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._buffer.reset()
 
@@ -77,26 +180,61 @@ class TemperatureScaling(Callback):
         outputs = step_outputs(outputs, trainer, pl_module, batch)
         preds = read_predictions(outputs, type(self).__name__, "validation_step")
         if preds.target is not None:
-            values, kind = preds.scalable
+            values, kind = fit_values(preds)
             self._buffer.add(values, preds.target, kind)
 
+    @property
+    def _fallback(self) -> float:
+        """The safe temperature kept when a fit is refused: the previous one, else the identity."""
+        return self.temperature if self.is_fitted else 1.0
+
+    def _keep(self, reason: str) -> None:
+        self.temperature = self._fallback
+        if self.temperature == 1.0:
+            self.kind = None  # the identity applies to every kind
+        rank_zero_warn(f"TemperatureScaling: {reason}.", category=CalibrationWarning)
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not len(self._buffer):
+        if trainer.sanity_checking:
+            return
+        self._validated = True
+        if not len(self._buffer):
+            self.last_fit = None
+            self._keep(
+                "no validation predictions with targets on dataloader 0 (empty dataloader, or batches without "
+                f"targets); kept T={self._fallback:.4g}"
+            )
             return
         values, target = self._buffer.gather(trainer)
         kind = self._buffer.kind
         self._buffer.reset()
-        self.temperature = fit_temperature(values, target, kind, self.init, self.max_iter)
-        self.kind = kind
-        report = self._before_after(values, target)
+        fit = safe_fit_temperature(
+            values, target, kind, self.init, self.max_iter, self.min_samples, self.bounds, self._fallback, warn=False
+        )
+        self.last_fit = fit
+        if fit.accepted or fit.temperature == 1.0 or self.kind is None:
+            self.kind = kind
+        self.temperature = fit.temperature
+        if not fit.accepted:
+            rank_zero_warn(f"TemperatureScaling: {fit.reason}.", category=CalibrationWarning)
+        scaled = apply_values(Predictions(kind, values, target), self.kind or kind, "validation_step")
+        report = self._before_after(*scaled, target)
         pl_module.log("val/ts/temperature", self.temperature, add_dataloader_idx=False)
         for name, value in report.items():
             pl_module.log(f"val/ts/{name}", value, add_dataloader_idx=False)
 
-    def _before_after(self, values: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage in ("fit", "validate") and not self._validated:
+            self._keep(
+                f"`trainer.{stage}` ran no validation epoch (an empty validation dataloader, limit_val_batches=0 or "
+                f"no validation_step), so no temperature was fitted; kept T={self._fallback:.4g}"
+            )
+        self._validated = False
+
+    def _before_after(self, values: torch.Tensor, kind: str, target: torch.Tensor) -> dict[str, float]:
         out = {}
         for tag, temp in (("before", 1.0), ("after", self.temperature)):
-            probs = scaled_log_probs(values.double(), temp, self.kind).exp()
+            probs = scaled_log_probs(values.double(), temp, kind).exp()
             ece, nll = ExpectedCalibrationError(n_bins=self.n_bins), NegativeLogLikelihood()
             ece.update(probs, target)
             nll.update(probs, target)
@@ -104,10 +242,10 @@ class TemperatureScaling(Callback):
         return out
 
     # ---------------------------------------------------------------- apply
-    def _calibrated(self, preds) -> torch.Tensor:
-        values, kind = preds.scalable
-        if kind != self.kind:
-            raise ValueError(f"TemperatureScaling was fitted on '{self.kind}' but this step returns '{kind}'.")
+    def _calibrated(self, preds: Predictions, hook: str) -> torch.Tensor:
+        if self.temperature == 1.0 or self.kind is None:
+            return preds.probs  # the identity, whatever was fitted on
+        values, kind = apply_values(preds, self.kind, hook)
         return scaled_log_probs(values, self.temperature, kind).exp()
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
@@ -121,7 +259,7 @@ class TemperatureScaling(Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         outputs = step_outputs(outputs, trainer, pl_module, batch)
         preds = read_predictions(outputs, type(self).__name__, "test_step")
-        calibrated = self._calibrated(preds)
+        calibrated = self._calibrated(preds, "test_step")
         outputs["calibrated_probs"] = calibrated
         if preds.target is None or dataloader_idx != 0:
             return
@@ -138,11 +276,16 @@ class TemperatureScaling(Callback):
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self._require_fit("predict")
+        self.predictions = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        preds = read_predictions(outputs, type(self).__name__, "predict_step")
-        outputs["calibrated_probs"] = self._calibrated(preds)
+        found = step_outputs(outputs, trainer, pl_module, batch)
+        preds = read_predictions(found, type(self).__name__, "predict_step")
+        calibrated = self._calibrated(preds, "predict_step")
+        if isinstance(outputs, MutableMapping):
+            outputs["calibrated_probs"] = calibrated
+        else:  # what the step returned cannot carry it (e.g. a tensor): keep it here
+            self.predictions.append(calibrated.detach().cpu())
 
     def _require_fit(self, stage: str) -> None:
         if not self.is_fitted:
