@@ -241,7 +241,7 @@ def test_randomness_before_the_forward_is_replayed_for_every_member():
         members = module.model.ensemble(lam * x + (1 - lam) * x[perm])
         expected = torch.stack([lam * F.cross_entropy(m, y) + (1 - lam) * F.cross_entropy(m, y[perm]) for m in members]).mean()
         torch.testing.assert_close(loss, expected)
-    with pytest.raises(RuntimeError, match="same calls"):
+    with pytest.raises(RuntimeError, match="same calls for every member"):
         def twice_for_member_0(batch, batch_idx):
             n = 2 if module.model._passes.member == 0 else 1
             return sum(F.cross_entropy(module(batch[0]), batch[1]) for _ in range(n))
@@ -286,6 +286,11 @@ def test_setup_errors_name_the_problem_and_the_fix():
 
     with pytest.raises(ValueError, match=r"never called `spare`.*attribute="):
         quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2, attribute="spare")]).fit(Unused())
+
+    # An ensemble that builds its own training batches predicts targets the user's loss does not have.
+    with pytest.raises(ValueError, match=r"MIMO predicts 128 targets per member for a batch of 64.*batch_repetition=1"):
+        quiet_trainer(max_epochs=1, callbacks=[Ensembling(method="mimo", num_members=2, method_kwargs={"batch_repetition": 2})]).fit(
+            LitClassifier(), DigitsDataModule(batch_size=64))
 
     loader = DataLoader(RandomDataset(32, 32), batch_size=8)
     with pytest.raises(ValueError, match=r"manual optimisation.*batch='split'"):

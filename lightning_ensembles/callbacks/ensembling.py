@@ -211,6 +211,8 @@ class EnsembledModel(nn.Module):
                 "its first input; the members need a batch tensor (B, ...) there. Call the submodule with its "
                 "batch first, or point `attribute` at a submodule that takes one."
             )
+        if self.training:
+            self._check_training_rows(x.shape[0])
         if not (extra_args or extra_kwargs or first_name):
             outputs = self.ensemble(x)
         else:
@@ -230,6 +232,18 @@ class EnsembledModel(nn.Module):
                 "`attribute` at a submodule whose forward returns one tensor."
             )
         return outputs
+
+    def _check_training_rows(self, rows: int) -> None:
+        # Ensembles that build their own training batches (MIMO's batch_repetition, a split batch_mode)
+        # predict other targets than the batch's; the user's loss only has the batch's.
+        own = self.ensemble.member_targets(torch.empty(rows, device="meta")).shape[1]
+        if own != rows:
+            raise ValueError(
+                f"Ensembling: in training, {type(self.ensemble).__name__} predicts {own} targets per member for a batch "
+                f"of {rows} (it builds its own training batches), which the user's loss cannot match. Configure it to "
+                "train on the batch as given (e.g. MIMO batch_repetition=1, batch_mode='repeat'), or use "
+                "EnsembleClassifier / EnsembleRegressor, which use its member_targets."
+            )
 
     def _split_forward(self, outputs: Tensor, rows: int) -> Tensor:
         m = self.num_members
@@ -266,7 +280,7 @@ class EnsembledModel(nn.Module):
                 raise RuntimeError(
                     f"Ensembling(batch='repeat'): training_step called the ensembled submodule {passes.call + 1} "
                     f"times for member {passes.member} but {len(passes.outputs)} times for member 0; it must make "
-                    "the same calls whatever the random state. Use batch='split'."
+                    "the same calls for every member (its random state is replayed). Use batch='split'."
                 )
             out = passes.outputs[passes.call][passes.member]
             passes.states[passes.call].restore()
@@ -619,8 +633,8 @@ def _run_member_passes(
             if member and passes.call != len(passes.outputs):
                 raise RuntimeError(
                     f"Ensembling(batch='repeat'): training_step called the ensembled submodule {passes.call} times for "
-                    f"member {member} but {len(passes.outputs)} times for member 0; it must make the same calls "
-                    "whatever the random state. Use batch='split'."
+                    f"member {member} but {len(passes.outputs)} times for member 0; it must make the same calls for "
+                    "every member (its random state is replayed). Use batch='split'."
                 )
     finally:
         model.__dict__["_passes"] = None
