@@ -87,7 +87,12 @@ class TensorDataModule(LightningDataModule):
         self.setup()
         data = self.splits[split]
         sampler = EpochSeededSampler(data, self._shuffle_seed()) if shuffle else None
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        # Its own generator: a DataLoader draws a base seed from the global RNG at every `iter()`, which
+        # would make the global RNG (dropout masks) depend on when Lightning builds iterators on resume.
+        generator = torch.Generator().manual_seed(self._shuffle_seed())
+        return DataLoader(
+            data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, generator=generator
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

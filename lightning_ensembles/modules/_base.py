@@ -12,6 +12,7 @@ from ..ensembles.base import Ensemble
 from ..ensembles.deep import adopt_checkpoint_storage
 from ..ensembles.registry import build_ensemble
 from ..losses.base import Regularizer, regularizer_from_config
+from ._rng import collect_rng_states, set_rng_states
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 _SCHEDULERS = ("none", "cosine")
@@ -128,18 +129,52 @@ class EnsembleModule(LightningModule):
             value = r(outputs, y, inputs=x, ensemble=self.ensemble)
             self.log(f"train/{r.name}", value.detach())
             total = total + r.weight * value
+        if not torch.isfinite(total):
+            raise FloatingPointError(self._nonfinite_message(outputs, loss, total))
         self.log("train/loss", loss.detach(), prog_bar=True)
         # Sum over the members that produced outputs (see the learning-rate convention in the class
         # docstring); not `num_members`, which can differ, e.g. combinatorial ensembles train on a few
         # sampled combinations of many.
         return total * outputs.shape[0]
 
-    # ---------------------------------------------------------------- optimisation
+    def _nonfinite_message(self, outputs: Tensor, loss: Tensor, total: Tensor) -> str:
+        """Say which member (or term) made the training loss non-finite, and at which step."""
+        where = f"at global step {self.global_step} (epoch {self.current_epoch})"
+        bad = [i for i in range(outputs.shape[0]) if not torch.isfinite(outputs[i]).all()]
+        if bad:
+            cause = f"the outputs of member(s) {bad} are not finite"
+        elif not torch.isfinite(loss):
+            cause = "the member loss is not finite although every member's outputs are (check the targets)"
+        else:
+            cause = "a regulariser or an extra training term is not finite"
+        return (
+            f"The training loss became {float(total)} {where}: {cause}. Training stopped rather than continue "
+            "with non-finite weights. Lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), "
+            "or check the inputs of this batch."
+        )
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not save the global RNGs; with them, a resumed run draws the same dropout masks
+        # and augmentations as an uninterrupted one. Tensors and tuples only (loads with weights_only).
+        checkpoint["lightning_ensembles_rng"] = collect_rng_states()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before configure_optimizers (Lightning restores the model first): the checkpoint's own
         # DeepEnsemble storage, so its optimiser and averaging states match the parameters.
         if self._trainer is None or not self.trainer.optimizers:
             adopt_checkpoint_storage(self, checkpoint.get("state_dict", {}))
+        # Restored when training resumes (after the sanity check, which must not consume them), never
+        # by load_from_checkpoint or an evaluation.
+        self._pending_rng = checkpoint.get("lightning_ensembles_rng")
+
+    def on_train_start(self) -> None:
+        pending = getattr(self, "_pending_rng", None)
+        if pending is not None and self.trainer.state.fn == "fit":
+            set_rng_states(pending)
+        self._pending_rng = None
+
+    # ---------------------------------------------------------------- optimisation
 
     def configure_optimizers(self):
         opt_cls = _OPTIMIZERS[self.hparams.optimizer]

@@ -192,6 +192,9 @@ def format_report(results: dict[str, float], title: str = "test") -> str:
     lines.append(row("ensemble", lambda c: results[c]))
     for i in range(num_members):
         lines.append(row(f"member {i}", lambda c, i=i: results[f"member_{c}/{i}"]))
-    lines.append(row("member mean", lambda c: sum(results[f"member_{c}/{i}"] for i in range(num_members)) / num_members))
+    if num_members:  # results without per-member keys (e.g. a plain model's) get the ensemble row only
+        lines.append(
+            row("member mean", lambda c: sum(results[f"member_{c}/{i}"] for i in range(num_members)) / num_members)
+        )
     return "\n".join(lines)
 

@@ -23,7 +23,8 @@ class EnsembleRegressor(EnsembleModule):
     means, aleatoric variance = mean member variance, epistemic variance = variance of member means.
 
     Validation/test log ``rmse``, ``nll`` (Gaussian NLL of the moment-matched mixture) and
-    ``coverage90`` (fraction of targets inside the central 90% interval). ``predict_step`` returns
+    ``coverage90`` (fraction of targets inside the central 90% interval); a single ``"mse"`` member has
+    no predictive variance, so it logs ``rmse`` only. ``predict_step`` returns
     ``{"mean", "aleatoric", "epistemic", "variance"}``.
 
     Example:
@@ -126,11 +127,20 @@ class EnsembleRegressor(EnsembleModule):
         mix = aggregate_gaussian(mean, var)
         return {"mean": mix.mean, "variance": mix.variance, "target": y}
 
+    @property
+    def has_predictive_variance(self) -> bool:
+        """False for a single point-prediction member (``loss="mse"``, one member): it predicts no variance."""
+        return self.hparams.loss == "gaussian" or self.num_members > 1
+
     def _eval_epoch_end(self, stage: str) -> None:
         for prefix, metrics in self._metrics.items():
             if prefix.split("_dl")[0] != stage:
                 continue
-            self.log_dict({f"{prefix}/{k}": v for k, v in metrics.compute().items()}, add_dataloader_idx=False)
+            values = metrics.compute()
+            if not self.has_predictive_variance:
+                # NLL and interval coverage of a zero variance would be logged as if a variance existed.
+                values = {k: v for k, v in values.items() if k == "rmse"}
+            self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, add_dataloader_idx=False)
             metrics.reset()
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
