@@ -180,14 +180,14 @@ def test_an_inner_decoder_is_ensembled_where_it_is_called():
     torch.testing.assert_close(out, expected.reshape(-1, vocab), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attribute", ["model", "model.head"])
-def test_decoder_input_stays_aligned_and_the_users_metric_measures_the_ensemble(attribute):
+@pytest.mark.parametrize(("method", "attribute"), [("deep", "model"), ("deep", "model.head"), ("batch", "model")])
+def test_decoder_input_stays_aligned_and_the_users_metric_measures_the_ensemble(method, attribute):
     L.seed_everything(0)
     src, dec, labels = seq2seq_data()
     train = DataLoader(TensorDataset(src[:192], dec[:192], labels[:192]), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(src[192:], dec[192:], labels[192:]), batch_size=64)
     module = Seq2SeqTagger()
-    trainer = quiet_trainer(max_epochs=6, callbacks=[Ensembling(num_members=3, attribute=attribute)])
+    trainer = quiet_trainer(max_epochs=6, callbacks=[Ensembling(method, num_members=3, attribute=attribute)])
     trainer.fit(module, train, val)
     members = _members(module, attribute)
     with torch.no_grad():

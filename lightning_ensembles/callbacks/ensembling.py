@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import random
 import types
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from ..ensembles.base import (
     split_gaussian,
 )
 from ..ensembles.deep import DeepEnsemble, adopt_checkpoint_storage
-from ..ensembles.registry import build_ensemble
+from ..ensembles.registry import ENSEMBLE_METHODS, _load_builtin_methods, build_ensemble
 from ..ensembles.surgery import set_submodule
 
 __all__ = ["Ensembling", "EnsembledModel"]
@@ -67,15 +68,42 @@ def _inject_extra_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
     return (*args, *extra_args), {**kwargs, **extra_kwargs}
 
 
+# Ensembles known to call one module with the batch as given (or repeated member-major), and where it is;
+# others (MIMO's shuffled slots, augmented TTA inputs) could misalign a second input with the first.
+_ENTRY_MODULES = {"PackedEnsemble": "model", "BatchEnsemble": "model", "LoRAEnsemble": "backbone"}
+
+
 def _entry_module(ensemble: Ensemble) -> nn.Module | None:
-    """The module an ensemble calls with the batch (DeepEnsemble's template, the converters' model)."""
+    """The module an ensemble calls with the batch, where the submodule's other inputs are handed in."""
     if isinstance(ensemble, DeepEnsemble):
         return ensemble.template
-    for name in ("model", "backbone"):
-        module = getattr(ensemble, name, None)
-        if isinstance(module, nn.Module):
-            return module
+    for cls in type(ensemble).__mro__:
+        if cls.__name__ in _ENTRY_MODULES:
+            module = getattr(ensemble, _ENTRY_MODULES[cls.__name__], None)
+            return module if isinstance(module, nn.Module) else None
     return None
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[Any, str | None, tuple, dict]:
+    """``(first input, its keyword name or None, other positional inputs, other keyword inputs)`` of a call.
+
+    The first input is the batch the members share: the first positional one, or the first tensor given by
+    keyword when there are no positional inputs.
+    """
+    if args:
+        return args[0], None, tuple(args[1:]), dict(kwargs)
+    first_name = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
+    return kwargs.get(first_name) if first_name else None, first_name, (), {k: v for k, v in kwargs.items() if k != first_name}
+
+
+def _takes_example_input(method: str) -> bool:
+    """Whether the factory of ``method`` verifies its conversion on an ``example_input`` batch."""
+    _load_builtin_methods()
+    factory = ENSEMBLE_METHODS.get(method)
+    try:
+        return factory is not None and "example_input" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _describe(value: Any) -> str:
@@ -169,7 +197,7 @@ class EnsembledModel(nn.Module):
         self.last_member_outputs: Tensor | None = None
         self.__dict__["_passes"] = None  # a _MemberPasses while training_step runs once per member
         entry = _entry_module(ensemble)
-        if entry is not None:
+        if entry is not None and not any(h is _inject_extra_inputs for h in entry._forward_pre_hooks.values()):
             # Module-level function: exported members keep a hook that pickles and does nothing.
             entry.register_forward_pre_hook(_inject_extra_inputs, with_kwargs=True)
         self.__dict__["_accepts_extra_inputs"] = entry is not None
@@ -199,12 +227,7 @@ class EnsembledModel(nn.Module):
     # ---------------------------------------------------------------- running the members
     def member_outputs(self, *args: Any, **kwargs: Any) -> Tensor:
         """Every member's output ``(M, ...)`` for the submodule's inputs, as one call of the submodule would take them."""
-        if args:
-            x, first_name, extra_args, extra_kwargs = args[0], None, args[1:], kwargs
-        else:
-            first_name = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
-            x = kwargs.get(first_name) if first_name is not None else None
-            extra_args, extra_kwargs = (), {k: v for k, v in kwargs.items() if k != first_name}
+        x, first_name, extra_args, extra_kwargs = _split_call(args, kwargs)
         if not isinstance(x, Tensor) or not x.dim():
             raise ValueError(
                 f"Ensembling: the ensembled submodule was called with {_describe(x) if args else 'no tensor input'} as "
@@ -219,7 +242,7 @@ class EnsembledModel(nn.Module):
             if not self._accepts_extra_inputs:
                 raise ValueError(
                     f"Ensembling: the submodule is called with several inputs, but {type(self.ensemble).__name__} "
-                    "runs its backbone with one. Use method='deep'."
+                    "runs its backbone with one. Use method='deep', 'packed', 'batch' or 'lora'."
                 )
             token = _EXTRA_INPUTS.set((x.shape[0], tuple(extra_args), dict(extra_kwargs), first_name))
             try:
@@ -427,7 +450,9 @@ class Ensembling(Callback):
             return next(iter(loader))[0]
         return next(iter(loader))
 
-    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, backbone: nn.Module, path: str) -> None:
+    def _probe(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, backbone: nn.Module, path: str
+    ) -> tuple[tuple, dict] | None:
         """Run the user's ``training_step`` on the first training batch up to the submodule's call.
 
         This finds how the submodule is really called (which inputs, from which layers) without
@@ -435,10 +460,10 @@ class Ensembling(Callback):
         after the submodule returns; buffers (BatchNorm statistics) and random states are restored.
         """
         if trainer.state.fn != "fit":
-            return
+            return None
         batch = self._first_training_batch(trainer)
         if batch is None:
-            return
+            return None
         first = next(iter(t for t in _tensors(batch) if t.dim()), None)
         if first is not None and first.shape[0] > 2:  # two samples are enough to see the call
             rows = first.shape[0]
@@ -462,7 +487,7 @@ class Ensembling(Callback):
             if seen:
                 raise
             rank_zero_info(f"Ensembling: could not probe `{path}` at setup ({type(err).__name__}: {err}).")
-            return
+            return None
         finally:
             handle.remove()
             state.restore()
@@ -487,6 +512,7 @@ class Ensembling(Callback):
                 "Point `attribute` at a submodule whose forward returns the logits (classification) or the "
                 "predictions (regression) as one tensor, wrapping the model in such a module if needed."
             )
+        return seen["args"], seen["kwargs"]
 
     def apply(self, pl_module: nn.Module, trainer: L.Trainer | None = None) -> EnsembledModel:
         """Convert ``pl_module``'s submodule in place (also for loading checkpoints outside a Trainer)."""
@@ -506,13 +532,31 @@ class Ensembling(Callback):
                 f"(its children: {children}). Name the model to ensemble, or pass attribute=None."
             )
         backbone = getattr(parent, leaf)
+        call = None
         if trainer is not None and isinstance(pl_module, L.LightningModule):
-            self._probe(trainer, pl_module, backbone, path)
-        kwargs = dict(self.method_kwargs)
-        ensemble = build_ensemble(self.method, backbone, self.num_members, **kwargs)
+            call = self._probe(trainer, pl_module, backbone, path)
+        ensemble = self._build(backbone, call)
         wrapped = EnsembledModel(ensemble, self.task, self.batch)
         set_submodule(pl_module, path, wrapped)
         return wrapped
+
+    def _build(self, backbone: nn.Module, call: tuple[tuple, dict] | None) -> Ensemble:
+        kwargs = dict(self.method_kwargs)
+        split = _split_call(*call) if call is not None else None
+        several_inputs = split is not None and bool(split[1] or split[2] or split[3])
+        if not several_inputs or "example_input" in kwargs or not _takes_example_input(self.method):
+            return build_ensemble(self.method, backbone, self.num_members, **kwargs)
+        # A submodule called with several inputs: converters that verify themselves on a probe batch get
+        # the probed call (first input as example_input, the others through the hook), as in training.
+        x, first_name, extra_args, extra_kwargs = split
+        kwargs["example_input"] = x
+        if not any(h is _inject_extra_inputs for h in backbone._forward_pre_hooks.values()):
+            backbone.register_forward_pre_hook(_inject_extra_inputs, with_kwargs=True)
+        token = _EXTRA_INPUTS.set((x.shape[0], tuple(extra_args), dict(extra_kwargs), first_name))
+        try:
+            return build_ensemble(self.method, backbone, self.num_members, **kwargs)
+        finally:
+            _EXTRA_INPUTS.reset(token)
 
     def _current(self, pl_module: nn.Module) -> EnsembledModel | None:
         path = self.chosen_attribute or self.attribute
