@@ -23,6 +23,12 @@ def test_named_transforms_against_hand_written_reference():
     torch.testing.assert_close(Augmentation("rotate_0")(x), x)
     r = Augmentation("rotate_90")(x)
     assert torch.allclose(r, Augmentation("rot90")(x), atol=1e-5) or torch.allclose(r, Augmentation("rot270")(x), atol=1e-5)
+    crop = Augmentation("crop_1_tl")(x)  # top-left 3x3 crop resized back to 5x5
+    ref = torch.nn.functional.interpolate(x[..., :3, :3], size=(5, 5), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(crop, ref)
+    torch.testing.assert_close(Augmentation("crop_1_c")(x)[..., 2, 2], x[..., 2, 2])  # the centre stays
+    with pytest.raises(ValueError, match="leaves nothing"):
+        Augmentation("crop_3_c")(x)
     signal = torch.arange(6.0).view(1, 6)
     assert Augmentation("shift_-2")(signal).tolist() == [[2.0, 3.0, 4.0, 5.0, 5.0, 5.0]]
     with pytest.raises(ValueError, match=r"unknown transform 'flip'.*hflip"):

@@ -8,6 +8,8 @@ inner member ``m`` on augmentation ``a``: TTA composes with every other method.
 Transforms are names (YAML-friendly) or any ``nn.Module``/callable mapping a batch to a batch of the
 same shape: ``identity``, ``hflip`` (last axis: images and 1-D signals), ``vflip`` (axis -2),
 ``rot90`` / ``rot180`` / ``rot270`` (last two axes), ``rotate_<degrees>`` (bilinear, zero fill),
+``crop_<k>_<c|tl|tr|bl|br>`` (the centre or a corner crop, ``2k`` pixels smaller, resized back: the
+five-crop TTA),
 ``shift_<d>`` (last axis) and ``shift_<dy>_<dx>`` (last two axes): a translation by whole pixels with
 the border replicated, i.e. a crop of the edge-padded input at an offset.
 """
@@ -29,7 +31,8 @@ from .registry import build_ensemble, register_method
 __all__ = ["TTAEnsemble", "Augmentation"]
 
 _FIXED = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
-_FORMS = "identity, hflip, vflip, rot90, rot180, rot270, rotate_<degrees>, shift_<d>, shift_<dy>_<dx>"
+_FORMS = ("identity, hflip, vflip, rot90, rot180, rot270, rotate_<degrees>, crop_<k>_<c|tl|tr|bl|br>, shift_<d>, "
+          "shift_<dy>_<dx>")
 
 
 def _shift(x: Tensor, offsets: tuple[int, ...]) -> Tensor:
@@ -45,6 +48,20 @@ def _shift(x: Tensor, offsets: tuple[int, ...]) -> Tensor:
     padded = F.pad(flat, pad, mode="replicate")
     index = tuple(slice(max(-d, 0), max(-d, 0) + n) for d, n in zip(offsets, x.shape[-k:]))
     return padded[(..., *index)].reshape(*lead, *x.shape[-k:])
+
+
+def _crop(x: Tensor, border: int, where: str) -> Tensor:
+    """Crop ``2 * border`` pixels off each spatial side in total (centre or a corner), resize back (bilinear)."""
+    if x.dim() < 3:
+        raise ValueError(f"crop needs images (B, [C,] H, W), got shape {tuple(x.shape)}.")
+    h, w = x.shape[-2:]
+    if 2 * border >= min(h, w):
+        raise ValueError(f"crop_{border}: a border of {border} leaves nothing of a {h}x{w} image.")
+    top = {"c": border, "tl": 0, "tr": 0, "bl": 2 * border, "br": 2 * border}[where]
+    left = {"c": border, "tl": 0, "tr": 2 * border, "bl": 0, "br": 2 * border}[where]
+    patch = x[..., top:top + h - 2 * border, left:left + w - 2 * border]
+    img = patch.reshape(-1, 1, *patch.shape[-2:])
+    return F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False).reshape(x.shape)
 
 
 def _rotate(x: Tensor, degrees: float) -> Tensor:
@@ -88,6 +105,9 @@ class Augmentation(nn.Module):
         if m := re.fullmatch(r"rotate_(-?\d+(?:\.\d+)?)", name):
             degrees = float(m.group(1))
             return lambda x: _rotate(x, degrees)
+        if m := re.fullmatch(r"crop_(\d+)_(c|tl|tr|bl|br)", name):
+            border, where = int(m.group(1)), m.group(2)
+            return lambda x: _crop(x, border, where)
         if m := re.fullmatch(r"shift_(-?\d+)(?:_(-?\d+))?", name):
             offsets = tuple(int(g) for g in m.groups() if g is not None)
             return lambda x: _shift(x, offsets)
