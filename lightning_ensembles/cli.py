@@ -48,6 +48,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> EnsembleCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # No top-level --optimizer/--lr_scheduler: they would silently replace the module's
+        # configure_optimizers. The modules take any optimiser/scheduler as `--model.init_args.optimizer`.
+        auto_configure_optimizers=False,
         args=args,
         run=run,
     )

@@ -12,10 +12,9 @@ from ..ensembles.base import Ensemble
 from ..ensembles.deep import adopt_checkpoint_storage
 from ..ensembles.registry import build_ensemble
 from ..losses.base import Regularizer, regularizer_from_config
+from . import _optim
 from ._rng import collect_rng_states, set_rng_states
 
-_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-_SCHEDULERS = ("none", "cosine")
 
 
 def _module_args_to_ignore(values: dict[str, Any]) -> list[str]:
@@ -52,11 +51,11 @@ class EnsembleModule(LightningModule):
         num_members: int,
         backbone_kwargs: dict[str, Any] | None,
         ensemble_kwargs: dict[str, Any] | None,
-        optimizer: str,
+        optimizer: _optim.OptimizerSpec,
         lr: float,
         weight_decay: float,
         momentum: float,
-        scheduler: str,
+        scheduler: _optim.SchedulerSpec,
         regularizers: list[Regularizer] | None,
     ) -> None:
         super().__init__()
@@ -65,10 +64,8 @@ class EnsembleModule(LightningModule):
                 "Give exactly one of `ensemble` (a built Ensemble) or `backbone` (a module or model name, "
                 "with `method` and `num_members`)."
             )
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}.")
-        if scheduler not in _SCHEDULERS:
-            raise ValueError(f"`scheduler` must be one of {_SCHEDULERS}, got {scheduler!r}.")
+        _optim.check_specs(optimizer, scheduler)
+        self._optimizer, self._scheduler = _optim.from_config(optimizer), _optim.from_config(scheduler)
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}.")
         if ensemble is None:
@@ -88,6 +85,9 @@ class EnsembleModule(LightningModule):
         Checkpoints must load with ``weights_only=True``, which refuses pickled objects: regularisers
         become their ``{"class_path", "init_args"}`` config, rebuilt on load by ``__init__``.
         """
+        for key in ("optimizer", "scheduler"):  # callables as class_path/init_args, or "custom"
+            if key in self.hparams:
+                self.hparams[key] = _optim.to_config(self.hparams[key])
         if self.hparams.get("regularizers"):
             self.hparams["regularizers"] = [
                 r.config() if isinstance(r, Regularizer) else r for r in self.hparams["regularizers"]
@@ -177,17 +177,12 @@ class EnsembleModule(LightningModule):
     # ---------------------------------------------------------------- optimisation
 
     def configure_optimizers(self):
-        opt_cls = _OPTIMIZERS[self.hparams.optimizer]
-        kwargs: dict[str, Any] = {"lr": self.hparams.lr, "weight_decay": self.hparams.weight_decay}
-        if self.hparams.optimizer == "sgd":
-            kwargs["momentum"] = self.hparams.momentum
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = opt_cls(params, **kwargs)
-        if self.hparams.scheduler == "cosine":
-            total = self.trainer.estimated_stepping_batches
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        return opt
+        opt = _optim.build_optimizer(
+            self._optimizer, params, self.hparams.lr, self.hparams.weight_decay, self.hparams.momentum
+        )
+        sched = _optim.build_scheduler(self._scheduler, opt, self.trainer.estimated_stepping_batches, "val/nll")
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     # ---------------------------------------------------------------- evaluation
     def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:  # pragma: no cover

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..ensembles.base import Ensemble, aggregate_probs
 from ..losses.base import Regularizer
 from ._base import EnsembleModule, _module_args_to_ignore
+from ._optim import OptimizerSpec, SchedulerSpec
 from ._eval_metrics import EnsembleClassificationMetrics, OODMetrics
 
 
@@ -72,11 +73,11 @@ class EnsembleClassifier(EnsembleModule):
         num_members: int = 4,
         backbone_kwargs: dict[str, Any] | None = None,
         ensemble_kwargs: dict[str, Any] | None = None,
-        optimizer: str = "adam",
+        optimizer: OptimizerSpec = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        scheduler: str = "none",
+        scheduler: SchedulerSpec = "none",
         regularizers: list[Regularizer] | None = None,
         label_smoothing: float = 0.0,
         ece_bins: int = 15,

@@ -11,6 +11,7 @@ from ..ensembles.base import Ensemble, aggregate_gaussian, split_gaussian
 from ..losses.base import Regularizer
 from ..metrics import RegressionMetrics
 from ._base import EnsembleModule, _module_args_to_ignore
+from ._optim import OptimizerSpec, SchedulerSpec
 
 
 
@@ -50,11 +51,11 @@ class EnsembleRegressor(EnsembleModule):
         ensemble_kwargs: dict[str, Any] | None = None,
         loss: str = "gaussian",
         num_targets: int = 1,
-        optimizer: str = "adam",
+        optimizer: OptimizerSpec = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        scheduler: str = "none",
+        scheduler: SchedulerSpec = "none",
         regularizers: list[Regularizer] | None = None,
     ) -> None:
         super().__init__(
