@@ -1,0 +1,19 @@
+"""Cost-aware prediction: early-exit cascades, distillation into one student, bridge networks.
+
+Each answers the criticism that a deep ensemble costs M forward passes; MACs are always counted
+from real forward passes (:mod:`~lightning_ensembles.inference.macs`), never estimated.
+"""
+
+from .cascade import CascadeOutput, EnsembleCascade, evaluate_cascade, prediction_metrics, uncertainty
+from .macs import MacCounter, count_macs, macs_per_sample
+
+__all__ = [
+    "CascadeOutput",
+    "EnsembleCascade",
+    "MacCounter",
+    "count_macs",
+    "evaluate_cascade",
+    "macs_per_sample",
+    "prediction_metrics",
+    "uncertainty",
+]
