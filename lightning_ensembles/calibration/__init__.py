@@ -1,6 +1,9 @@
-"""Post-hoc calibration: temperature scaling and split-conformal prediction sets."""
+"""Post-hoc calibration: temperature, vector, matrix and Dirichlet scaling, histogram binning, isotonic
+regression, split-conformal prediction sets, and last-layer Laplace."""
 
+from .binning import HistogramBinning, IsotonicCalibration
 from .conformal import ConformalClassifier, conformal_quantile, conformal_scores
+from .scaling import DirichletCalibration, MatrixScaling, VectorScaling
 from .temperature import (
     MIN_SAMPLES,
     TEMPERATURE_BOUNDS,
@@ -15,6 +18,11 @@ from .temperature import (
 )
 
 __all__ = [
+    "DirichletCalibration",
+    "HistogramBinning",
+    "IsotonicCalibration",
+    "MatrixScaling",
+    "VectorScaling",
     "MIN_SAMPLES",
     "TEMPERATURE_BOUNDS",
     "CalibrationWarning",

@@ -3,6 +3,7 @@
 from .calibration_metrics import CalibrationMetrics
 from .conformal import ConformalPrediction
 from .ensembling import EnsembledModel, Ensembling
+from .posthoc_calibration import PosthocCalibration
 from .reliability_diagram import ReliabilityDiagram
 from .snapshot import SnapshotEnsemble
 from .temperature_scaling import TemperatureScaling
@@ -13,6 +14,7 @@ __all__ = [
     "ConformalPrediction",
     "EnsembledModel",
     "Ensembling",
+    "PosthocCalibration",
     "ReliabilityDiagram",
     "SnapshotEnsemble",
     "TemperatureScaling",
