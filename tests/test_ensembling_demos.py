@@ -60,7 +60,7 @@ def test_boring_model_trains_on_bare_tensor_batches_and_evaluates_the_member_mea
     module = BoringModel()
     record = _Record("layer")
     trainer = quiet_trainer(
-        max_epochs=1, limit_val_batches=4, limit_test_batches=4,
+        max_epochs=2, limit_val_batches=4, limit_test_batches=4,
         callbacks=[Ensembling(num_members=3, attribute="layer", task="regression"), record],
     )
     trainer.fit(module)  # batches are bare (1, 32) tensors; the loss makes its own targets
@@ -73,7 +73,7 @@ def test_boring_model_trains_on_bare_tensor_batches_and_evaluates_the_member_mea
     with torch.no_grad():
         before = [F.mse_loss(m(x), torch.ones(64, 2)) for m in record.initial_members]
         after = [F.mse_loss(m(x), torch.ones(64, 2)) for m in members]
-    assert all(a < 0.25 * b for a, b in zip(after, before)), (before, after)
+    assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
 
     # validate / test / predict: the user's steps see the mean of the member outputs.
     record.steps["validate"].clear()  # the fit's own validation

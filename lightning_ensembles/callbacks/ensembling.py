@@ -461,33 +461,34 @@ class Ensembling(Callback):
         """
         if trainer.state.fn != "fit":
             return None
-        batch = self._first_training_batch(trainer)
-        if batch is None:
-            return None
-        first = next(iter(t for t in _tensors(batch) if t.dim()), None)
-        if first is not None and first.shape[0] > 2:  # two samples are enough to see the call
-            rows = first.shape[0]
-            batch = apply_to_collection(batch, Tensor, lambda t: t[:2] if t.dim() and t.shape[0] == rows else t)
         seen: dict[str, Any] = {}
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             seen.update(args=args, kwargs=kwargs, output=output)
             raise _ProbeDone
 
-        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+        # Everything the probe touches is put back (drawing the batch may draw from the generators too), so
+        # that a seeded run gives the same results whether or not it was probed.
         state = _RandomState(host=True)
+        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
         handle = backbone.register_forward_hook(hook, with_kwargs=True)
         step = self._original_training_step or pl_module.training_step
         try:
+            batch = self._first_training_batch(trainer)
+            if batch is None:
+                return None
+            first = next(iter(t for t in _tensors(batch) if t.dim()), None)
+            if first is not None and first.shape[0] > 2:  # two samples are enough to see the call
+                rows = first.shape[0]
+                batch = apply_to_collection(batch, Tensor, lambda t: t[:2] if t.dim() and t.shape[0] == rows else t)
             with torch.no_grad():
                 step(batch, 0)
         except _ProbeDone:
             pass
-        except Exception as err:  # the step failed before calling the submodule: the real step will say why
-            if seen:
-                raise
-            rank_zero_info(f"Ensembling: could not probe `{path}` at setup ({type(err).__name__}: {err}).")
-            return None
+        except Exception as err:
+            if not seen:  # the step failed before calling the submodule: the real step will say why
+                rank_zero_info(f"Ensembling: could not probe `{path}` at setup ({type(err).__name__}: {err}).")
+                return None
         finally:
             handle.remove()
             state.restore()
