@@ -299,9 +299,10 @@ def _parse(kind: str, args: tuple, kwargs: dict) -> tuple[Any, Any, int]:
 
 
 def _basic_index(idx: Any, ndim: int) -> list | None:
-    """Index as one entry per dim (slices and ints only), or None if it uses anything else."""
+    """Index as one entry per dim (slices, ints, integer tensors), or None if it uses anything else."""
     idx = list(idx) if isinstance(idx, tuple) else [idx]
-    if any(not (isinstance(i, (slice, int)) or i is Ellipsis) or isinstance(i, bool) for i in idx):
+    if any(not (isinstance(i, (slice, int)) or i is Ellipsis or (isinstance(i, Tensor) and not i.dtype == torch.bool))
+           or isinstance(i, bool) for i in idx):
         return None
     if any(isinstance(i, slice) and not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
            for i in idx):
@@ -378,10 +379,11 @@ class _ChannelOps(TorchFunctionMode):
             diff = [i for i in range(x.dim()) if x.shape[i] != ref[i]]
             if kind == "getitem":
                 idx = _basic_index(arg, x.dim())
-                touched = [i for i in diff if idx is None or idx[i] != slice(None)]
+                touched = [i for i in diff if idx is None or not (isinstance(idx[i], slice) and idx[i] == slice(None))]
                 if not touched:
                     rule = ("plain",)
-                elif idx is None or len(diff) != 1 or not isinstance(idx[diff[0]], slice):
+                elif idx is None or len(diff) != 1 or not isinstance(idx[diff[0]], slice) or any(
+                        isinstance(i, Tensor) for i in idx):
                     raise ConversionError(where, f"indexing {arg!r} selects along the packed channel axis in a way that "
                                           "cannot be applied per member (only plain slices can). Convert by hand.")
                 else:

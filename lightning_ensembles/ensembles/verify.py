@@ -51,7 +51,7 @@ from .surgery import ConversionError
 
 __all__ = ["VerificationReport", "verify_ensemble", "make_probe", "module_context", "locate_coupling", "call_site"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: not torch_uncertainty/
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 #: torch's Python wrappers that forward a call to ``__torch_function__``; the caller is above them.
 _WRAPPER_FILES = tuple(os.path.join(_TORCH_DIR, f) for f in ("overrides.py", "functional.py", "_tensor.py"))
@@ -76,15 +76,16 @@ class VerificationReport:
         return f"{head} on a probe of shape {self.probe_shape}: " + "; ".join(self.checks)
 
 
-def call_site(skip_internal: bool = True) -> tuple[str, int, bool]:
+def call_site(skip_internal: bool = True, skip_torch: bool = False) -> tuple[str, int, bool]:
     """``(filename, line, internal)`` of the code that called the torch function being handled.
 
     Meant to be called from a ``__torch_function__`` handler. Frames of torch's own Python wrappers
-    are skipped; ``internal`` is True when the caller itself lives inside torch or in this package's
+    are skipped (``skip_torch``: every torch frame, to name the user's line); ``internal`` is True when the caller itself lives inside torch or in this package's
     ensemble layers (their operations are implementation details, not the backbone's code).
     """
     frame = sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename.startswith(_WRAPPER_FILES)):
+    skip = _TORCH_DIR if skip_torch else _WRAPPER_FILES
+    while frame is not None and (frame.f_code.co_filename.startswith(skip)):
         frame = frame.f_back
     if frame is None:
         return ("<unknown>", 0, True)
@@ -118,7 +119,7 @@ def module_context(model: nn.Module, strip: str = "") -> Iterator[_Context]:
         return hook
 
     for path, module in model.named_modules(remove_duplicate=False):
-        full = path[len(strip):] if strip and path.startswith(strip) else path
+        full = path[len(strip):] if strip and path.startswith(strip) else ("" if strip and path == strip[:-1] else path)
         handles.append(module.register_forward_pre_hook(pre(full)))
         handles.append(module.register_forward_hook(post(full)))
     try:
@@ -266,27 +267,6 @@ def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: flo
         if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != m:
             raise ConversionError("", f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, not "
                                   f"member outputs (M={m}, B, ...). Does the backbone return one tensor?")
-        scale = float(out.abs().max()) if out.numel() else 0.0
-        tol = atol + rtol * scale
-        worst = 0.0
-        for i in range(m):
-            member = ens.member(i).eval()
-            with torch.no_grad():
-                y = run_named(member, probe, f"member({i})", "member() rebuilds the member from its block; "
-                              "report this as a bug with the model.")
-            if not isinstance(y, Tensor) or y.shape != out[i].shape:
-                raise ConversionError("", f"member({i}) returns shape {getattr(y, 'shape', None)}, the ensemble's "
-                                      f"output {i} has shape {tuple(out[i].shape)}.")
-            finite = torch.isfinite(out[i]) & torch.isfinite(y)
-            diff = float((y - out[i])[finite].abs().max()) if finite.any() else 0.0
-            if not torch.equal(torch.isfinite(out[i]), torch.isfinite(y)) or diff > tol:
-                raise ConversionError("", f"member({i}) does not reproduce the ensemble's output {i} on the probe "
-                                      f"(max abs difference {diff:.3g} > tolerance {tol:.3g}): the packed computation "
-                                      f"and the member's own computation disagree. {advice}")
-            worst = max(worst, diff)
-        report.max_member_diff = worst
-        report.checks.append(f"member(i) reproduces output i for all {m} members (max abs diff {worst:.2g})")
-
         own = _own_blocks(ens)
         if not own:
             raise ConversionError("", "the ensemble reports no per-member tensors; independence cannot be checked.")
@@ -322,6 +302,32 @@ def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: flo
                     f"{name!r}" + (f"; the first operation mixing members is {where[1]}" if where else "") + f". {advice}"))
             report.checks.append(f"members independent in {mode_name} mode (gradient of each output on every other "
                                  f"member's own tensors is exactly zero; {len(trainable)} tensors)")
+        ens.eval()
+        with torch.no_grad():
+            out = run_named(ens, probe, "the converted ensemble's forward (evaluation mode)", advice)
+        scale = float(out.abs().max()) if out.numel() else 0.0
+        tol = atol + rtol * scale
+        worst = 0.0
+        for i in range(m):
+            member = ens.member(i).eval()
+            with torch.no_grad():
+                y = run_named(member, probe, f"member({i})", "member() rebuilds the member from its block; "
+                              "report this as a bug with the model.")
+            if not isinstance(y, Tensor) or y.shape != out[i].shape:
+                raise ConversionError("", f"member({i}) returns shape {getattr(y, 'shape', None)}, the ensemble's "
+                                      f"output {i} has shape {tuple(out[i].shape)}.")
+            finite = torch.isfinite(out[i]) & torch.isfinite(y)
+            diff = float((y - out[i])[finite].abs().max()) if finite.any() else 0.0
+            if not torch.equal(torch.isfinite(out[i]), torch.isfinite(y)) or diff > tol:
+                where = locate_coupling(ens, probe)
+                raise ConversionError(where[0] if where else "", (
+                    f"member({i}) does not reproduce the ensemble's output {i} on the probe (max abs difference "
+                    f"{diff:.3g} > tolerance {tol:.3g}): the ensemble's computation and the member's own computation "
+                    "disagree" + (f"; the first operation mixing members is {where[1]}" if where else "") + f". {advice}"))
+            worst = max(worst, diff)
+        report.max_member_diff = worst
+        report.checks.append(f"member(i) reproduces output i for all {m} members (max abs diff {worst:.2g})")
+
     report.passed = True
     return report
 
@@ -339,7 +345,7 @@ class _Recorder(TorchFunctionMode):
             return out
         tensors = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)] if isinstance(out, (tuple, list)) else []
         if tensors:
-            fname, line, _ = call_site(skip_internal=False)
+            fname, line, _ = call_site(skip_internal=False, skip_torch=True)
             path, module = self.ctx.stack[-1] if self.ctx.stack else ("", None)
             where = f"{name} at {os.path.basename(fname)}:{line} in module {path or '<root>'!r}" + (
                 f" ({type(module).__name__})" if module is not None else "")
@@ -349,11 +355,24 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+def _misordered(owner: Tensor) -> bool:
+    """Whether member ownership (-1: no member) decreases along some axis: a packed tensor keeps each member's
+    elements in one contiguous block per axis, in member order (channels, batch rows or a member axis)."""
+    for axis in range(owner.dim()):
+        if owner.shape[axis] < 2:
+            continue
+        a, b = owner.narrow(axis, 0, owner.shape[axis] - 1), owner.narrow(axis, 1, owner.shape[axis] - 1)
+        if bool(((a >= 0) & (b >= 0) & (b < a)).any()):
+            return True
+    return False
+
+
 def locate_coupling(ens: nn.Module, probe: Tensor, scale: float = 0.5) -> tuple[str, str] | None:
     """``(module_path, description)`` of the first operation whose output mixes two members, or ``None``.
 
     Perturbs each member's own tensors in turn (evaluation mode) and compares every recorded operation
-    output with a clean run: an element that changes for two different members is where they meet.
+    output with a clean run: an element that changes for two different members is where they meet; an
+    output whose elements of different members are interleaved (a channel shuffle) is where they will.
     """
     m = ens.num_members
     own = _own_blocks(ens)
@@ -382,6 +401,21 @@ def locate_coupling(ens: nn.Module, probe: Tensor, scale: float = 0.5) -> tuple[
     base = runs[0]
     if any(len(r) != len(base) for r in runs):
         return None
+    for k, (path, where, t0) in enumerate(base):
+        changed = torch.zeros(t0.shape, dtype=torch.int32, device=t0.device)
+        owner = torch.full(t0.shape, -1, dtype=torch.int64, device=t0.device)
+        for i, r in enumerate(runs[1:]):
+            t = r[k][2]
+            if t.shape != t0.shape:
+                return None
+            hit = (t != t0) & ~(torch.isnan(t) & torch.isnan(t0))
+            changed += hit.to(torch.int32)
+            owner[hit] = i
+        if bool((changed >= 2).any()):  # one element depends on two members
+            return path, where
+        if _misordered(owner):  # members' elements interleaved: the next per-member layer will mix them
+            return path, where + " (it interleaves the members' elements)"
+    return None
     for k, (path, where, t0) in enumerate(base):
         changed = torch.zeros(t0.shape, dtype=torch.int32, device=t0.device)
         for r in runs[1:]:
