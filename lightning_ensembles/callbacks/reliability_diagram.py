@@ -23,7 +23,9 @@ def plot_reliability(
     (``n_bins + 1`` entries; the last bin, confidences equal to 1, is drawn with the top bin).
     Built on ``matplotlib.figure.Figure`` directly (no pyplot, no global backend change).
     """
-    from matplotlib.figure import Figure
+    from .._optional import require
+
+    Figure = require("matplotlib.figure", "plots", "ReliabilityDiagram").Figure
 
     count = count.double().cpu().numpy().copy()
     conf = confidence.double().cpu().numpy().copy()

@@ -11,9 +11,9 @@ from ._tensor_dm import TensorDataModule, seeded_split
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as ``(N, 1, 8, 8)`` floats in [0, 1] and ``(N,)`` int64 labels."""
-    from sklearn.datasets import load_digits
+    from .._optional import require
 
-    d = load_digits()
+    d = require("sklearn.datasets", "data", "DigitsDataModule").load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return x, torch.tensor(d.target, dtype=torch.long)
 

@@ -13,8 +13,10 @@ from ._tensor_dm import TensorDataModule, seeded_split
 @lru_cache(maxsize=4)
 def generate_mnist1d(num_samples: int = 5000, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate MNIST-1D procedurally: ``(N, 1, 40)`` float signals and ``(N,)`` labels."""
-    from mnist1d.data import get_dataset_args, make_dataset
+    from .._optional import require
 
+    data = require("mnist1d.data", "data", "MNIST1DDataModule")
+    get_dataset_args, make_dataset = data.get_dataset_args, data.make_dataset
     args = get_dataset_args()
     args.num_samples = num_samples
     args.seed = seed
