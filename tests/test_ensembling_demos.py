@@ -7,6 +7,8 @@ with the encoder input, randomness drawn in ``training_step`` before the forward
 optimisation, and one member. WikiText2 (the transformer demo's data) downloads: random tokens here.
 """
 
+import random
+
 import lightning as L
 import numpy as np
 import pytest
@@ -325,3 +327,26 @@ def test_one_member_through_the_callback_keeps_the_member_axis_and_index():
     one._patch_training_step(fresh)
     fresh.train()
     torch.testing.assert_close(fresh.training_step((x[:8], y[:8]), 0), F.cross_entropy(fresh.model.ensemble(x[:8])[0], y[:8]))
+
+
+class _RandomStateAtSetup(Callback):
+    def setup(self, trainer, pl_module, stage):
+        self.state = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+
+
+def test_the_setup_probe_leaves_the_random_state_as_it_found_it(monkeypatch):
+    # The probe draws a shuffled batch and runs a training_step that draws from torch and NumPy; the
+    # random state after setup (which also draws the members' weights) must be that of an unprobed setup.
+    def setup_state(probe):
+        L.seed_everything(0)
+        after, cb = _RandomStateAtSetup(), Ensembling(num_members=2)
+        if not probe:
+            monkeypatch.setattr(cb, "_probe", lambda *args: None)
+        quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[cb, after]).fit(
+            MixupClassifier(), DigitsDataModule(batch_size=32))
+        return cb.probed_call, after.state
+
+    (call, probed), (_, unprobed) = setup_state(True), setup_state(False)
+    assert call == "model(Tensor[2, 1, 8, 8])"
+    assert torch.equal(probed[0], unprobed[0])
+    assert np.array_equal(probed[1], unprobed[1]) and probed[2] == unprobed[2]
