@@ -57,13 +57,13 @@ ZOO: dict[str, tuple[str, str, dict, int, bool]] = {
     "test_byobnet": ("BYOBNet", "test_byobnet", {}, 32, False),
     "test_nfnet": ("NFNet (weight-standardised convs)", "test_nfnet", {}, 32, False),
     "test_efficientnet_gn": ("EfficientNet (GroupNorm)", "test_efficientnet_gn", {}, 32, False),
-    "test_coatnet": ("CoAtNet", "test_coatnet", {}, 64, True),
-    "test_maxvit": ("MaxViT", "test_maxvit", {}, 64, True),
-    "test_vit_relpos": ("ViT (relative position)", "test_vit_relpos", {}, 64, True),
+    "test_coatnet": ("CoAtNet", "test_coatnet", {}, 160, True),
+    "test_maxvit": ("MaxViT", "test_maxvit", {}, 160, True),
+    "test_vit_relpos": ("ViT (relative position)", "test_vit_relpos", {}, 160, True),
     "vovnet": ("VoVNet (OSA concat)", "ese_vovnet19b_slim_dw", {}, 32, False),
     "hgnetv2_b0": ("HGNet (concat)", "hgnetv2_b0", {}, 32, False),
     "ghostnet_050": ("GhostNet", "ghostnet_050", {}, 32, False),
-    "ghostnetv2": ("GhostNet", "ghostnetv2_100", {"width": 0.5}, 32, False),
+    "ghostnetv2": ("GhostNet", "ghostnetv2_100", {}, 32, False),
     "mobilenetv2_050": ("MobileNet", "mobilenetv2_050", {}, 32, False),
     "mobilenetv3_small_050": ("MobileNet", "mobilenetv3_small_050", {}, 32, False),
     "mobilenetv4_conv_small": ("MobileNet", "mobilenetv4_conv_small", {}, 32, False),
@@ -84,10 +84,10 @@ ZOO: dict[str, tuple[str, str, dict, int, bool]] = {
     "starnet_s050": ("StarNet", "starnet_s050", {}, 32, False),
     "convnext_atto": ("ConvNeXt", "convnext_atto", {}, 32, False),
     "convnextv2_atto": ("ConvNeXt", "convnextv2_atto", {}, 32, False),
-    "poolformerv2_s12": ("MetaFormer", "poolformerv2_s12", {"depths": (1, 1, 1, 1)}, 32, False),
+    "poolformerv2_s12": ("MetaFormer", "poolformerv2_s12", {}, 32, False),
     "edgenext_xx_small": ("EdgeNeXt", "edgenext_xx_small", {}, 32, True),
-    "efficientformer_l1": ("EfficientFormer", "efficientformer_l1", {"depths": (1, 1, 1, 1)}, 32, True),
-    "efficientformerv2_s0": ("EfficientFormer", "efficientformerv2_s0", {}, 64, True),
+    "efficientformer_l1": ("EfficientFormer", "efficientformer_l1", {"depths": (1, 1, 1, 1)}, 224, True),
+    "efficientformerv2_s0": ("EfficientFormer", "efficientformerv2_s0", {}, 224, True),
     "efficientvit_m0": ("EfficientViT (MIT/MSRA)", "efficientvit_m0", {"img_size": 64}, 64, True),
     "efficientvit_b0": ("EfficientViT (MIT)", "efficientvit_b0", {}, 64, True),
     "mobilevit_xxs": ("MobileViT", "mobilevit_xxs", {}, 64, True),
@@ -105,13 +105,13 @@ ZOO: dict[str, tuple[str, str, dict, int, bool]] = {
     "convit_tiny": ("ConViT", "convit_tiny", {"img_size": 32, "patch_size": 8, "depth": 2, "local_up_to_layer": 1}, 32, True),
     "swin": ("Swin", "swin_tiny_patch4_window7_224",
              {"img_size": 32, "window_size": 4, "embed_dim": 24, "depths": (1, 1), "num_heads": (1, 2)}, 32, True),
-    "pvt_v2_b0": ("PVT", "pvt_v2_b0", {"img_size": 64}, 64, True),
+    "pvt_v2_b0": ("PVT", "pvt_v2_b0", {}, 64, True),
     "twins": ("Twins", "twins_svt_small", {"img_size": 64, "depths": (1, 1, 1, 1)}, 64, True),
     "coat_lite_tiny": ("CoaT", "coat_lite_tiny", {"img_size": 64}, 64, True),
     "visformer_tiny": ("Visformer", "visformer_tiny", {"img_size": 64}, 64, True),
-    "mixer": ("MLP-Mixer", "mixer_s32_224", {"img_size": 32, "patch_size": 8, "num_blocks": 2, "embed_dim": 32}, 32, False),
-    "resmlp": ("ResMLP", "resmlp_12_224", {"img_size": 32, "patch_size": 8, "num_blocks": 2, "embed_dim": 32}, 32, False),
-    "gmlp": ("gMLP (spatial gating split)", "gmlp_ti16_224", {"img_size": 32, "patch_size": 8, "num_blocks": 2, "embed_dim": 32}, 32, False),
+    "mixer": ("MLP-Mixer", "mixer_s16_224", {"img_size": 32, "num_blocks": 2}, 32, False),
+    "resmlp": ("ResMLP", "resmlp_12_224", {"img_size": 32, "num_blocks": 2}, 32, False),
+    "gmlp": ("gMLP (spatial gating split)", "gmlp_ti16_224", {"img_size": 32, "num_blocks": 2}, 32, False),
     "sequencer": ("Sequencer (LSTM)", "sequencer2d_s", {"img_size": 32, "layers": (1, 1, 1, 1)}, 32, False),
 }
 QUICK = ["resnet10t", "densenet", "cspresnet50", "ghostnet_050", "vit_tiny", "swin"]
@@ -160,6 +160,7 @@ def check(ens: nn.Module, backbone: nn.Module, x: torch.Tensor) -> str | None:
         for t, axis in blocks:
             b0 = t.unflatten(axis, (M, -1)).select(axis, 0)
             b0.add_(torch.randn(b0.shape, generator=g) * 0.1 * (b0.abs().mean() + 1e-2))
+        ens.train().eval()  # timm drops its evaluation-mode caches of parameter-derived tensors on train()
         out2 = ens(x)
         if torch.equal(out2[0], out[0]):
             return "perturbing member 0's own tensors did not change output 0"
@@ -214,29 +215,39 @@ def run_one(backbone: nn.Module, x: torch.Tensor, method: str, timeout: int) -> 
 
 def tu_models() -> dict[str, tuple[callable, callable | None, tuple[int, ...], dict]]:
     """torch-uncertainty builders: name -> (single builder, hand-written packed builder or None, input, kwargs)."""
-    from torch_uncertainty.models import mlp, packed_mlp
-    from torch_uncertainty.models.classification import lenet, packed_resnet, packed_vgg, packed_wideresnet28x10
-    from torch_uncertainty.models.classification import resnet, vgg, wideresnet28x10
-    from torch_uncertainty.models.classification.inception_time import inception_time, packed_inception_time
+    from torch_uncertainty.models.classification import (
+        inception_time,
+        lenet,
+        packed_inception_time,
+        packed_lenet,
+        packed_resnet,
+        packed_vgg,
+        packed_wideresnet28x10,
+        resnet,
+        vgg,
+        wideresnet28x10,
+    )
+    from torch_uncertainty.models.mlp import mlp, packed_mlp
 
+    pe = {"num_estimators": 4, "alpha": 2, "gamma": 1}
+    it = {"kernel_size": 8, "embed_dim": 8, "num_blocks": 3}
     return {
         "resnet18 (cifar)": (lambda: resnet(in_channels=3, num_classes=K, arch=18, style="cifar"),
-                             lambda: packed_resnet(in_channels=3, num_classes=K, arch=18, num_estimators=4, alpha=2,
-                                                   gamma=1, style="cifar"), (3, 32, 32), {}),
-        "wideresnet28x10": (lambda: wideresnet28x10(in_channels=3, num_classes=K, style="cifar"),
-                            lambda: packed_wideresnet28x10(in_channels=3, num_classes=K, num_estimators=4, alpha=2,
-                                                           gamma=1, style="cifar"), (3, 32, 32), {}),
-        "vgg11": (lambda: vgg(in_channels=3, num_classes=K, arch=11),
-                  lambda: packed_vgg(in_channels=3, num_classes=K, arch=11, num_estimators=4, alpha=2, gamma=1),
-                  (3, 32, 32), {}),
-        "lenet": (lambda: lenet(in_channels=1, num_classes=K), None, (1, 32, 32), {}),
+                             lambda: packed_resnet(in_channels=3, num_classes=K, arch=18, style="cifar", **pe),
+                             (3, 32, 32), {}),
+        "wideresnet28x10 (cifar)": (lambda: wideresnet28x10(in_channels=3, num_classes=K, style="cifar"),
+                                    lambda: packed_wideresnet28x10(in_channels=3, num_classes=K, style="cifar", **pe),
+                                    (3, 32, 32), {}),
+        "vgg11 (cifar)": (lambda: vgg(in_channels=3, num_classes=K, arch=11, style="cifar"),
+                          lambda: packed_vgg(in_channels=3, num_classes=K, arch=11, style="cifar", **pe), (3, 32, 32), {}),
+        "lenet": (lambda: lenet(in_channels=1, num_classes=K), lambda: packed_lenet(in_channels=1, num_classes=K, **pe),
+                  (1, 32, 32), {}),
         "mlp (head registered first)": (lambda: mlp(in_features=8, num_outputs=K, hidden_dims=[16, 16]),
-                                        lambda: packed_mlp(in_features=8, num_outputs=K, hidden_dims=[16, 16],
-                                                           num_estimators=4, alpha=2, gamma=1), (8,), {}),
+                                        lambda: packed_mlp(in_features=8, num_outputs=K, hidden_dims=[16, 16], **pe),
+                                        (8,), {}),
         "inception_time (input feeds several layers)": (
-            lambda: inception_time(in_channels=2, num_classes=K),
-            lambda: packed_inception_time(in_channels=2, num_classes=K, num_estimators=4, alpha=2, gamma=1),
-            (2, 32), {}),
+            lambda: inception_time(in_channels=2, num_classes=K, **it),
+            lambda: packed_inception_time(in_channels=2, num_classes=K, **pe, **it), (2, 32), {}),
     }
 
 
@@ -267,6 +278,13 @@ def main() -> None:
             print(f"{name}: cannot build the backbone: {err}")
             continue
         x = torch.randn(2, 3, size, size)
+        try:
+            with torch.no_grad():
+                backbone(x)
+            backbone.train().eval()
+        except Exception as err:  # noqa: BLE001 - a zoo entry whose backbone itself does not run is a zoo bug
+            print(f"{name}: the backbone itself fails on {tuple(x.shape)}: {err}")
+            continue
         cells = []
         for method in args.methods:
             if method == "lora" and not attention:

@@ -39,7 +39,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["LayerFlow", "trace_layers"]
+__all__ = ["LayerFlow", "trace_layers", "clear_caches"]
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Drop timm's evaluation-mode caches of tensors computed from parameters (``attention_bias_cache`` of
+    LeViT, EfficientViT, EfficientFormer): a probe run fills them with graph tensors that cannot be
+    deep-copied and that go stale when the parameters change."""
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):
+            m.attention_bias_cache = {}
 
 LAYERS = (nn.Linear, _ConvNd)
 
@@ -134,6 +143,7 @@ def trace_layers(model: nn.Module, probe: Tensor, layer_types: tuple[type, ...] 
             h.remove()
         for m, t in modes.items():
             m.training = t
+        clear_caches(model)
     flow = LayerFlow(called=called)
     out_t = _first_tensor(out)
     if out_t is not None:

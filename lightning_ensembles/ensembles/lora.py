@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .base import Ensemble
 from .dataflow import trace_layers
 from .registry import register_method
+from .surgery import ConversionError
 from .verify import VerificationReport, make_probe, verify_ensemble
 
 __all__ = ["LoRAEnsemble", "LoRAFactors", "BatchedLoRALinear", "BatchedLoRAMultiheadAttention", "BatchedLinear"]
@@ -381,8 +382,10 @@ def _find_head(backbone: nn.Module, head: str | None, data_last: list[str] | Non
     get_classifier = getattr(backbone, "get_classifier", None)  # timm convention
     if callable(get_classifier):
         clf = get_classifier()
-        if not isinstance(clf, nn.Linear):  # e.g. timm's num_classes=0: the last Linear is not a head
-            raise ValueError(
+        if isinstance(clf, (tuple, list)) and data_last is not None:  # distilled models: (head, head_dist)
+            clf = None
+        elif not isinstance(clf, nn.Linear):  # e.g. timm's num_classes=0: the last Linear is not a head
+            raise ConversionError("",
                 f"`head`='auto': the backbone's classifier is a {type(clf).__name__}, not an nn.Linear. Build it with "
                 "num_classes > 0, name the head module, or pass head=None."
             )
@@ -394,8 +397,8 @@ def _find_head(backbone: nn.Module, head: str | None, data_last: list[str] | Non
     if data_last is not None:  # the output layer from the data flow, not registration order
         heads = [n for n in data_last if n in linears]
         if len(heads) != 1:
-            raise ValueError(f"`head`='auto': the output layers in the data flow are {data_last}, not one nn.Linear; "
-                             "name the head module or pass head=None.")
+            raise ConversionError("", f"`head`='auto': the output layers in the data flow are {data_last}, not one "
+                                  "nn.Linear; name the head module (head='...') or pass head=None for a shared head.")
         return heads[0]
     if not linears:
         raise ValueError("`head`='auto' found no nn.Linear head in the backbone; pass `head=None` for a shared head.")
@@ -531,7 +534,7 @@ class LoRAEnsemble(Ensemble):
                 targets.append(n)
         if not targets:
             available = [n for n, m in names.items() if isinstance(m, (nn.Linear, nn.MultiheadAttention)) and n]
-            raise ValueError(
+            raise ConversionError("",
                 f"`target_modules`={patterns} matched no nn.Linear or nn.MultiheadAttention in the backbone. "
                 f"Available: {available[:20]}{' ...' if len(available) > 20 else ''}. Patterns use fnmatch, "
                 "e.g. '*attn.qkv' or 'layers.*.self_attn'."

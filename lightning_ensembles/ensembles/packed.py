@@ -12,7 +12,7 @@ block-diagonal (grouped) versions so no member reads another's channels:
 * ``BatchNorm*`` (per channel, hence per member), ``GroupNorm`` (``M * G`` groups), ``LayerNorm`` and
   timm ``LayerNorm2d`` (normalised within each member's block), ``nn.MultiheadAttention`` and timm's
   ``Attention`` (attention within each member) are converted; tensors owned by no layer (``cls_token``,
-  ``pos_embed``, layer scales) are packed along their last axis.
+  ``pos_embed``, layer scales) are packed along their channel axis (the last axis longer than 1).
 
 Design decisions (torch-uncertainty's packed layers are not reused: they cannot be built from
 existing weights, rearrange to ``(M * B, ...)`` instead of the member-first contract, and silently
@@ -49,7 +49,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
 from .base import Ensemble
-from .dataflow import trace_layers
+from .dataflow import clear_caches, trace_layers
 from .registry import register_method
 from .reinit import reinitialize
 from .surgery import ConversionError, leaf_parameter_owners
@@ -617,11 +617,15 @@ class _Packer:
             for n in names:
                 p = module._parameters[n]
                 full = f"{path}.{n}" if path else n
-                if p.dim() == 0:
-                    raise ConversionError(full, "a scalar parameter would be shared by all members.")
-                module._parameters[n] = nn.Parameter(torch.empty(*p.shape[:-1], self.packed(p.shape[-1])),
-                                                     requires_grad=p.requires_grad)
-                self.member_axes[full] = p.dim() - 1
+                if p.dim() == 0 or p.numel() == 1:
+                    raise ConversionError(full, f"a parameter of shape {tuple(p.shape)} scales every channel alike; "
+                                          "it would be shared by all members. Convert this module by hand.")
+                # The channel axis: the last one longer than 1 ((1, N, C) tokens, (C, 1, 1) 2-D layer scales).
+                axis = max(i for i, size in enumerate(p.shape) if size > 1)
+                shape = list(p.shape)
+                shape[axis] = self.packed(shape[axis])
+                module._parameters[n] = nn.Parameter(torch.empty(*shape), requires_grad=p.requires_grad)
+                self.member_axes[full] = axis
         return model
 
 
@@ -651,9 +655,10 @@ def _fill_from_sources(packed: nn.Module, sources: list[nn.Module], axes: dict[s
                 block = blocks.select(axis, i)
                 if src.shape == block.shape:
                     block.copy_(src)
-                elif is_free:  # tile/truncate the backbone's tensor to the member width
-                    reps = math.ceil(block.shape[-1] / src.shape[-1])
-                    block.copy_(src.repeat(*([1] * (src.dim() - 1)), reps)[..., : block.shape[-1]])
+                elif is_free:  # tile/truncate the backbone's tensor to the member width along its member axis
+                    reps = [1] * src.dim()
+                    reps[axis] = math.ceil(block.shape[axis] / src.shape[axis])
+                    block.copy_(src.repeat(*reps).narrow(axis, 0, block.shape[axis]))
                 else:
                     raise RuntimeError(f"internal: shape mismatch for {name}: {tuple(src.shape)} vs {tuple(block.shape)}")
 
@@ -863,6 +868,8 @@ class PackedEnsemble(Ensemble):
         finally:
             for mod, t in modes.items():
                 mod.training = t
+            clear_caches(backbone)
+            clear_caches(self.model)
         self.__dict__["_rules"] = learner.rules if any(r[0] != "plain" for r in learner.rules.values()) else {}
         if not isinstance(out, Tensor) or not isinstance(ref_out, Tensor) or out.dim() != ref_out.dim():
             raise ConversionError("", f"the backbone returns {type(ref_out).__name__}; PackedEnsemble needs one output tensor.")

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
+from .dataflow import clear_caches
 from .surgery import ConversionError
 
 __all__ = ["VerificationReport", "verify_ensemble", "make_probe", "module_context", "locate_coupling", "call_site"]
@@ -212,6 +213,7 @@ def make_probe(backbone: nn.Module, example_input: Tensor | None = None, input_s
     finally:
         for m, t in training.items():
             m.training = t
+        clear_caches(backbone)
     raise ValueError(
         "cannot form a probe input to trace and verify the conversion: the backbone runs on none of the inferred "
         f"shapes ({'; '.join(tried) or 'no Linear/Conv layer to infer from'}). Pass example_input=torch.randn(2, ...) "
@@ -235,6 +237,7 @@ def _preserved(model: nn.Module, device: torch.device) -> Iterator[None]:
                     v.copy_(buffers[k])
         for m, t in modes.items():
             m.training = t
+        clear_caches(model)
 
 
 def _own_blocks(ens: nn.Module) -> list[tuple[str, nn.Parameter, int]]:
@@ -320,9 +323,10 @@ def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: flo
             diff = float((y - out[i])[finite].abs().max()) if finite.any() else 0.0
             if not torch.equal(torch.isfinite(out[i]), torch.isfinite(y)) or diff > tol:
                 where = locate_coupling(ens, probe)
+                nonfinite = "" if diff > tol else ", and one of them has inf/NaN where the other has not"
                 raise ConversionError(where[0] if where else "", (
                     f"member({i}) does not reproduce the ensemble's output {i} on the probe (max abs difference "
-                    f"{diff:.3g} > tolerance {tol:.3g}): the ensemble's computation and the member's own computation "
+                    f"{diff:.3g} > tolerance {tol:.3g}{nonfinite}): the ensemble's computation and the member's own computation "
                     "disagree" + (f"; the first operation mixing members is {where[1]}" if where else "") + f". {advice}"))
             worst = max(worst, diff)
         report.max_member_diff = worst
