@@ -5,9 +5,19 @@ from real forward passes (:mod:`~lightning_ensembles.inference.macs`), never est
 """
 
 from .cascade import CascadeOutput, EnsembleCascade, evaluate_cascade, prediction_metrics, uncertainty
+from .bridge import BezierCurve, BridgeEnsemble, default_bridge, fit_bezier_curve, fit_bridge
+from .distill import DistillationModule, MultiHeadStudent, distillation_loss
 from .macs import MacCounter, count_macs, macs_per_sample
 
 __all__ = [
+    "BezierCurve",
+    "BridgeEnsemble",
+    "DistillationModule",
+    "MultiHeadStudent",
+    "default_bridge",
+    "distillation_loss",
+    "fit_bezier_curve",
+    "fit_bridge",
     "CascadeOutput",
     "EnsembleCascade",
     "MacCounter",
