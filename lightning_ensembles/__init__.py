@@ -19,6 +19,7 @@ from .callbacks import (
     CalibrationMetrics,
     ConformalPrediction,
     Ensembling,
+    PosthocCalibration,
     ReliabilityDiagram,
     SnapshotEnsemble,
     TemperatureScaling,
@@ -43,6 +44,9 @@ from .ensembles.masksembles import Masksembles
 from .ensembles.mc_dropout import MCDropout
 from .ensembles.mimo import MIMO
 from .ensembles.tta import TTAEnsemble
+
+# Beyond classification logits (issue 19).
+from .ensembles.evidential import DirichletHead, NIGHead, evidential_head
 
 __version__ = "0.1.0"
 
@@ -82,4 +86,8 @@ __all__ = [
     "TTAEnsemble",
     "asymmetric_ensemble",
     "w_asymmetric",
+    "DirichletHead",
+    "NIGHead",
+    "PosthocCalibration",
+    "evidential_head",
 ]

@@ -21,6 +21,17 @@ from .diversity import (
     pairwise_kl,
     soft_disagreement,
 )
+from .evidential import (
+    EvidentialClassificationLoss,
+    EvidentialRegressionLoss,
+    annealing_coefficient,
+    dirichlet_kl_uniform,
+    dirichlet_uncertainty,
+    evidential_classification_loss,
+    evidential_regression_loss,
+    nig_nll,
+    nig_uncertainty,
+)
 from .forde import InputGradientRepulsion, forde_repulsion, member_input_gradients
 from .kernels import log_kde, median_heuristic, squared_distances
 from .repulsion import FunctionSpaceRepulsion, WeightSpaceRepulsion, member_parameter_matrix
@@ -47,4 +58,13 @@ __all__ = [
     "log_kde",
     "median_heuristic",
     "squared_distances",
+    "EvidentialClassificationLoss",
+    "EvidentialRegressionLoss",
+    "annealing_coefficient",
+    "dirichlet_kl_uniform",
+    "dirichlet_uncertainty",
+    "evidential_classification_loss",
+    "evidential_regression_loss",
+    "nig_nll",
+    "nig_uncertainty",
 ]
