@@ -4,6 +4,7 @@ from .calibration_metrics import CalibrationMetrics
 from .conformal import ConformalPrediction
 from .ensembling import EnsembledModel, Ensembling
 from .posthoc_calibration import PosthocCalibration
+from .prediction_writer import PredictionWriter
 from .reliability_diagram import ReliabilityDiagram
 from .snapshot import SnapshotEnsemble
 from .temperature_scaling import TemperatureScaling
@@ -15,6 +16,7 @@ __all__ = [
     "EnsembledModel",
     "Ensembling",
     "PosthocCalibration",
+    "PredictionWriter",
     "ReliabilityDiagram",
     "SnapshotEnsemble",
     "TemperatureScaling",
