@@ -158,3 +158,33 @@ def test_errors_name_the_fix():
         EnsembleCascade(ens, decision="selective").fit(x)
     with pytest.raises(ValueError, match="Ensemble or a list"):
         EnsembleCascade(nn.Linear(2, 2))
+
+
+def test_callback_test_and_predict():
+    from conftest import quiet_trainer
+
+    from lightning_ensembles import EnsembleClassifier
+    from lightning_ensembles.callbacks import CascadeEvaluation
+    from lightning_ensembles.data import DigitsDataModule
+
+    model = EnsembleClassifier(backbone="mlp", num_members=3,
+                               backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    quiet_trainer(max_epochs=3).fit(model, DigitsDataModule())
+    per_member = 64 * 32 + 32 * 10
+    full = CascadeEvaluation(width=float("inf"))
+    trainer = quiet_trainer(callbacks=[full])
+    trainer.test(model, DigitsDataModule(ood_classes=(8, 9)), verbose=False)
+    assert full.results["members_per_sample"] == 3.0
+    assert full.results["macs_per_sample"] == 3 * per_member
+    assert full.results["acc"] == pytest.approx(model.last_test_results[0]["acc"], abs=1e-6)
+    assert full.results["ood_auroc"] == pytest.approx(model.last_test_results[0]["ood_auroc_msp"], abs=1e-6)
+    assert float(trainer.callback_metrics["test/cascade_macs_per_sample"]) == 3 * per_member
+
+    auto = CascadeEvaluation(exit_rule="confidence")
+    trainer = quiet_trainer(callbacks=[auto])
+    trainer.test(model, DigitsDataModule(), verbose=False)
+    assert 1.0 <= auto.results["members_per_sample"] <= 3.0
+    assert auto.results["macs_per_sample"] == pytest.approx(auto.results["members_per_sample"] * per_member)
+    preds = quiet_trainer(callbacks=[auto]).predict(model, datamodule=DigitsDataModule())
+    assert preds[0]["cascade_probs"].shape == preds[0]["probs"].shape
+    assert preds[0]["cascade_members_used"].max() <= 3

@@ -1,6 +1,7 @@
 """Trainer callbacks that plug ensembles, averaging and calibration into any LightningModule."""
 
 from .calibration_metrics import CalibrationMetrics
+from .cascade import CascadeEvaluation
 from .conformal import ConformalPrediction
 from .ensembling import EnsembledModel, Ensembling
 from .posthoc_calibration import PosthocCalibration
@@ -12,6 +13,7 @@ from .weight_averaging import WeightAveraging
 
 __all__ = [
     "CalibrationMetrics",
+    "CascadeEvaluation",
     "ConformalPrediction",
     "EnsembledModel",
     "Ensembling",
