@@ -129,6 +129,10 @@ class PosthocCalibration(Callback):
     def tag(self) -> str:
         return f"cal_{self.method}"
 
+    def _new_calibrator(self, num_classes: int) -> nn.Module:
+        """A fresh calibrator for ``num_classes`` classes (subclasses bring others, e.g. the torch-uncertainty adapter)."""
+        return build_calibrator(self.method, num_classes, self.kind, **self.kwargs)
+
     # ---------------------------------------------------------------- inputs
     def _values(self, preds: Predictions, hook: str) -> Tensor:
         """Member log-probabilities (``apply_to="members"``) or ensemble probabilities for one batch."""
@@ -174,7 +178,7 @@ class PosthocCalibration(Callback):
         num_classes = values.shape[-1]
         if self.calibrator is None or self.num_classes != num_classes:
             self.num_classes = num_classes
-            self.calibrator = build_calibrator(self.method, num_classes, self.kind, **self.kwargs)
+            self.calibrator = self._new_calibrator(num_classes)
         self.calibrator.fit(values.double(), target)
         before = self._identity(values)
         after = self.calibrator(values.double()).exp()
@@ -257,5 +261,5 @@ class PosthocCalibration(Callback):
         if self.num_classes is None:
             self.calibrator = None
             return
-        self.calibrator = build_calibrator(self.method, self.num_classes, self.kind, **self.kwargs)
+        self.calibrator = self._new_calibrator(self.num_classes)
         self.calibrator.load_state_dict(state_dict["state"])
