@@ -113,6 +113,18 @@ def test_refusals_name_the_module():
         MIMO(MLP(3, 2), 2, first_layer="nope")
     with pytest.raises(ConversionError, match="no nn.Linear or nn.Conv"):
         MIMO(nn.Sequential(nn.ReLU()), 2)
+    class Reordered(nn.Module):  # registers its output layer first: the registration-order guess is wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.body = nn.Linear(8, 2), nn.Linear(3, 8)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    with pytest.raises(ConversionError, match=r"'body'.*not where the data leaves.*first_layer=/last_layer="):
+        MIMO(Reordered(), 2, input_shape=[3])
+    fixed = MIMO(Reordered(), 2, first_layer="body", last_layer="head", input_shape=[3])
+    assert fixed.verification.passed
     with pytest.raises(ValueError, match="input_repetition"):
         MIMO(MLP(3, 2), 2, input_repetition=1.0)
 

@@ -23,9 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
 from .surgery import ConversionError, replace_modules
+from .verify import VerificationReport
 
 __all__ = ["Masksembles", "MaskedOutput", "generate_masks"]
 
@@ -156,6 +158,8 @@ class Masksembles(Ensemble):
             ``"split"`` (the paper's training): in training member ``i`` sees the ``i``-th of M chunks
             (``(M, B // M, ...)``, use :meth:`member_targets`). Evaluation always repeats.
         seed: seed of the mask generator (``None``: drawn from torch's global generator).
+        verify: after conversion, run the ensemble and every ``member(i)`` on a probe batch (``example_input``,
+            else ``randn(2, *input_shape)``, else inferred); ``verification`` holds the report.
 
     Example:
         >>> import torch
@@ -177,6 +181,9 @@ class Masksembles(Ensemble):
         after: list[str] | None = None,
         batch_mode: Literal["repeat", "split"] = "repeat",
         seed: int | None = None,
+        verify: bool = True,
+        example_input: Tensor | None = None,
+        input_shape: list[int] | None = None,
     ) -> None:
         super().__init__(num_members)
         if not isinstance(backbone, nn.Module):
@@ -214,6 +221,11 @@ class Masksembles(Ensemble):
         self.model = copy.deepcopy(backbone)
         self.converted = replace_modules(self.model, lambda p, mod: p in targets, build)
         self.train(backbone.training)
+        self.verification = (verify_shared_members(self, backbone, example_input, input_shape,
+                                                   "Choose other layers with after=[...].") if verify
+                             else VerificationReport(ran=False))
+
+    _inner_prefix = "model."
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)`` (``(M, B // M, ...)`` for ``batch_mode="split"`` in training)."""

@@ -33,9 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
 from .surgery import ConversionError
+from .verify import VerificationReport
 
 __all__ = ["MCDropout", "MCDropoutMember", "seeded_uniform"]
 
@@ -58,6 +60,7 @@ _FUNCS: dict[Any, tuple[bool, bool, bool, str]] = {
     torch.feature_alpha_dropout: (True, True, False, "train"),
     torch.feature_alpha_dropout_: (True, True, True, "train"),
 }
+_ADVICE = "Pass p=0.1 with insert_before=[...] module paths, or verify=False to skip this check."
 _SELU_ALPHA = 1.7580993408473766  # -SELU's negative saturation value, as in ATen's alpha dropout
 
 
@@ -259,6 +262,11 @@ class MCDropout(Ensemble):
             members; M times the cost of one model). ``1``: classic MC-Dropout training at the cost of
             one model (``forward`` returns ``(1, B, ...)``, :meth:`member_targets` matches it).
         seed: seed of the member seeds (``None``: drawn from torch's global generator).
+        verify: after conversion, run the ensemble and every ``member(i)`` on a probe batch (evaluation):
+            a backbone whose forward runs no dropout is refused here, and ``member(i)`` must reproduce
+            output ``i``. The probe is ``example_input``, else ``randn(2, *input_shape)``, else inferred
+            from the backbone (:func:`~lightning_ensembles.ensembles.verify.make_probe`).
+            ``verification`` holds the report.
 
     Example:
         >>> import torch
@@ -279,6 +287,9 @@ class MCDropout(Ensemble):
         insert_before: list[str] | None = None,
         train_samples: int | None = None,
         seed: int | None = None,
+        verify: bool = True,
+        example_input: Tensor | None = None,
+        input_shape: list[int] | None = None,
     ) -> None:
         super().__init__(num_members)
         if not isinstance(backbone, nn.Module):
@@ -292,6 +303,10 @@ class MCDropout(Ensemble):
         self.model, self.dropout_layers, self.inserted = _prepare(backbone, self.p, list(insert_before or []))
         self.register_buffer("seeds", _draw_seeds(num_members, seed))
         self.train(backbone.training)
+        self.verification = (verify_shared_members(self, backbone, example_input, input_shape, _ADVICE) if verify
+                             else VerificationReport(ran=False))
+
+    _inner_prefix = "model."
 
     @property
     def num_samples(self) -> int:

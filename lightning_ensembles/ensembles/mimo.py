@@ -31,9 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
 from .surgery import ConversionError, convert
+from .verify import VerificationReport
 
 __all__ = ["MIMO", "MIMOInput", "MIMOOutput"]
 
@@ -88,7 +90,14 @@ class MIMOInput(nn.Module):
                 if layer.bias is not None:
                     self.layer.bias.copy_(layer.bias)
 
+    #: batch size B of the current MIMO call, set by :class:`MIMO` so a misplaced input layer is caught.
+    expected_batch: int | None = None
+
     def forward(self, x: Tensor) -> Tensor:
+        b = self.expected_batch
+        if b is not None and x.shape[0] != self.num_members * b:
+            raise ValueError(f"MIMO's input layer got {x.shape[0]} rows, not the {self.num_members} member inputs of "
+                             f"the batch of {b} ({self.num_members * b} rows): it is not where the data enters.")
         xm = x.unflatten(0, (self.num_members, -1))  # (M, B, ...)
         if self.linear:  # (M, B, ..., C) -> (B, ..., M * C)
             return self.layer(xm.movedim(0, -2).flatten(-2))
@@ -116,7 +125,13 @@ class MIMOOutput(nn.Module):
                 if layer.bias is not None:
                     self.layer.bias.copy_(torch.cat([layer.bias] * num_members))
 
+    expected_batch: int | None = None
+
     def forward(self, x: Tensor) -> Tensor:
+        b = self.expected_batch
+        if b is not None and x.shape[0] != b:
+            raise ValueError(f"MIMO's output layer got {x.shape[0]} rows where the shared network carries the batch "
+                             f"of {b}: it is not where the data leaves (or it runs before the input layer).")
         y = self.layer(x)
         if self.linear:  # (B, ..., M * C) -> (M, B, ..., C)
             return y.unflatten(-1, (self.num_members, -1)).movedim(-2, 0).flatten(0, 1)
@@ -131,8 +146,7 @@ class _MIMOMember(nn.Module):
         self.model, self.num_members, self.index = model, num_members, index
 
     def forward(self, x: Tensor) -> Tensor:
-        xs = x.unsqueeze(0).expand(self.num_members, *x.shape).flatten(0, 1)
-        return self.model(xs).unflatten(0, (self.num_members, -1))[self.index]
+        return MIMO.forward_slots(self, x.unsqueeze(0).expand(self.num_members, *x.shape))[self.index]
 
 
 @register_method("mimo")
@@ -149,6 +163,9 @@ class MIMO(Ensemble):
         first_layer, last_layer: module paths of the input and output layers; default: the first and
             the last ``Linear``/``Conv`` in registration order.
         init: ``"copy"`` (keep the backbone's function; see the module docstring) or ``"reinit"``.
+        verify: after conversion, run the ensemble and every ``member(i)`` on a probe batch (``example_input``,
+            else ``randn(2, *input_shape)``, else inferred): a first/last layer that is not where the data
+            enters/leaves fails here, with the module named. ``verification`` holds the report.
 
     ``converted`` is ``[first_layer, last_layer]``.
 
@@ -171,6 +188,9 @@ class MIMO(Ensemble):
         first_layer: str | None = None,
         last_layer: str | None = None,
         init: Literal["copy", "reinit"] = "copy",
+        verify: bool = True,
+        example_input: Tensor | None = None,
+        input_shape: list[int] | None = None,
     ) -> None:
         super().__init__(num_members)
         if not isinstance(backbone, nn.Module):
@@ -202,6 +222,12 @@ class MIMO(Ensemble):
         self.model, self.converted = convert(backbone, lambda p, mod: p in (first, last), build)
         self.converted = [first, last]
         self.train(backbone.training)
+        advice = (f"MIMO widened {first!r} as the input layer and {last!r} as the output layer; name the layers "
+                  "where the data enters and leaves with first_layer=/last_layer=.")
+        self.verification = (verify_shared_members(self, backbone, example_input, input_shape, advice) if verify
+                             else VerificationReport(ran=False))
+
+    _inner_prefix = "model."
 
     def training_indices(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         """``(M, B * R)`` tiled-batch positions each member's slots read in one training step.
@@ -221,7 +247,14 @@ class MIMO(Ensemble):
         """Raw MIMO call: slot ``m`` gets ``xs[m]`` ``(M, B, ...)``; returns head outputs ``(M, B, ...)``."""
         if xs.shape[0] != self.num_members:
             raise ValueError(f"`xs` must hold one input per member on axis 0 ({self.num_members}), got {tuple(xs.shape)}.")
-        return self.model(xs.flatten(0, 1)).unflatten(0, (self.num_members, -1))
+        layers = [m for m in self.model.modules() if isinstance(m, (MIMOInput, MIMOOutput))]
+        for layer in layers:
+            layer.expected_batch = xs.shape[1]
+        try:
+            return self.model(xs.flatten(0, 1)).unflatten(0, (self.num_members, -1))
+        finally:
+            for layer in layers:
+                layer.expected_batch = None
 
     def forward(self, x: Tensor) -> Tensor:
         """Evaluation: ``(M, B, ...)`` on the same input. Training: ``(M, B * R, ...)`` in tiled batch order."""
