@@ -29,6 +29,20 @@ def test_shapes_member_equality_and_copy_init_keeps_the_backbone():
     assert not torch.allclose(reinit(x)[0], backbone(x))
 
 
+def test_stacked_parameters_are_the_member_blocks_and_take_weight_space_repulsion():
+    from lightning_ensembles.losses import WeightSpaceRepulsion
+
+    ens = MIMO(MLP(10, 4, hidden=(16,)), num_members=3, init="reinit")
+    blocks = ens.stacked_parameters()
+    assert {k: tuple(v.shape) for k, v in blocks.items()} == {
+        "net.1.layer.weight": (3, 16, 10), "net.3.layer.weight": (3, 4, 16), "net.3.layer.bias": (3, 4)}
+    w_in = ens.model.net[1].layer.weight
+    assert torch.equal(blocks["net.1.layer.weight"][2], w_in[:, 20:30])  # slot 2's input columns
+    value = WeightSpaceRepulsion(weight=1.0)(ens(torch.randn(5, 10)), None, ensemble=ens)
+    value.backward()
+    assert torch.isfinite(value) and w_in.grad is not None and w_in.grad.abs().sum() > 0
+
+
 def test_conv_backbone_widens_channels_and_heads():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1))  # a segmentation-like output
     ens = MIMO(net, num_members=2).eval()

@@ -267,6 +267,24 @@ class MIMO(Ensemble):
         gather = inverse.view(*inverse.shape, *([1] * (out.dim() - 2))).expand_as(out)
         return out.gather(1, gather)
 
+    def stacked_parameters(self) -> dict[str, Tensor]:
+        """The member-specific blocks, member axis first (views: gradients flow to the widened layers).
+
+        Input-layer weight blocks ``(M, C_out, C_in, ...)`` and head weights and biases ``(M, C_out, ...)``;
+        everything between is shared and left out (it cancels in any distance between members), so
+        weight-space repulsion over these equals repulsion over the members' whole weights.
+        """
+        out: dict[str, Tensor] = {}
+        m = self.num_members
+        for path, mod in self.model.named_modules():
+            if isinstance(mod, MIMOInput):
+                out[f"{path}.layer.weight"] = mod.layer.weight.unflatten(1, (m, -1)).movedim(1, 0)
+            elif isinstance(mod, MIMOOutput):
+                out[f"{path}.layer.weight"] = mod.layer.weight.unflatten(0, (m, -1))
+                if mod.layer.bias is not None:
+                    out[f"{path}.layer.bias"] = mod.layer.bias.unflatten(0, (m, -1))
+        return out
+
     def member_targets(self, target: Tensor) -> Tensor:
         """``(M, B * R, ...)`` in training (the batch tiled R times), ``(M, B, ...)`` otherwise."""
         if self.training and self.batch_repetition > 1:
