@@ -1,7 +1,7 @@
 """Epoch time of the plug-in route (an unchanged LightningModule + the Ensembling callback) against
 EnsembleClassifier, for the same 4-member deep ensemble of the same MLP on digits, in one run.
 
-    python benchmarks/plugin.py [--epochs 5] [--repeats 3]
+    python benchmarks/plugin.py [--epochs 5] [--repeats 3] [--threads 2]
 
 Target: the callback route within 5% of EnsembleClassifier. ``batch="repeat"`` runs the user's
 training_step once per member (the ensemble once); ``batch="split"`` runs it once with every member on
@@ -80,8 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a busy machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     times: dict[str, list[float]] = {"EnsembleClassifier": [], "callback": [], "callback split": []}
     for _ in range(args.repeats):  # interleaved so that machine noise hits every route alike
         for route in times:

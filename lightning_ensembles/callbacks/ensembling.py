@@ -259,8 +259,13 @@ class EnsembledModel(nn.Module):
     def _check_training_rows(self, rows: int) -> None:
         # Ensembles that build their own training batches (MIMO's batch_repetition, a split batch_mode)
         # predict other targets than the batch's; the user's loss only has the batch's.
+        checked = self.__dict__.setdefault("_rows_checked", set())
+        if rows in checked:
+            return
         own = self.ensemble.member_targets(torch.empty(rows, device="meta")).shape[1]
-        if own != rows:
+        if own == rows:
+            checked.add(rows)
+        else:
             raise ValueError(
                 f"Ensembling: in training, {type(self.ensemble).__name__} predicts {own} targets per member for a batch "
                 f"of {rows} (it builds its own training batches), which the user's loss cannot match. Configure it to "
