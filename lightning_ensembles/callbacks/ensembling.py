@@ -340,12 +340,13 @@ class Ensembling(Callback):
 
     At ``setup`` the submodule named ``attribute`` (default ``"model"``; ``None``: the child module
     with the most parameters, reported) is converted with ``method`` (``"deep"``, ``"packed"``,
-    ``"batch"``, ``"lora"``) into ``num_members`` members and replaced by an :class:`EnsembledModel`,
-    which is called exactly as the submodule was: any inputs (``model(inputs, target, mask=m)``),
-    an inner submodule (a decoder or head fed by other layers), any batch structure (a bare tensor,
-    tuples, dicts). Before converting, ``fit`` runs the user's ``training_step`` on (two rows of) the
-    first training batch up to the submodule's call, with the module's random state and buffers
-    restored after, to check that the submodule is called and returns one tensor.
+    ``"batch"``, ``"lora"``, ...) into ``num_members`` members and replaced by an :class:`EnsembledModel`,
+    which is called exactly as the submodule was: any batch structure (a bare tensor without targets,
+    tuples, dicts), several inputs (``model(inputs, target, mask=m)``; methods ``"deep"``, ``"packed"``,
+    ``"batch"``, ``"lora"``), an inner submodule (a decoder or head fed by other layers). Before
+    converting, ``fit`` runs the user's ``training_step`` on (two rows of) the first training batch up
+    to the submodule's call, with the random state and buffers restored after: it checks that the
+    submodule is called and returns one tensor, and records the call in :attr:`probed_call`.
 
     Training: every member gets its own loss under the user's own ``training_step``.
     ``batch="repeat"`` (default) gives every member the whole batch: the callback runs
@@ -354,8 +355,9 @@ class Ensembling(Callback):
     replayed so that every pass sees the same augmentation. The step returns the mean of the member
     losses (of ``"loss"`` for a dict; other entries are member 0's), and a value the step logs is
     logged once, the mean of its member values (a torchmetrics object, updated by every member, once).
-    The batch is never changed, so nothing has to be found in it. Manual optimisation cannot repeat
-    its steps: it needs ``batch="split"``.
+    The batch is never changed, so nothing has to be found in it. The user's code around the call runs
+    once per member (layers outside the ensembled submodule, BatchNorm statistics included, see the
+    batch M times per step). Manual optimisation cannot repeat its steps: it needs ``batch="split"``.
     ``batch="split"`` gives member ``i`` the ``i``-th chunk of the batch (outputs and targets keep
     shape ``(B, ...)``; ``training_step`` runs once).
 
