@@ -19,6 +19,7 @@ from .callbacks import (
     CalibrationMetrics,
     ConformalPrediction,
     Ensembling,
+    LastLayerLaplace,
     PosthocCalibration,
     ReliabilityDiagram,
     SnapshotEnsemble,
@@ -88,6 +89,7 @@ __all__ = [
     "w_asymmetric",
     "DirichletHead",
     "NIGHead",
+    "LastLayerLaplace",
     "PosthocCalibration",
     "evidential_head",
 ]

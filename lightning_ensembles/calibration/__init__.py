@@ -3,6 +3,7 @@ regression, split-conformal prediction sets, and last-layer Laplace."""
 
 from .binning import HistogramBinning, IsotonicCalibration
 from .conformal import ConformalClassifier, conformal_quantile, conformal_scores
+from .laplace import LaplaceEnsemble, fit_laplace, load_laplace_ensemble
 from .scaling import DirichletCalibration, MatrixScaling, VectorScaling
 from .temperature import (
     MIN_SAMPLES,
@@ -21,6 +22,9 @@ __all__ = [
     "DirichletCalibration",
     "HistogramBinning",
     "IsotonicCalibration",
+    "LaplaceEnsemble",
+    "fit_laplace",
+    "load_laplace_ensemble",
     "MatrixScaling",
     "VectorScaling",
     "MIN_SAMPLES",

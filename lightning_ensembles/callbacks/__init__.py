@@ -4,6 +4,7 @@ from .calibration_metrics import CalibrationMetrics
 from .cascade import CascadeEvaluation
 from .conformal import ConformalPrediction
 from .ensembling import EnsembledModel, Ensembling
+from .laplace import LastLayerLaplace
 from .posthoc_calibration import PosthocCalibration
 from .prediction_writer import PredictionWriter
 from .reliability_diagram import ReliabilityDiagram
@@ -17,6 +18,7 @@ __all__ = [
     "ConformalPrediction",
     "EnsembledModel",
     "Ensembling",
+    "LastLayerLaplace",
     "PosthocCalibration",
     "PredictionWriter",
     "ReliabilityDiagram",
