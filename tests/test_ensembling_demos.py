@@ -25,7 +25,13 @@ from lightning_ensembles.callbacks import CalibrationMetrics, EnsembledModel, En
 from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.metrics import ClassificationMetrics
 from user_project.classifier import LitClassifier
-from user_project.seq2seq import DictOutputClassifier, MixupClassifier, Seq2SeqTagger, seq2seq_data
+from user_project.seq2seq import (
+    DictOutputClassifier,
+    KeywordSeq2SeqTagger,
+    MixupClassifier,
+    Seq2SeqTagger,
+    seq2seq_data,
+)
 
 
 class _Record(Callback):
@@ -182,13 +188,17 @@ def test_an_inner_decoder_is_ensembled_where_it_is_called():
     torch.testing.assert_close(out, expected.reshape(-1, vocab), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("method", "attribute"), [("deep", "model"), ("deep", "model.head"), ("batch", "model")])
-def test_decoder_input_stays_aligned_and_the_users_metric_measures_the_ensemble(method, attribute):
+@pytest.mark.parametrize(
+    ("method", "attribute", "user_module"),
+    [("deep", "model", Seq2SeqTagger), ("deep", "model.head", Seq2SeqTagger), ("batch", "model", Seq2SeqTagger),
+     ("deep", "model", KeywordSeq2SeqTagger), ("batch", "model", KeywordSeq2SeqTagger)],
+)
+def test_decoder_input_stays_aligned_and_the_users_metric_measures_the_ensemble(method, attribute, user_module):
     L.seed_everything(0)
     src, dec, labels = seq2seq_data()
     train = DataLoader(TensorDataset(src[:192], dec[:192], labels[:192]), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(src[192:], dec[192:], labels[192:]), batch_size=64)
-    module = Seq2SeqTagger()
+    module = user_module()
     trainer = quiet_trainer(max_epochs=6, callbacks=[Ensembling(method, num_members=3, attribute=attribute)])
     trainer.fit(module, train, val)
     members = _members(module, attribute)

@@ -35,6 +35,13 @@ class Seq2SeqTagger(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+class KeywordSeq2SeqTagger(Seq2SeqTagger):
+    """Calls its model with keyword inputs only, as Hugging Face models are called."""
+
+    def forward(self, src, decoder_input):
+        return self.model(src=src, decoder_input=decoder_input)
+
+
 class _Seq2Seq(nn.Module):
     def __init__(self, vocab: int, dim: int):
         super().__init__()
