@@ -680,7 +680,7 @@ def _run_member_passes(
             results.append(step(*args, **kwargs))
             if not member and host_before is not None:
                 drew = (_numpy_state_bytes(), random.getstate()) != host_before
-                model.__dict__["_host_random"] = drew or bool(uses_host)
+                model.__dict__["_host_random"] = drew
                 host_approximate = drew and start.host is None
             if member and passes.call != len(passes.outputs):
                 raise RuntimeError(
