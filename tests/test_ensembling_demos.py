@@ -243,7 +243,9 @@ def test_randomness_before_the_forward_is_replayed_for_every_member():
     cb._patch_training_step(module)
     module.train()
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    for step in range(2):  # the first step finds out that NumPy is used, the second knows
+    for step in range(3):  # the first step finds out that NumPy is used, the second knows,
+        if step == 2:  # the third starts drawing from NumPy after steps that did not
+            module.model.__dict__["_host_random"] = False
         torch.manual_seed(step)
         np.random.seed(step)
         loss = module.training_step((x, y), step)
