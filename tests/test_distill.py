@@ -117,3 +117,15 @@ def test_bad_student_and_teacher_are_refused():
         DistillationModule(student=MLP(4, 3))
     with pytest.raises(ValueError, match="one head per member"):
         DistillationModule(student=MLP(4, 3), mode="hydra", num_heads=3, teacher=teacher)
+
+
+def test_expand_heads_starts_every_head_from_the_first():
+    single = MultiHeadStudent(MLP(8, 3, hidden=(16,)), num_heads=1)
+    multi = single.expand_heads(4)
+    x = torch.randn(5, 8)
+    out = multi(x)
+    assert out.shape == (4, 5, 3)
+    for i in range(4):
+        torch.testing.assert_close(out[i], single(x)[0])
+    multi.heads.weight.data[3:6] += 1.0  # heads are independent copies, the body is not shared with `single`
+    assert not torch.allclose(multi(x)[1], single(x)[0]) and torch.allclose(multi(x)[0], single(x)[0])

@@ -6,7 +6,7 @@ from real forward passes (:mod:`~lightning_ensembles.inference.macs`), never est
 
 from .cascade import CascadeOutput, EnsembleCascade, evaluate_cascade, prediction_metrics, uncertainty
 from .bridge import BezierCurve, BridgeEnsemble, default_bridge, fit_bezier_curve, fit_bridge
-from .distill import DistillationModule, MultiHeadStudent, distillation_loss
+from .distill import DistillationModule, MultiHeadStudent, distillation_loss, mixup_inputs
 from .macs import MacCounter, count_macs, macs_per_sample
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "count_macs",
     "evaluate_cascade",
     "macs_per_sample",
+    "mixup_inputs",
     "prediction_metrics",
     "uncertainty",
 ]

@@ -8,6 +8,7 @@
   between heads) at the cost of one body pass plus M small heads.
 
 Both add ``(1 - alpha)`` times the cross-entropy on the labels (``alpha = 1``: soft targets only).
+``mixup > 0`` distils on mixed inputs (:func:`mixup_inputs`), where the members' disagreement shows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,21 @@ from ..ensembles.base import Ensemble
 from ..modules._base import _module_args_to_ignore
 from ..modules._eval_metrics import EnsembleClassificationMetrics
 
-__all__ = ["DistillationModule", "MultiHeadStudent", "distillation_loss"]
+__all__ = ["DistillationModule", "MultiHeadStudent", "distillation_loss", "mixup_inputs"]
+
+
+def mixup_inputs(x: Tensor, alpha: float) -> Tensor:
+    """Convex mixes ``lam * x + (1 - lam) * x[perm]`` with one ``lam ~ Beta(alpha, alpha)`` per sample.
+
+    A transfer set for distillation ("function matching", Beyer et al., 2022): teacher and student see
+    the same mixed inputs, so the student learns the ensemble's function between training points, where
+    the members disagree, and not only at the training points, where they all fit the labels.
+    """
+    if alpha <= 0:
+        return x
+    lam = torch.distributions.Beta(alpha, alpha).sample((x.shape[0],)).to(x.device, x.dtype)
+    lam = lam.view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[torch.randperm(x.shape[0], device=x.device)]
 
 
 def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -65,6 +80,18 @@ class MultiHeadStudent(Ensemble):
         self.in_features, self.num_classes = last.in_features, last.out_features
         self.heads = nn.Linear(last.in_features, num_heads * last.out_features)
         self.head_path = path
+
+    @torch.no_grad()
+    def expand_heads(self, num_heads: int) -> MultiHeadStudent:
+        """A copy with ``num_heads`` heads, each starting from this student's head ``0`` (Hydra's second phase:
+        distil the ensemble mean into one head first, then let the copied heads follow their members)."""
+        out = copy.deepcopy(self)
+        out.num_members = num_heads
+        c = self.num_classes
+        out.heads = nn.Linear(self.in_features, num_heads * c).to(self.heads.weight.device)
+        out.heads.weight.copy_(self.heads.weight[:c].repeat(num_heads, 1))
+        out.heads.bias.copy_(self.heads.bias[:c].repeat(num_heads))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.body(x)
@@ -153,6 +180,8 @@ class DistillationModule(LightningModule):
         mode: ``"hinton"`` (one head, ensemble-mean soft targets) or ``"hydra"`` (one head per member).
         num_heads: heads of the student; default 1 for ``hinton`` and the teacher's M for ``hydra``.
         temperature, alpha: see :func:`distillation_loss`.
+        mixup: ``Beta(mixup, mixup)`` mixing of the inputs of the soft-target term (0: the training inputs
+            as they are); the label term, if any, uses the unmixed inputs.
         teacher_kwargs: extra arguments for ``load_from_checkpoint`` (e.g. a ``backbone`` module the
             checkpoint could not store).
         teacher: an in-memory teacher ``Ensemble`` instead of a checkpoint (Python use; not saved).
@@ -180,6 +209,7 @@ class DistillationModule(LightningModule):
         num_heads: int | None = None,
         temperature: float = 1.0,
         alpha: float = 1.0,
+        mixup: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         ece_bins: int = 15,
@@ -193,8 +223,10 @@ class DistillationModule(LightningModule):
             raise ValueError("Give exactly one of `teacher_checkpoint` (a trained EnsembleClassifier checkpoint) or `teacher`.")
         if teacher is not None and not isinstance(teacher, Ensemble):
             raise ValueError(f"`teacher` must be a lightning_ensembles Ensemble, got {type(teacher).__name__}.")
-        if temperature <= 0 or not 0.0 <= alpha <= 1.0 or lr <= 0:
-            raise ValueError(f"need temperature > 0, alpha in [0, 1] and lr > 0; got {temperature}, {alpha}, {lr}.")
+        if temperature <= 0 or not 0.0 <= alpha <= 1.0 or lr <= 0 or mixup < 0:
+            raise ValueError(
+                f"need temperature > 0, alpha in [0, 1], mixup >= 0 and lr > 0; got {temperature}, {alpha}, {mixup}, {lr}."
+            )
         if num_heads is None:
             if mode == "hydra":
                 num_heads = teacher.num_members if teacher is not None else _checkpoint_members(teacher_checkpoint)
@@ -234,11 +266,15 @@ class DistillationModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
+        hp = self.hparams
+        xs = mixup_inputs(x, hp.mixup)
         with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        loss = distillation_loss(
-            self(x), teacher_logits, y, self.hparams.mode, self.hparams.temperature, self.hparams.alpha
-        )
+            teacher_logits = self.teacher(xs)
+        loss = distillation_loss(self(xs), teacher_logits, mode=hp.mode, temperature=hp.temperature, alpha=1.0)
+        loss = hp.alpha * loss
+        if hp.alpha < 1.0:
+            out = self(x)
+            loss = loss + (1.0 - hp.alpha) * F.cross_entropy(out.flatten(0, 1), y.repeat(out.shape[0]))
         self.log("train/loss", loss.detach(), prog_bar=True)
         return loss
 
