@@ -129,3 +129,21 @@ def test_expand_heads_starts_every_head_from_the_first():
         torch.testing.assert_close(out[i], single(x)[0])
     multi.heads.weight.data[3:6] += 1.0  # heads are independent copies, the body is not shared with `single`
     assert not torch.allclose(multi(x)[1], single(x)[0]) and torch.allclose(multi(x)[0], single(x)[0])
+
+
+def test_mixup_transfer_set_and_label_term():
+    from lightning_ensembles.inference import mixup_inputs
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 5)
+    mixed = mixup_inputs(x, 1.0)
+    assert mixed.shape == x.shape and not torch.equal(mixed, x)
+    assert (mixed >= x.min() - 1e-6).all() and (mixed <= x.max() + 1e-6).all()  # convex mixes stay in range
+    assert torch.equal(mixup_inputs(x, 0.0), x)
+    teacher = DeepEnsemble(MLP(5, 3, hidden=(8,)), num_members=2)
+    module = DistillationModule(student=MLP(5, 3, hidden=(8,)), mode="hydra", teacher=teacher, mixup=1.0, alpha=0.5)
+    y = torch.randint(0, 3, (64,))
+    loss = module.training_step((x, y), 0)
+    assert torch.isfinite(loss) and loss.requires_grad
+    with pytest.raises(ValueError, match="mixup"):
+        DistillationModule(student=MLP(5, 3), teacher=teacher, mixup=-1.0)
