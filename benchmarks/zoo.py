@@ -63,7 +63,7 @@ ZOO: dict[str, tuple[str, str, dict, int, bool]] = {
     "vovnet": ("VoVNet (OSA concat)", "ese_vovnet19b_slim_dw", {}, 32, False),
     "hgnetv2_b0": ("HGNet (concat)", "hgnetv2_b0", {}, 32, False),
     "ghostnet_050": ("GhostNet", "ghostnet_050", {}, 32, False),
-    "ghostnetv2": ("GhostNet", "ghostnetv2_100", {}, 32, False),
+    "ghostnetv2": ("GhostNet", "ghostnetv2_100", {}, 64, False),
     "mobilenetv2_050": ("MobileNet", "mobilenetv2_050", {}, 32, False),
     "mobilenetv3_small_050": ("MobileNet", "mobilenetv3_small_050", {}, 32, False),
     "mobilenetv4_conv_small": ("MobileNet", "mobilenetv4_conv_small", {}, 32, False),

@@ -278,8 +278,9 @@ class BatchEnsemble(Ensemble):
             rank-1 factors (TabM's heads).
         exclude: ``fnmatch`` patterns of layer paths kept as plain layers shared by all members. Layers
             whose forward never runs on the probe (their weight is read directly by other code, e.g.
-            ``F.linear(h, self.fc.weight)``) are kept shared automatically, with a warning; both are
-            listed in ``shared_layers``.
+            ``F.linear(h, self.fc.weight)``) are kept shared automatically, with a warning, and so are
+            layers whose input does not depend on the batch (a relative-position MLP on a coordinate
+            table); all are listed in ``shared_layers``.
         verify: after conversion, check on a probe that ``member(i)`` reproduces output ``i`` and that
             members are independent (:mod:`~lightning_ensembles.ensembles.verify`), raising
             ``ConversionError`` otherwise; ``False`` skips it (``verification.ran`` is then ``False``).
@@ -341,6 +342,8 @@ class BatchEnsemble(Ensemble):
         if never_called:
             warnings.warn(f"BatchEnsemble keeps {never_called[:5]} as plain layers shared by all members: their forward "
                           "never runs on the probe (their weight is read directly, or they are unused).", stacklevel=2)
+        # Layers that never see the batch (a relative-position MLP on a coordinate table) stay shared, like W.
+        never_called += [p for p in (flow.constant if flow else []) if p in rank1]
         self.shared_layers = [p for p in rank1 if p in never_called or any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
         linears = [p for p in rank1 if isinstance(backbone.get_submodule(p), nn.Linear) and p not in self.shared_layers]
         head = None

@@ -65,6 +65,9 @@ class LayerFlow:
     """Layers whose forward ran (a layer never called may have its weight read directly)."""
     mixed: list[str] = field(default_factory=list)
     """Layers whose input depends both on the model input directly and on another layer's output."""
+    constant: list[str] = field(default_factory=list)
+    """Layers whose input does not depend on the model input at all (computed from parameters or constants,
+    such as a relative-position MLP); they do not see the batch."""
     input_reaches_output: bool = False
     """The output depends on the model input through a path without any layer (a global skip)."""
     output_shape: tuple[int, ...] | None = None
@@ -133,12 +136,18 @@ def trace_layers(model: nn.Module, probe: Tensor, layer_types: tuple[type, ...] 
     x = probe.detach().clone()
     if x.is_floating_point():
         x.requires_grad_(True)
+    # Only the input requires gradients during the trace: a tensor has a graph iff it depends on the input.
+    frozen = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         model.eval()
         with torch.enable_grad():
             raw = x.view_as(x).grad_fn.next_functions[0][0] if x.requires_grad else None
             out = model(x)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         for h in handles:
             h.remove()
         for m, t in modes.items():
@@ -150,6 +159,10 @@ def trace_layers(model: nn.Module, probe: Tensor, layer_types: tuple[type, ...] 
         flow.output_shape = tuple(out_t.shape)
     for path, inp in inputs:
         if inp is None or path in flow.first or path in flow.mixed:
+            continue
+        if x.requires_grad and not inp.requires_grad:
+            if path not in flow.constant:
+                flow.constant.append(path)
             continue
         if inp is x:
             hit_raw, found = True, []

@@ -541,10 +541,11 @@ class LoRAEnsemble(Ensemble):
             )
         nested = [t for t in targets if any(t.startswith(o + ".") for o in targets if o != t)]
         targets = [t for t in targets if t not in nested]  # a MultiheadAttention target covers its children
-        self.skipped_targets = [t for t in targets if flow is not None and t not in flow.called]
+        self.skipped_targets = [t for t in targets if flow is not None and (t not in flow.called or t in flow.constant)]
         if self.skipped_targets:
             warnings.warn(f"LoRAEnsemble leaves {self.skipped_targets[:5]} unadapted (frozen, shared): their forward never "
-                          "runs on the probe (their weight is read directly, or they are unused).", stacklevel=2)
+                          "runs on the probe (their weight is read directly, or they are unused) or never sees the batch.",
+                          stacklevel=2)
             targets = [t for t in targets if t not in self.skipped_targets]
             if not targets:
                 raise ValueError("`target_modules` matched only layers whose forward never runs on the probe; "

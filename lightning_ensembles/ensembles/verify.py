@@ -56,6 +56,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: not
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 #: torch's Python wrappers that forward a call to ``__torch_function__``; the caller is above them.
 _WRAPPER_FILES = tuple(os.path.join(_TORCH_DIR, f) for f in ("overrides.py", "functional.py", "_tensor.py"))
+_MODE_FRAMES = {"__torch_function__", "_apply", "_learn"}
 _NOT_RUN = "not verified: verify=False (pass verify=True, optionally with example_input=, to check members)"
 
 
@@ -86,7 +87,8 @@ def call_site(skip_internal: bool = True, skip_torch: bool = False) -> tuple[str
     """
     frame = sys._getframe(2)
     skip = _TORCH_DIR if skip_torch else _WRAPPER_FILES
-    while frame is not None and (frame.f_code.co_filename.startswith(skip)):
+    # Other torch-function modes (the packed channel rewrite) sit between a nested mode and the caller.
+    while frame is not None and (frame.f_code.co_filename.startswith(skip) or frame.f_code.co_name in _MODE_FRAMES):
         frame = frame.f_back
     if frame is None:
         return ("<unknown>", 0, True)
@@ -164,9 +166,10 @@ def _shape_candidates(backbone: nn.Module) -> list[tuple[int, ...]]:
         sizes = []
         if img is not None:
             sizes.append(tuple(img) if isinstance(img, (tuple, list)) else (img,) * nd)
+        sizes += [(s,) * nd for s in ((32, 64) if nd == 2 else (64, 16))]  # small first: the probe is run often
         if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == nd + 1:
             sizes.append(tuple(cfg["input_size"][1:]))
-        sizes += [(s,) * nd for s in ((32, 64, 16, 8, 28, 224) if nd == 2 else (64, 16, 8, 128))]
+        sizes += [(s,) * nd for s in ((16, 8, 28, 224) if nd == 2 else (8, 128))]
         for s in sizes:
             if len(s) == nd and (chans, *s) not in out:
                 out.append((chans, *s))
@@ -181,9 +184,10 @@ def make_probe(backbone: nn.Module, example_input: Tensor | None = None, input_s
                batch: int = 2) -> Tensor:
     """A probe batch for ``backbone``: ``example_input``, else ``randn(batch, *input_shape)``, else inferred.
 
-    Inference tries, in order, timm's ``patch_embed.img_size`` and ``pretrained_cfg['input_size']``, the
-    first convolution's channels at a few spatial sizes, and each ``Linear``'s ``in_features``; the first
-    shape the backbone itself runs on is taken. Raises a ``ValueError`` asking for ``example_input=``
+    Inference tries, in order, the first convolution's channels at timm's ``patch_embed.img_size``, at
+    32 and 64, at ``pretrained_cfg['input_size']`` and a few other sizes, then each ``Linear``'s
+    ``in_features`` (flat, then as a sequence of 5 tokens); the first shape the backbone itself runs on
+    is taken. Raises a ``ValueError`` asking for ``example_input=``
     when none works.
     """
     param = next(iter(backbone.parameters()), None)
