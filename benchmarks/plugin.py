@@ -76,6 +76,42 @@ def run(route: str, epochs: int) -> float:
     return min(timer.times[1:] or timer.times)
 
 
+def step_times(rounds: int, block: int = 20) -> dict[str, float]:
+    """Fastest time of one training step (the callback's training_step, backward, Adam) per batch mode.
+
+    Without a Trainer, so only what the two modes do differently is timed: ``"repeat"`` runs the user's
+    training_step once per member, ``"split"`` once.
+    """
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    steps = {}
+    for mode in ("repeat", "split"):
+        torch.manual_seed(0)
+        module, callback = UserClassifier(), Ensembling(num_members=4, batch=mode)
+        callback.apply(module)
+        if mode == "repeat":
+            callback._patch_training_step(module)
+        module.train()
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+
+        def step(module=module, optimizer=optimizer) -> None:
+            loss = module.training_step((x, y), 0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(block):  # warm-up
+            step()
+        steps[mode] = step
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):  # interleaved blocks, fastest kept
+        for mode, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                step()
+            best[mode] = min(best[mode], (time.perf_counter() - t0) / block)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
@@ -98,6 +134,11 @@ def main() -> None:
     print("|---|---|---|")
     for route, t in best.items():
         print(f"| {names[route]} | {t * 1e3:.1f} | {t / base:.3f} |")
+    steps = step_times(rounds=10 * args.repeats)
+    print("\n| Ensembling batch mode (same model, batch 64, no Trainer) | training step (ms) | ratio |")
+    print("|---|---|---|")
+    for mode, t in steps.items():
+        print(f"| {mode} | {t * 1e3:.2f} | {t / steps['split']:.3f} |")
 
 
 if __name__ == "__main__":
