@@ -131,7 +131,7 @@ class EnsembleCascade(nn.Module):
             or a list of member indices.
         score: ``"msp"`` (``1 - max prob``) or ``"entropy"``.
 
-    ``forward(x)`` returns a :class:`CascadeOutput`; the batch shrinks to its undecided samples at each
+    Members are put in eval mode. ``forward(x)`` returns a :class:`CascadeOutput`; the batch shrinks to its undecided samples at each
     stage. Windows are buffers (``lower``, ``upper``), so a fitted cascade saves and loads with
     ``torch.load(weights_only=True)``.
 
@@ -201,6 +201,7 @@ class EnsembleCascade(nn.Module):
         self.register_buffer("thresholds", torch.full((len(members),), float("nan")))
         self.register_buffer("member_macs", torch.full((len(members),), float("nan"), dtype=torch.float64))
         self.register_buffer("fitted", torch.tensor(False))
+        self.eval()  # an inference tool: members predict in eval mode (dropout off, BatchNorm statistics)
 
     @staticmethod
     def _check_width(width: float) -> None:
