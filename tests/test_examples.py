@@ -14,6 +14,7 @@ EXPECTED = {
     "d_swa_temperature_reliability": "fitted temperature",
     "e_regression_uncertainty": "regression_band.png",
     "f_ood_detection": "mutual information",
+    "h_torch_uncertainty_interop": "same weights, EnsembleClassifier",
 }
 
 
@@ -31,5 +32,9 @@ def test_example_runs(script, tmp_path):
     assert EXPECTED[script.stem] in proc.stdout
     if script.stem == "e_regression_uncertainty":
         assert (tmp_path / "regression_band.png").stat().st_size > 10_000
+    if script.stem == "h_torch_uncertainty_interop":  # one ensemble, two evaluators: the same numbers
+        tu_row, ours_row = (next(line.split()[-5:-1] for line in proc.stdout.splitlines() if key in line)
+                            for key in ("in ClassificationRoutine", "same weights"))
+        assert tu_row == ours_row
     if script.stem == "d_swa_temperature_reliability":
         assert any(tmp_path.rglob("reliability/test.png"))
