@@ -122,3 +122,18 @@ def test_ensembling_callback_and_calibration_metrics():
 def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
     cli = cli_fit_with_diversity_averaging_and_calibration(tmp_path, "masksembles", {"scale": 2.0})
     assert type(cli.model.ensemble).__name__ == "Masksembles"
+
+
+def test_timm_vit_tokens_masked_on_the_channel_axis():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                            num_classes=3).eval()
+    ens = Masksembles(vit, num_members=2, scale=2.0, seed=0).eval()
+    assert "blocks.0.mlp.fc1" in ens.converted and "head" not in ens.converted and ens.verification.passed
+    captured = {}
+    ens.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    with torch.no_grad():
+        ens(torch.randn(2, 3, 32, 32))
+    out = captured["out"].view(2, 2, *captured["out"].shape[1:])  # (M, B, tokens, C)
+    off = (out == 0).all(1).all(1)  # (M, C): channels zero for every example and token
+    assert torch.equal(~off, ens.masks()["blocks.0.mlp.fc1"].bool())

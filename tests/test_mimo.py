@@ -172,3 +172,14 @@ def test_ensembling_callback_and_calibration_metrics():
 def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
     cli = cli_fit_with_diversity_averaging_and_calibration(tmp_path, "mimo", {"input_repetition": 0.5})
     assert type(cli.model.ensemble).__name__ == "MIMO"
+
+
+def test_timm_vit_patch_embedding_and_head():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                            num_classes=3).eval()
+    ens = MIMO(vit, num_members=2).eval()
+    assert ens.converted == ["patch_embed.proj", "head"] and ens.verification.passed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x)[1], vit(x), rtol=1e-4, atol=1e-4)  # cls token, positions: shared
