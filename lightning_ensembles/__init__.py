@@ -46,6 +46,10 @@ from .ensembles.mc_dropout import MCDropout
 from .ensembles.mimo import MIMO
 from .ensembles.tta import TTAEnsemble
 
+# Cost-aware inference (issue 20): cascades, distillation, bridges.
+from .callbacks import CascadeEvaluation
+from .inference import BridgeEnsemble, DistillationModule, EnsembleCascade, MultiHeadStudent, count_macs
+
 # Beyond classification logits (issue 19).
 from .ensembles.evidential import DirichletHead, NIGHead, evidential_head
 
@@ -92,4 +96,10 @@ __all__ = [
     "LastLayerLaplace",
     "PosthocCalibration",
     "evidential_head",
+    "BridgeEnsemble",
+    "CascadeEvaluation",
+    "DistillationModule",
+    "EnsembleCascade",
+    "MultiHeadStudent",
+    "count_macs",
 ]
