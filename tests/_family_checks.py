@@ -93,7 +93,8 @@ def ensembling_callback_fit(method: str, num_members: int, method_kwargs: dict[s
 
 def cli_fit_with_diversity_averaging_and_calibration(tmp_path, method: str, ensemble_kwargs: dict[str, Any],
                                                      num_members: int = 3) -> Any:
-    """``lightning-ensembles fit`` from YAML with a diversity term, EMA weight averaging and calibration metrics."""
+    """``lightning-ensembles fit`` from YAML with a diversity term, EMA weight averaging, calibration metrics and
+    temperature scaling."""
     from lightning_ensembles.cli import run_cli
 
     config = tmp_path / "family.yaml"
@@ -114,6 +115,7 @@ def cli_fit_with_diversity_averaging_and_calibration(tmp_path, method: str, ense
                 {"class_path": "lightning_ensembles.callbacks.WeightAveraging",
                  "init_args": {"method": "ema", "attribute": "ensemble", "interval": "step", "decay": 0.5}},
                 {"class_path": "lightning_ensembles.callbacks.CalibrationMetrics"},
+                {"class_path": "lightning_ensembles.callbacks.TemperatureScaling"},
             ],
         },
     }))
@@ -123,4 +125,6 @@ def cli_fit_with_diversity_averaging_and_calibration(tmp_path, method: str, ense
     assert "val/calibration/ece" in metrics and "val/acc" in metrics, sorted(metrics)
     averager = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "WeightAveraging").averager
     assert averager.n_averaged >= 3
+    ts = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "TemperatureScaling")
+    assert ts.is_fitted and ts.temperature > 0
     return cli
