@@ -84,8 +84,9 @@ def test_routine_training_loss_and_gradients_equal_ensemble_classifier(digits):
     # Same loss (the member mean); EnsembleClassifier optimises the member sum (learning-rate convention).
     torch.testing.assert_close(tu_loss * 3, our_total)
     torch.testing.assert_close(tu_loss, F.cross_entropy(ens(x).flatten(0, 1), y.repeat(3)))
-    (tu_grad,) = torch.autograd.grad(tu_loss, [ens.parameters().__next__()])
-    (our_grad,) = torch.autograd.grad(our_total, [ens.parameters().__next__()])
+    first = next(ens.parameters())
+    (tu_grad,) = torch.autograd.grad(tu_loss, [first])
+    (our_grad,) = torch.autograd.grad(our_total, [first])
     torch.testing.assert_close(our_grad, 3 * tu_grad)
 
 
@@ -153,6 +154,18 @@ def test_ensemble_classifier_trains_a_tu_packed_model(digits):
     res = quiet_trainer().test(clf, digits, verbose=False)[0]
     assert res["test/acc"] > before + 0.3, (before, res["test/acc"])
     assert 0.5 < res["test/ood_auroc_msp"] <= 1.0  # dataloader 1 of the torch-uncertainty module is OOD
+
+
+def test_checkpoint_of_a_tu_model_loads_with_weights_only(digits, tmp_path):
+    clf = EnsembleClassifier(ensemble=from_tu_model(_packed()))
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(clf, digits)
+    path = tmp_path / "tu.ckpt"
+    trainer.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # tensors and plain data only
+    restored = EnsembleClassifier.load_from_checkpoint(path, ensemble=from_tu_model(_packed()), weights_only=True)
+    x = digits.test.tensors[0][:8]
+    torch.testing.assert_close(restored.eval()(x), clf.eval()(x))
 
 
 def test_mimo_training_batches_are_tu_mimo_batch_format(digits):
@@ -292,6 +305,18 @@ def test_tu_calibration_callback_equals_tu_scaler_on_the_ensemble(digits, tmp_pa
     restored = TUCalibration(TemperatureScaler())
     restored.load_state_dict(torch.load(path, weights_only=True))
     assert restored.calibrator.scaler.temperature[0].item() == cal.calibrator.scaler.temperature[0].item()
+
+
+def test_tu_calibration_on_members_fits_the_averaged_prediction(digits):
+    torch.manual_seed(0)
+    clf = EnsembleClassifier(ensemble=DeepEnsemble(MLP(64, 10, hidden=(32,)), num_members=2), lr=1e-2)
+    cal = TUCalibration(TemperatureScaler(), apply_to="members")
+    quiet_trainer(max_epochs=1, limit_train_batches=4, callbacks=[cal]).fit(clf, digits)
+    with torch.no_grad():
+        x, y = digits.val.tensors
+        member_logits = clf.eval()(x)
+    expected = fit_temperature(member_logits, y, kind="member_logits")
+    assert cal.calibrator.scaler.temperature[0].item() == pytest.approx(expected, rel=1e-2)
 
 
 def test_tu_calibration_applies_a_prefitted_scaler_without_validation(digits):
