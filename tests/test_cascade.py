@@ -110,8 +110,17 @@ def test_models_of_different_sizes_ordered_by_cost():
     torch.testing.assert_close(explicit(x).probs, small(x).softmax(-1))
 
 
-def test_packed_ensemble_members():
-    ens = PackedEnsemble(MLP(6, 5, hidden=(16,)), num_members=2, alpha=2)
+@pytest.mark.parametrize("family", ["packed", "batch", "mc_dropout"])
+def test_other_ensemble_families(family):
+    from lightning_ensembles import BatchEnsemble, MCDropout
+
+    if family == "packed":
+        ens = PackedEnsemble(MLP(6, 5, hidden=(16,)), num_members=2, alpha=2)
+    elif family == "batch":
+        ens = BatchEnsemble(MLP(6, 5, hidden=(16,)), num_members=3)
+    else:
+        ens = MCDropout(MLP(6, 5, hidden=(16,), dropout=0.2), num_members=3)
+    ens.eval()
     x, y = _data()
     out = EnsembleCascade(ens, width=float("inf")).fit(x, y)(x)
     torch.testing.assert_close(out.probs, aggregate_probs(ens(x)), atol=1e-5, rtol=1e-4)
