@@ -14,6 +14,7 @@ from torch.func import stack_module_state, vmap
 from ..backbones import resolve_backbone
 from ._member_views import GradBuffers, Scratch, member_views
 from .base import Ensemble
+from .dataflow import clear_caches
 from .registry import register_method
 from .reinit import reinitialize
 
@@ -411,6 +412,10 @@ class DeepEnsemble(Ensemble):
     def train(self, mode: bool = True) -> DeepEnsemble:
         if not mode:  # the loop's gradient buffers are only needed while training
             self._grad_buffers.clear()
+        cached = self._scratch.get("inference_members")
+        if cached is not None:  # timm's eval caches (LeViT/EfficientViT attention biases) go stale across steps
+            for module in cached[1]:
+                clear_caches(module)
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .half() / ...: drop views of the old storage
