@@ -104,14 +104,14 @@ ZOO: dict[str, tuple[str, str, dict, int, bool]] = {
     "pit_ti": ("PiT", "pit_ti_224", {"img_size": 64}, 64, True),
     "convit_tiny": ("ConViT", "convit_tiny", {"img_size": 32, "patch_size": 8, "depth": 2, "local_up_to_layer": 1}, 32, True),
     "swin": ("Swin", "swin_tiny_patch4_window7_224",
-             {"img_size": 32, "window_size": 4, "embed_dim": 24, "depths": (1, 1), "num_heads": (1, 2)}, 32, True),
+             {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (1, 1), "num_heads": (2, 4)}, 32, True),
     "pvt_v2_b0": ("PVT", "pvt_v2_b0", {}, 64, True),
     "twins": ("Twins", "twins_svt_small", {"img_size": 64, "depths": (1, 1, 1, 1)}, 64, True),
     "coat_lite_tiny": ("CoaT", "coat_lite_tiny", {"img_size": 64}, 64, True),
     "visformer_tiny": ("Visformer", "visformer_tiny", {"img_size": 64}, 64, True),
-    "mixer": ("MLP-Mixer", "mixer_s16_224", {"img_size": 32, "num_blocks": 2}, 32, False),
-    "resmlp": ("ResMLP", "resmlp_12_224", {"img_size": 32, "num_blocks": 2}, 32, False),
-    "gmlp": ("gMLP (spatial gating split)", "gmlp_ti16_224", {"img_size": 32, "num_blocks": 2}, 32, False),
+    "mixer": ("MLP-Mixer", "mixer_s16_224", {"img_size": 32}, 32, False),
+    "resmlp": ("ResMLP", "resmlp_12_224", {"img_size": 32}, 32, False),
+    "gmlp": ("gMLP (spatial gating split)", "gmlp_ti16_224", {"img_size": 32}, 32, False),
     "sequencer": ("Sequencer (LSTM)", "sequencer2d_s", {"img_size": 32, "layers": (1, 1, 1, 1)}, 32, False),
 }
 QUICK = ["resnet10t", "densenet", "cspresnet50", "ghostnet_050", "vit_tiny", "swin"]
