@@ -4,7 +4,9 @@ Run: ``python benchmarks/metrics.py`` (``--quick``: 100,000 predictions). Prints
 Our metrics check their inputs by default (probabilities in [0, 1] summing to 1, targets in range:
 two extra passes over the probabilities); rows with ``validate_args=False`` skip those checks.
 Predictions arrive in batches of 10,000 (cycling through a small pool of random batches, so input
-generation is not timed). "state" is the memory the metric holds after all updates (what grows
+generation is not timed; every prediction then appears once per cycle, and these tied copies share
+their target, so the adaptive ECE's tie handling leaves its value equal to torch-uncertainty's).
+"state" is the memory the metric holds after all updates (what grows
 with N); timings are wall-clock on this machine, ratios are measured in the same run.
 """
 

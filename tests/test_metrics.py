@@ -111,6 +111,9 @@ def np_ece(p, y, n_bins=15, norm="l1"):
 def np_ace(conf, correct, n_bins):
     order = np.argsort(conf, kind="stable")
     conf, correct = conf[order], correct[order]
+    # Tied confidences share their group's accuracy (documented: the value ignores the order of ties).
+    _, group = np.unique(conf, return_inverse=True)
+    correct = (np.bincount(group, weights=correct) / np.bincount(group))[group]
     total = 0.0
     for chunk in np.array_split(np.arange(len(conf)), n_bins):
         total += len(chunk) / len(conf) * abs(correct[chunk].mean() - conf[chunk].mean())
@@ -118,9 +121,14 @@ def np_ace(conf, correct, n_bins):
 
 
 def np_aurc(p, y):
+    """Right-endpoint area over the operating points ``conf >= t``, one per distinct confidence t."""
     conf, err = p.max(1), (p.argmax(1) != y).astype(float)
-    err = err[np.argsort(-conf, kind="stable")]
-    return np.mean(np.cumsum(err) / np.arange(1, len(err) + 1))
+    area, covered = 0.0, 0.0
+    for t in np.sort(np.unique(conf))[::-1]:
+        sel = conf >= t
+        area += (sel.mean() - covered) * err[sel].mean()
+        covered = sel.mean()
+    return area
 
 
 def np_fpr_at(scores, labels, recall=0.95):
@@ -188,7 +196,7 @@ def test_adaptive_matches_torch_uncertainty_and_numpy(preds):
     ref.update(p, y)
     conf, pred = p.max(1)
     assert ours == pytest.approx(np_ace(conf.double().numpy(), (pred == y).double().numpy(), 15), abs=TOL)
-    if conf.unique().numel() == conf.numel():  # with tied confidences the equal-mass split is order-dependent
+    if conf.unique().numel() == conf.numel():  # torch-uncertainty splits tied groups in input order
         assert ours == pytest.approx(float(ref.compute()), abs=TOL)
 
 
@@ -243,7 +251,7 @@ def test_aurc_and_coverage_at_risk(preds):
     ours = run(AURC(), p, y, batches=6)
     assert ours == pytest.approx(np_aurc(p.numpy(), y.numpy()), abs=TOL)
     conf = p.max(1).values
-    if conf.unique().numel() == conf.numel():  # tie order is implementation-defined
+    if conf.unique().numel() == conf.numel():  # torch-uncertainty counts tied samples in input order
         tu = TUAURC()
         tu.update(p, y)
         risk = AURC()

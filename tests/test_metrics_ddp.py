@@ -1,5 +1,9 @@
 """Metrics split across two processes (real DDP on CPU, gloo) equal the one-process values.
 
+Also the two "no data" cases of a distributed run: one process without samples (its empty list
+states once made gloo abort) gives the value of the other's samples, and a metric without samples
+anywhere is NaN with one warning, from rank 0 only.
+
 The test runs this file as a script in a subprocess (Lightning's DDP launcher re-executes the
 script for rank 1), so pytest itself never forks or hangs; the script has a hard time limit.
 """
@@ -7,6 +11,7 @@ script for rank 1), so pytest itself never forks or hangs; the script has a hard
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +112,7 @@ def run_ddp(out_path: str) -> None:
 
         def on_test_epoch_end(self):
             self.results = flat(self.metrics)
+            self.no_data = no_data_checks(self.global_rank, data)
 
     loader = DataLoader(TensorDataset(torch.arange(N)), batch_size=BATCH)
     ts = TemperatureScaling()
@@ -118,11 +124,30 @@ def run_ddp(out_path: str) -> None:
     for m in model.metrics.values():
         m.reset()
     trainer.test(model, loader, verbose=False)
+    with open(f"{out_path}.rank{trainer.global_rank}", "w") as f:
+        json.dump(model.no_data, f)
     if trainer.global_rank == 0:
         payload = {"metrics": model.results, "callback": cal.last_results["test"], "temperature": ts.temperature,
                    "world_size": trainer.world_size}
         with open(out_path, "w") as f:
             json.dump(payload, f)
+
+
+def no_data_checks(rank, data):
+    """Run on every rank: metrics that only rank 0 feeds, and metrics that nobody feeds."""
+    import warnings
+
+    from lightning_ensembles.metrics import AURC, ExpectedCalibrationError
+
+    only_rank0 = build_metrics()
+    if rank == 0:
+        update_metrics(only_rank0, torch.arange(N), data)
+    values = flat(only_rank0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        empty = {"aurc": float(AURC().compute()), "ece": float(ExpectedCalibrationError().compute())}
+    messages = [str(w.message) for w in caught if "no samples" in str(w.message) or "``compute``" in str(w.message)]
+    return {"only_rank0": values, "empty": empty, "warnings": messages}
 
 
 def test_metrics_split_across_two_processes_equal_one_pass(tmp_path):
@@ -152,6 +177,19 @@ def test_metrics_split_across_two_processes_equal_one_pass(tmp_path):
     assert got["callback"]["ece"] == pytest.approx(expected["cls/ece"], abs=1e-6)
     assert got["callback"]["aurc"] == pytest.approx(expected["aurc"], abs=1e-6)
     assert got["callback"]["mutual_information"] == pytest.approx(expected["cls/mutual_information"], abs=1e-6)
+
+    # One rank without samples: both ranks get the values of rank 0's samples (all N of them).
+    for rank in (0, 1):
+        no_data = json.loads((tmp_path / f"ddp.json.rank{rank}").read_text())
+        assert set(no_data["only_rank0"]) == set(expected)
+        for key, value in expected.items():
+            assert no_data["only_rank0"][key] == pytest.approx(value, abs=1e-6), (rank, key)
+        # No samples on any rank: NaN everywhere, and one warning per metric from rank 0 only.
+        assert all(math.isnan(v) for v in no_data["empty"].values())
+        if rank == 0:
+            assert len(no_data["warnings"]) == 2 and all("no samples were passed" in w for w in no_data["warnings"])
+        else:
+            assert no_data["warnings"] == []
 
 
 if __name__ == "__main__":

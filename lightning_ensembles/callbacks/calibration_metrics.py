@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from ..metrics import (
@@ -21,7 +21,8 @@ from ..metrics import (
     NegativeLogLikelihood,
     PredictiveEntropy,
 )
-from ._predictions import read_predictions, stage_prefix, step_outputs
+from ..metrics._checks import check_not_probs, check_num_classes, check_probs, check_targets
+from ._predictions import Predictions, read_predictions, stage_prefix, step_outputs
 
 #: Metrics of the ensemble prediction ``(B, C)`` against targets.
 PROB_METRICS = ("ece", "ace", "classwise_ece", "mce", "nll", "brier", "aurc")
@@ -30,19 +31,43 @@ MEMBER_METRICS = ("mutual_information", "disagreement", "predictive_entropy")
 
 
 def _build(name: str, num_classes: int, n_bins: int) -> Metric:
+    # Inputs are checked once per batch by the callback (`_check`, against the dtype the step
+    # returned), so the metrics skip their own checks of the float32 values they receive.
     factories = {
-        "ece": lambda: ExpectedCalibrationError(num_classes, n_bins=n_bins),
-        "mce": lambda: ExpectedCalibrationError(num_classes, n_bins=n_bins, norm="max"),
-        "ace": lambda: AdaptiveCalibrationError(num_classes, n_bins=n_bins),
-        "classwise_ece": lambda: ClasswiseCalibrationError(num_classes, n_bins=n_bins),
-        "nll": lambda: NegativeLogLikelihood(num_classes),
-        "brier": lambda: BrierScore(num_classes),
-        "aurc": lambda: AURC(num_classes),
-        "mutual_information": MutualInformation,
-        "disagreement": Disagreement,
-        "predictive_entropy": PredictiveEntropy,
+        "ece": lambda: ExpectedCalibrationError(num_classes, n_bins=n_bins, validate_args=False),
+        "mce": lambda: ExpectedCalibrationError(num_classes, n_bins=n_bins, norm="max", validate_args=False),
+        "ace": lambda: AdaptiveCalibrationError(num_classes, n_bins=n_bins, validate_args=False),
+        "classwise_ece": lambda: ClasswiseCalibrationError(num_classes, n_bins=n_bins, validate_args=False),
+        "nll": lambda: NegativeLogLikelihood(num_classes, validate_args=False),
+        "brier": lambda: BrierScore(num_classes, validate_args=False),
+        "aurc": lambda: AURC(num_classes, validate_args=False),
+        "mutual_information": lambda: MutualInformation(validate_args=False),
+        "disagreement": lambda: Disagreement(validate_args=False),
+        "predictive_entropy": lambda: PredictiveEntropy(validate_args=False),
     }
     return factories[name]()
+
+
+def _check(preds: Predictions, probs: Tensor, member_probs: Tensor | None, num_classes: int | None, hook: str) -> int:
+    """Validate one batch (probabilities in the dtype the step returned them); its number of classes.
+
+    ``"logits"`` / ``"member_logits"`` that look like probabilities are refused: softmaxing them again
+    would silently flatten every prediction. Logits may hold ``-inf`` (masked classes): their softmax
+    is what gets checked.
+    """
+    name = f"{preds.kind}` from `{hook}"  # shown as `member_logits` from `validation_step`
+    values = preds.values.detach()
+    if preds.kind == "logits":
+        check_not_probs(values, name, "return probabilities under 'probs' instead")
+        check_probs(probs, f"softmax of {name}")
+    elif preds.kind == "member_logits":
+        check_not_probs(values, name, "return probabilities under 'member_probs' instead")
+        check_probs(member_probs, f"softmax of {name}", members=True)
+    else:
+        check_probs(values, name, members=preds.kind == "member_probs")
+    c = check_num_classes(values, num_classes, name)
+    check_targets(preds.target, values.shape[-2], c, f"target` from `{hook}")
+    return c
 
 
 class CalibrationMetrics(Callback):
@@ -52,7 +77,10 @@ class CalibrationMetrics(Callback):
     ``"member_logits"`` ``(M, B, C)``, ``"member_probs"``, ``"logits"`` ``(B, C)`` or ``"probs"``,
     plus ``"target"`` ``(B,)`` (see :mod:`lightning_ensembles.callbacks._predictions`). A step that
     returns anything else raises a ``ValueError`` that states this contract; batches without a
-    target (an OOD dataloader) are skipped.
+    target (an OOD dataloader) are skipped. Each batch is checked once, as returned: probabilities
+    must sum to 1 within a tolerance that follows their dtype (so ``logits.softmax(-1)`` computed in
+    bfloat16 under ``precision="bf16-mixed"`` passes), and ``"logits"`` that look like probabilities
+    are refused with a ``ValueError``.
 
     Logged at each epoch end as ``<stage>/<prefix>/<metric>`` (``stage`` = ``val``, ``test``, or
     ``test_dl<k>`` for dataloader ``k > 0``). Metrics are torchmetrics objects, synced across
@@ -103,6 +131,7 @@ class CalibrationMetrics(Callback):
         self.stages = tuple(stages)
         self.prefix = prefix
         self._metrics: dict[str, nn.ModuleDict] = {}
+        self._num_classes: dict[str, int] = {}
         self.last_results: dict[str, dict[str, float]] = {}
 
     # ---------------------------------------------------------------- collection
@@ -115,6 +144,7 @@ class CalibrationMetrics(Callback):
             return
         key = stage_prefix(stage, dataloader_idx)
         probs, member_probs = preds.probs, preds.member_probs
+        self._num_classes[key] = _check(preds, probs, member_probs, self._num_classes.get(key), hook)
         if key not in self._metrics:
             names = [n for n in self.metric_names if n in PROB_METRICS or member_probs is not None]
             self._metrics[key] = nn.ModuleDict({n: _build(n, probs.shape[-1], self.n_bins) for n in names}).to(probs.device)
@@ -127,6 +157,7 @@ class CalibrationMetrics(Callback):
     def _log(self, pl_module: L.LightningModule, stage: str) -> None:
         for key in [k for k in self._metrics if k.split("_dl")[0] == stage]:
             metrics = self._metrics.pop(key)
+            self._num_classes.pop(key, None)
             values = {name: metric.compute() for name, metric in metrics.items()}
             self.last_results[key] = {name: float(v) for name, v in values.items()}
             for name, value in values.items():

@@ -4,8 +4,22 @@ Classification metrics take ensemble probabilities ``(B, C)`` and targets ``(B,)
 take member probabilities ``(M, B, C)``; OOD metrics take ``(scores, is_ood)``; regression metrics
 take a Gaussian ``(mean, var, target)``. :class:`ClassificationMetrics` / :class:`RegressionMetrics`
 bundle them for ensemble modules.
+
+Behaviour shared by every metric here:
+
+- **No data.** ``compute()`` on a metric that no sample reached (``update()`` never called, or only
+  with empty batches, on every process) returns NaN (every value NaN for the metric sets) and
+  issues one rank-zero :class:`NoSamplesWarning` naming the metric: "no samples were passed to
+  update()". torchmetrics' own compute-before-update warning is not repeated.
+- **Ties.** Values never depend on the order of the samples: tied confidences are one operating
+  point for ``AURC`` / ``CoverageAtRisk`` (as for the OOD ranking metrics) and one unit in
+  ``AdaptiveCalibrationError``'s equal-mass bins.
+- **Input checks.** Probabilities must lie in [0, 1] and rows sum to 1, checked in float64 within a
+  tolerance that follows the input dtype (bfloat16 softmax outputs pass, float32 rows off by 1e-2 do
+  not); logits-taking sets refuse inputs that look like probabilities.
 """
 
+from ._empty import NoSamplesWarning
 from .calibration import AdaptiveCalibrationError, ClasswiseCalibrationError, ExpectedCalibrationError
 from .presets import Accuracy, ClassificationMetrics, MemberAccuracy, RegressionMetrics
 from .diversity import Disagreement, MutualInformation, PredictiveEntropy, entropy, mutual_information, pairwise_disagreement
@@ -33,6 +47,7 @@ __all__ = [
     "MemberAccuracy",
     "MutualInformation",
     "NegativeLogLikelihood",
+    "NoSamplesWarning",
     "PredictiveEntropy",
     "QuantileCalibrationError",
     "RegressionMetrics",

@@ -7,9 +7,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
-from ._checks import check_norm, check_num_classes, check_positive_int, check_probs, check_targets
+from ._checks import as_float, check_norm, check_num_classes, check_positive_int, check_probs, check_targets
+from ._empty import NaNWhenEmpty, cat_state, no_samples
 
 Norm = Literal["l1", "l2", "max"]
 
@@ -38,7 +38,7 @@ def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor
     return gap.amax(-1)
 
 
-class _BinnedCalibration(Metric):
+class _BinnedCalibration(NaNWhenEmpty, Metric):
     """Keeps ``(..., n_bins + 1)`` sums of counts, confidences and accuracies: memory independent of N."""
 
     is_differentiable = False
@@ -98,7 +98,7 @@ class ExpectedCalibrationError(_BinnedCalibration):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         self._check(probs, target)
-        conf, pred = probs.max(-1)
+        conf, pred = as_float(probs).max(-1)
         acc = (pred == target).to(torch.float64)
         idx = bin_index(conf, self.n_bins)
         size = self.n_bins + 1
@@ -107,6 +107,8 @@ class ExpectedCalibrationError(_BinnedCalibration):
         self.acc_sum += torch.bincount(idx, weights=acc, minlength=size)
 
     def compute(self) -> Tensor:
+        if not bool(self.count.sum() > 0):
+            return no_samples(self, self.count.device)
         return calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, self.norm).float()
 
     def bins(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -148,6 +150,7 @@ class ClasswiseCalibrationError(_BinnedCalibration):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         c = self._check(probs, target)
+        probs = as_float(probs)
         size = self.n_bins + 1
         # One flat bincount over (class, bin) pairs instead of a Python loop over classes.
         flat = bin_index(probs, self.n_bins) + torch.arange(c, device=probs.device) * size
@@ -159,17 +162,24 @@ class ClasswiseCalibrationError(_BinnedCalibration):
         self.acc_sum += torch.bincount(flat, weights=hit, minlength=n).view(c, size)
 
     def compute(self) -> Tensor:
+        if not bool(self.count.sum() > 0):
+            return no_samples(self, self.count.device)
         per_class = calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, self.norm).float()
         return per_class.mean() if self.reduction == "mean" else per_class
 
 
-class AdaptiveCalibrationError(Metric):
+class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
     r"""Calibration error with equal-mass (adaptive) bins.
 
     ``top_label=True`` (default): sort the top-label confidences, split them into ``n_bins`` bins of
     (nearly) equal size (``torch.tensor_split`` rule: the first ``N % n_bins`` bins get one extra
-    sample), and take the count-weighted gap between accuracy and mean confidence. This is
-    torch-uncertainty's ``AdaptiveCalibrationError``.
+    sample), and take the count-weighted gap between accuracy and mean confidence. On confidences
+    without ties this is torch-uncertainty's ``AdaptiveCalibrationError``.
+
+    Tied confidences: which of the tied samples fall on either side of a bin boundary would depend
+    on their input order (torch-uncertainty's value does). Here the samples of one tied group are one
+    unit: each of them carries the group's mean accuracy, so a group that straddles a boundary is
+    shared among its bins in proportion, and any order of the same predictions gives the same value.
 
     ``top_label=False``: Nixon et al.'s ACE ("Measuring calibration in deep learning", 2019), which
     bins every class's probability ``p_k`` separately with equal-mass bins and averages the gaps over
@@ -216,6 +226,7 @@ class AdaptiveCalibrationError(Metric):
             check_probs(probs)
             c = check_num_classes(probs, self.num_classes)
             check_targets(target, probs.shape[0], c)
+        probs = as_float(probs)
         if self.top_label:
             conf, pred = probs.max(-1)
             self.confidences.append(conf.float())
@@ -228,6 +239,10 @@ class AdaptiveCalibrationError(Metric):
         conf, order = conf.double().sort()
         acc = acc.double()[order]
         n = conf.numel()
+        # Tied confidences share their group's mean accuracy (exact sums of 0/1: independent of order).
+        _, group, size = torch.unique_consecutive(conf, return_inverse=True, return_counts=True)
+        group_hits = torch.zeros(size.numel(), dtype=torch.float64, device=conf.device).index_add_(0, group, acc)
+        acc = (group_hits / size)[group]
         # Bin b holds sorted samples [start_b, end_b): the tensor_split rule.
         sizes = torch.full((self.n_bins,), n // self.n_bins, dtype=torch.long)
         sizes[: n % self.n_bins] += 1
@@ -238,10 +253,10 @@ class AdaptiveCalibrationError(Metric):
         return calibration_error_from_bins(count, conf_sum, acc_sum, self.norm)
 
     def compute(self) -> Tensor:
-        conf = dim_zero_cat(self.confidences)
-        acc = dim_zero_cat(self.accuracies)
+        conf = cat_state(self.confidences)
+        acc = cat_state(self.accuracies)
         if conf.numel() == 0:
-            return torch.tensor(float("nan"), device=self.device)
+            return no_samples(self, self.device)
         if self.top_label:
             return self._adaptive(conf, acc).float()
         return torch.stack([self._adaptive(conf[:, k], acc[:, k]) for k in range(conf.shape[1])]).mean().float()

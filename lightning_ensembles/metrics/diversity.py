@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from ._checks import check_probs
+from ._empty import NaNWhenEmpty, no_samples
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ def pairwise_disagreement(member_probs: Tensor) -> Tensor:
     return 1 - agree / (m * (m - 1))
 
 
-class _MemberMean(Metric):
+class _MemberMean(NaNWhenEmpty, Metric):
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
@@ -56,6 +57,8 @@ class _MemberMean(Metric):
         self.count += member_probs.shape[1]
 
     def compute(self) -> Tensor:
+        if not bool(self.count > 0):
+            return no_samples(self, self.count.device)
         return (self.total / self.count).float()
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
 from ._checks import check_finite
+from ._empty import NaNWhenEmpty, cat_state, no_samples
 
 
 def _check_ood(scores: Tensor, is_ood: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ def _check_ood(scores: Tensor, is_ood: Tensor) -> Tensor:
     return is_ood.long()
 
 
-class _StoredScores(Metric):
+class _StoredScores(NaNWhenEmpty, Metric):
     """Keeps every ``(score, is_ood)`` pair; exact ranking metrics need them all."""
 
     is_differentiable = False
@@ -46,13 +46,18 @@ class _StoredScores(Metric):
         self.labels.append(_check_ood(scores, is_ood))
         self.scores.append(scores.double())
 
-    def _curve(self) -> tuple[Tensor, Tensor, int, int] | None:
-        """Cumulative true/false positives at each distinct threshold, from the highest score down."""
-        scores = dim_zero_cat(self.scores)
-        labels = dim_zero_cat(self.labels).bool()
+    def _curve(self) -> tuple[Tensor, Tensor, int, int] | Tensor:
+        """Cumulative true/false positives at each distinct threshold, from the highest score down.
+
+        Without samples: NaN after a :class:`NoSamplesWarning`; with only one kind of sample: NaN.
+        """
+        scores = cat_state(self.scores)
+        labels = cat_state(self.labels, torch.long).bool()
+        if scores.numel() == 0:
+            return no_samples(self, self.device)
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
         if n_pos == 0 or n_neg == 0:
-            return None
+            return torch.tensor(float("nan"), device=self.device)
         s, order = scores.sort(descending=True)
         pos = labels[order]
         # Index of the last sample of each group of tied scores: the only valid cut points.
@@ -83,8 +88,8 @@ class OODAUROC(_StoredScores):
 
     def compute(self) -> Tensor:
         curve = self._curve()
-        if curve is None:
-            return torch.tensor(float("nan"), device=self.device)
+        if isinstance(curve, Tensor):
+            return curve
         tp, fp, n_pos, n_neg = curve
         tpr = torch.cat([tp.new_zeros(1), tp / n_pos])
         fpr = torch.cat([fp.new_zeros(1), fp / n_neg])
@@ -109,8 +114,8 @@ class OODAUPR(_StoredScores):
 
     def compute(self) -> Tensor:
         curve = self._curve()
-        if curve is None:
-            return torch.tensor(float("nan"), device=self.device)
+        if isinstance(curve, Tensor):
+            return curve
         tp, fp, n_pos, _ = curve
         recall = tp / n_pos
         precision = tp / (tp + fp)
@@ -143,8 +148,8 @@ class FPR95(_StoredScores):
 
     def compute(self) -> Tensor:
         curve = self._curve()
-        if curve is None:
-            return torch.tensor(float("nan"), device=self.device)
+        if isinstance(curve, Tensor):
+            return curve
         tp, fp, n_pos, n_neg = curve
         first = torch.nonzero(tp >= self.recall * n_pos - 1e-9).flatten()[0]
         return (fp[first] / n_neg).float()

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.utilities.data import dim_zero_cat
 
 from ..ensembles.base import aggregate_gaussian
-from ._checks import check_finite, check_num_classes, check_positive_int, check_targets
+from ._checks import check_finite, check_not_probs, check_num_classes, check_positive_int, check_probs, check_targets
+from ._empty import NaNWhenEmpty, cat_state, no_samples, quiet_when_empty
 from .calibration import ExpectedCalibrationError
 from .diversity import Disagreement, MutualInformation
 from .regression import GaussianNLL, IntervalCoverage
 from .scoring import BrierScore, NegativeLogLikelihood
 
 
-class Accuracy(Metric):
+class Accuracy(NaNWhenEmpty, Metric):
     """Top-1 accuracy of ``(B, C)`` probabilities (or logits) against ``(B,)`` class indices.
 
     Example:
@@ -43,14 +43,17 @@ class Accuracy(Metric):
         self.count += target.numel()
 
     def compute(self) -> Tensor:
+        if not bool(self.count > 0):
+            return no_samples(self, self.count.device)
         return (self.correct / self.count).float()
 
 
-class MemberAccuracy(Metric):
+class MemberAccuracy(NaNWhenEmpty, Metric):
     """Accuracy of each member from member probabilities or logits ``(M, B, C)``: a ``(M,)`` tensor.
 
     The number of members is read from the input, so one instance serves any ensemble (per-batch
-    counts are kept as a list state: a few numbers per batch, synced by concatenation).
+    counts are kept as a list state: a few numbers per batch, synced by concatenation). Without
+    samples the number of members is unknown: ``compute()`` returns a scalar NaN.
 
     Example:
         >>> import torch
@@ -77,7 +80,15 @@ class MemberAccuracy(Metric):
         self.count += target.numel()
 
     def compute(self) -> Tensor:
-        return (dim_zero_cat(self.correct).sum(0) / self.count).float()
+        if not bool(self.count > 0):
+            return no_samples(self, self.count.device)
+        return (cat_state(self.correct).sum(0) / self.count).float()
+
+
+def _no_samples(collection: MetricCollection, values: dict[str, Tensor], name: str) -> bool:
+    """Whether the collection saw no sample: its ``name`` value (NaN only without samples) is NaN."""
+    key = f"{collection.prefix or ''}{name}{collection.postfix or ''}"
+    return key in values and bool(torch.isnan(values[key]).all())
 
 
 class ClassificationMetrics(MetricCollection):
@@ -86,11 +97,22 @@ class ClassificationMetrics(MetricCollection):
     Input contract: ``update(member_logits, target)`` with ``member_logits`` ``(M, B, C)`` raw
     logits, member axis first (a single model: ``logits.unsqueeze(0)``), and ``target`` ``(B,)``
     integer class indices. The ensemble prediction is the mean of member softmax probabilities.
+    Probabilities passed as logits would be softmaxed a second time (NLL 1.51 instead of 0.056):
+    a batch whose values all lie in [0, 1] with every row summing to 1 is refused with a
+    ``ValueError``. For member probabilities build the set with ``inputs="probs"``.
 
     ``compute()`` returns a flat dict (keys get the collection's ``prefix``/``postfix``):
     ``acc``, ``nll``, ``brier``, ``ece`` (top-label, ``n_bins`` equal-width bins), ``member_acc/<i>``
     for each member, ``disagreement`` (mean pairwise argmax disagreement) and
     ``mutual_information`` (nats). Every state is a sum (constant memory), synced across processes.
+    Without samples every value is NaN (``member_acc`` then has one key: the member count is
+    unknown) and one :class:`~lightning_ensembles.metrics.NoSamplesWarning` names the set.
+
+    Args:
+        num_classes: C.
+        n_bins: equal-width bins of the ECE.
+        prefix, postfix: added to every key.
+        inputs: ``"logits"`` (default) or ``"probs"``: what ``update`` receives as ``(M, B, C)``.
 
     Example:
         >>> import torch
@@ -100,8 +122,17 @@ class ClassificationMetrics(MetricCollection):
         ['val/acc', 'val/brier', 'val/disagreement']
     """
 
-    def __init__(self, num_classes: int, n_bins: int = 15, prefix: str | None = None, postfix: str | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        n_bins: int = 15,
+        prefix: str | None = None,
+        postfix: str | None = None,
+        inputs: Literal["logits", "probs"] = "logits",
+    ) -> None:
         check_positive_int(num_classes, "num_classes")
+        if inputs not in ("logits", "probs"):
+            raise ValueError(f"`inputs` must be 'logits' or 'probs' (what update() receives), got {inputs!r}.")
         super().__init__(
             {
                 "acc": Accuracy(),
@@ -118,18 +149,32 @@ class ClassificationMetrics(MetricCollection):
             compute_groups=False,
         )
         self.num_classes = num_classes
+        self.inputs = inputs
 
     def update(self, member_logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        """``member_logits`` ``(M, B, C)`` (member probabilities when built with ``inputs="probs"``)."""
+        kind = "logits" if self.inputs == "logits" else "probabilities"
         if not isinstance(member_logits, Tensor) or member_logits.dim() != 3:
             shape = tuple(member_logits.shape) if isinstance(member_logits, Tensor) else type(member_logits).__name__
             raise ValueError(
-                f"`member_logits` must be (M, B, C) logits with the member axis first; got {shape}. "
-                "For a single model pass `logits.unsqueeze(0)`."
+                f"`member_logits` must be (M, B, C) {kind} with the member axis first; got {shape}. "
+                f"For a single model pass `{'logits' if kind == 'logits' else 'probs'}.unsqueeze(0)`."
             )
-        check_finite(member_logits, "member_logits")
+        if self.inputs == "logits":
+            check_finite(member_logits, "member_logits")
+            check_not_probs(
+                member_logits,
+                "member_logits",
+                f"for member probabilities build the probs-taking set "
+                f"ClassificationMetrics({self.num_classes}, inputs='probs')",
+            )
+        else:
+            check_probs(member_logits, "member_probs", members=True)
         check_num_classes(member_logits, self.num_classes, "member_logits")
         check_targets(target, member_logits.shape[1], self.num_classes)
-        member_probs = member_logits.detach().float().softmax(-1)
+        member_probs = member_logits.detach().float()
+        if self.inputs == "logits":
+            member_probs = member_probs.softmax(-1)
         probs = member_probs.mean(0)
         for name, metric in self.items(keep_base=True, copy_state=False):
             if name in ("member_acc",):
@@ -140,8 +185,13 @@ class ClassificationMetrics(MetricCollection):
                 metric.update(probs, target)
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        with quiet_when_empty(ours=True):  # one warning for the whole set, below
+            values = super().compute()
+        if _no_samples(self, values, "acc"):
+            no_samples(self)
+            return {key: torch.full_like(value, float("nan")) for key, value in values.items()}
         out: dict[str, Tensor] = {}
-        for key, value in super().compute().items():
+        for key, value in values.items():
             base, post = (key[: -len(self.postfix)], self.postfix) if self.postfix else (key, "")
             if base.endswith("member_acc"):  # per-member values -> member_acc/<i>
                 # reshape: torchmetrics squeezes a single member's (1,) result to a scalar.
@@ -161,7 +211,8 @@ class RegressionMetrics(MetricCollection):
     means, :func:`~lightning_ensembles.aggregate_gaussian`).
 
     ``compute()`` returns ``rmse``, ``nll`` (Gaussian NLL of the mixture's moments, per element) and
-    ``coverage90`` (fraction of targets in the central 90% interval).
+    ``coverage90`` (fraction of targets in the central 90% interval). Without samples every value is
+    NaN and one :class:`~lightning_ensembles.metrics.NoSamplesWarning` names the set.
 
     Example:
         >>> import torch
@@ -202,3 +253,11 @@ class RegressionMetrics(MetricCollection):
                 metric.update(mix.mean, target)
             else:
                 metric.update(mix.mean, total, target)
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        with quiet_when_empty(ours=True):  # one warning for the whole set, below
+            values = super().compute()
+        if _no_samples(self, values, "nll"):
+            no_samples(self)
+            return {key: torch.full_like(value, float("nan")) for key, value in values.items()}
+        return values

@@ -14,6 +14,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from ._checks import check_finite, check_norm, check_positive_int, check_same_shape
+from ._empty import NaNWhenEmpty, no_samples
 
 
 def _check_gaussian(mean: Tensor, var: Tensor, target: Tensor) -> None:
@@ -33,7 +34,7 @@ def normal_central_z(level: float | Tensor) -> Tensor:
     return math.sqrt(2.0) * torch.special.erfinv(level)
 
 
-class _GaussianMetric(Metric):
+class _GaussianMetric(NaNWhenEmpty, Metric):
     is_differentiable = False
     full_state_update = False
 
@@ -43,6 +44,8 @@ class _GaussianMetric(Metric):
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def compute(self) -> Tensor:
+        if not bool(self.count > 0):
+            return no_samples(self, self.count.device)
         return (self.total / self.count).float()
 
 
@@ -96,7 +99,7 @@ class IntervalCoverage(_GaussianMetric):
         self.count += target.numel()
 
 
-class QuantileCalibrationError(Metric):
+class QuantileCalibrationError(NaNWhenEmpty, Metric):
     r"""Gap between nominal and observed coverage of central intervals, over ``num_levels`` levels
     ``linspace(0.05, 0.95, num_levels)`` (torch-uncertainty's ``QuantileCalibrationError`` definition):
     ``QCE = mean_k |coverage(level_k) - level_k|`` (``"l2"``: root mean square, ``"max"``: largest gap).
@@ -133,6 +136,8 @@ class QuantileCalibrationError(Metric):
         self.count += target.numel()
 
     def compute(self) -> Tensor:
+        if not bool(self.count > 0):
+            return no_samples(self, self.count.device)
         gap = (self.covered / self.count - self.levels.to(self.covered.device)).abs()
         if self.norm == "l1":
             return gap.mean().float()

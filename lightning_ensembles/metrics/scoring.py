@@ -8,13 +8,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import check_num_classes, check_probs, check_targets
+from ._checks import as_float, check_num_classes, check_probs, check_targets
+from ._empty import NaNWhenEmpty, no_samples
 
 #: Probabilities are clamped here before the log so that a confident mistake costs ~27.6 nats, not inf.
 LOG_EPS = 1e-12
 
 
-class _MeanOverSamples(Metric):
+class _MeanOverSamples(NaNWhenEmpty, Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
@@ -34,10 +35,12 @@ class _MeanOverSamples(Metric):
             check_probs(probs)
             c = check_num_classes(probs, self.num_classes)
             check_targets(target, probs.shape[0], c)
-        self.total += self._per_sample(probs, target).double().sum()
+        self.total += self._per_sample(as_float(probs), target).double().sum()
         self.count += probs.shape[0]
 
     def compute(self) -> Tensor:
+        if not bool(self.count > 0):
+            return no_samples(self, self.count.device)
         return (self.total / self.count).float()
 
 
@@ -56,7 +59,7 @@ class NegativeLogLikelihood(_MeanOverSamples):
     """
 
     def _per_sample(self, probs: Tensor, target: Tensor) -> Tensor:
-        return -probs.gather(-1, target[:, None]).squeeze(-1).clamp_min(LOG_EPS).log()
+        return -probs.gather(-1, target[:, None]).squeeze(-1).double().clamp_min(LOG_EPS).log()
 
 
 class BrierScore(_MeanOverSamples):

@@ -1,4 +1,10 @@
-"""Selective prediction: area under the risk-coverage curve and coverage at a given risk."""
+"""Selective prediction: area under the risk-coverage curve and coverage at a given risk.
+
+A selective classifier accepts the predictions whose confidence reaches a threshold. Samples with
+the same confidence are accepted or rejected together, so the operating points are the distinct
+confidences (one point per tied group, as ROC curves place theirs): both metrics are computed on
+those points only and give one value for every order of the same predictions.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
-from ._checks import check_num_classes, check_probs, check_targets
+from ._checks import as_float, check_num_classes, check_probs, check_targets
+from ._empty import NaNWhenEmpty, cat_state, no_samples
 
 
-class _RiskCoverage(Metric):
+class _RiskCoverage(NaNWhenEmpty, Metric):
     """Stores the top-label confidence and error of every sample (sorting needs them all)."""
 
     is_differentiable = False
@@ -30,25 +36,55 @@ class _RiskCoverage(Metric):
             check_probs(probs)
             c = check_num_classes(probs, self.num_classes)
             check_targets(target, probs.shape[0], c)
-        conf, pred = probs.max(-1)
+        conf, pred = as_float(probs).max(-1)
         self.confidences.append(conf.double())
         self.errors.append((pred != target).double())
 
+    def _points(self) -> tuple[Tensor, Tensor, int]:
+        """Accepted-sample counts and error counts at each operating point (most confident first), and N."""
+        conf = cat_state(self.confidences)
+        err = cat_state(self.errors).to(conf.device)
+        n = conf.numel()
+        if n == 0:
+            return conf, conf, 0
+        conf, order = torch.sort(conf, descending=True)
+        # Last index of each tied group: the only places a threshold can cut. Errors are 0/1, so the
+        # float64 cumulative sums are exact integers whatever the order inside a group.
+        last = torch.cat([torch.nonzero(conf[1:] != conf[:-1]).flatten(), torch.tensor([n - 1], device=conf.device)])
+        return (last + 1).double(), err[order].cumsum(0)[last], n
+
+    def curve(self) -> tuple[Tensor, Tensor]:
+        """The operating points, most confident first: ``(coverage, risk)``, one per distinct confidence.
+
+        Threshold ``t`` accepts every sample with confidence ``>= t``; ``coverage`` is the accepted
+        fraction, ``risk`` its error rate (float64). Empty tensors when there are no samples.
+        """
+        accepted, errors, n = self._points()
+        return accepted / max(n, 1), errors / accepted
+
     def risks(self) -> Tensor:
-        """``risk[k-1]`` = error rate among the ``k`` most confident samples (ties keep input order)."""
-        conf = dim_zero_cat(self.confidences)
-        err = dim_zero_cat(self.errors)
-        order = torch.sort(conf, descending=True, stable=True).indices
-        k = torch.arange(1, conf.numel() + 1, dtype=torch.float64, device=conf.device)
-        return err[order].cumsum(0) / k
+        """Per sample, in order of decreasing confidence: the risk of the operating point that accepts it.
+
+        ``risk[k-1]`` is the error rate of the ``k`` most confident samples when no tie straddles ``k``;
+        ``AURC = risks().mean()``.
+        """
+        accepted, errors, _ = self._points()
+        sizes = torch.diff(torch.cat([accepted.new_zeros(1), accepted])).long()
+        return (errors / accepted).repeat_interleave(sizes)
 
 
 class AURC(_RiskCoverage):
     r"""Area under the risk-coverage curve: ``mean_k risk(k)``, ``risk(k)`` = error rate of the ``k``
     most confident predictions (Geifman et al., 2019). Lower is better.
 
+    Tied confidences form one operating point: ``AURC = sum_g (cov_g - cov_{g-1}) * risk_g`` over the
+    distinct confidences from high to low (``cov_g``, ``risk_g``: coverage and error rate of the samples
+    at least as confident as group ``g``), the same area without ties. It does not depend on the order
+    of the samples (the old per-sample sort let tied samples count in input order).
+
     torch-uncertainty's ``AURC`` integrates the same curve with the trapezoid rule and divides by
-    ``1 - 1/N``: ``AURC_tu = (N * AURC - (risk(1) + risk(N)) / 2) / (N - 1)``; the two agree as N grows.
+    ``1 - 1/N``: ``AURC_tu = (N * AURC - (risk(1) + risk(N)) / 2) / (N - 1)``; the two agree as N grows
+    (on confidences without ties; torch-uncertainty's value depends on the order of tied samples).
 
     Example:
         >>> import torch
@@ -61,16 +97,19 @@ class AURC(_RiskCoverage):
     higher_is_better = False
 
     def compute(self) -> Tensor:
-        risk = self.risks()
-        if risk.numel() == 0:
-            return torch.tensor(float("nan"), device=self.device)
-        return risk.mean().float()
+        accepted, errors, n = self._points()
+        if n == 0:
+            return no_samples(self, self.device)
+        # Each group adds (its size / N) * (error rate after accepting it): a right-endpoint area.
+        steps = torch.diff(torch.cat([accepted.new_zeros(1), accepted]))
+        return ((steps * errors / accepted).sum() / n).float()
 
 
 class CoverageAtRisk(_RiskCoverage):
     r"""Largest coverage ``k / N`` whose selective risk ``risk(k)`` is at most ``risk``; ``nan`` if none.
 
-    Same definition as torch-uncertainty's ``CovAtxRisk(risk_threshold=risk)``.
+    Only operating points count: a tied group is accepted whole, so ``k`` ends a group of equal
+    confidences. Without ties this is torch-uncertainty's ``CovAtxRisk(risk_threshold=risk)``.
 
     Example:
         >>> import torch
@@ -89,8 +128,10 @@ class CoverageAtRisk(_RiskCoverage):
         self.risk = risk
 
     def compute(self) -> Tensor:
-        risk = self.risks()
+        coverage, risk = self.curve()
+        if risk.numel() == 0:
+            return no_samples(self, self.device)
         ok = torch.nonzero(risk <= self.risk).flatten()
         if ok.numel() == 0:
             return torch.tensor(float("nan"), device=self.device)
-        return ((ok[-1] + 1) / risk.numel()).float()
+        return coverage[ok[-1]].float()

@@ -9,6 +9,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from ._checks import check_targets
+from ._empty import NaNWhenEmpty, no_samples
 
 
 def _check_sets(sets: Tensor) -> None:
@@ -16,7 +17,7 @@ def _check_sets(sets: Tensor) -> None:
         raise ValueError("`sets` must be a boolean (B, C) tensor: sets[b, k] is True when class k is in set b.")
 
 
-class _SetMetric(Metric):
+class _SetMetric(NaNWhenEmpty, Metric):
     is_differentiable = False
     full_state_update = False
 
@@ -26,6 +27,8 @@ class _SetMetric(Metric):
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def compute(self) -> Tensor:
+        if not bool(self.count > 0):
+            return no_samples(self, self.count.device)
         return (self.total / self.count).float()
 
 

@@ -11,6 +11,14 @@ from torchmetrics import MetricCollection
 
 from ..metrics import FPR95, OODAUPR, OODAUROC, BrierScore, ClassificationMetrics, ExpectedCalibrationError
 from ..metrics import NegativeLogLikelihood, entropy
+from ..metrics._checks import check_not_probs
+from ..metrics._empty import no_samples, quiet_when_empty
+
+#: The remedy named when a module's outputs look like probabilities (its backbone ends in a softmax).
+_LOGITS_FIX = (
+    "make the backbone return logits (drop a final softmax): the ensemble modules take member logits, "
+    "and the probs-taking set is ClassificationMetrics(num_classes, inputs='probs')"
+)
 
 
 class EnsembleClassificationMetrics(nn.Module):
@@ -18,7 +26,9 @@ class EnsembleClassificationMetrics(nn.Module):
 
     ``update(member_logits (M, B, C), target (B,))``; ``compute()`` returns a flat dict:
     ``acc, nll, brier, ece, disagreement, mutual_information`` of the ensemble and
-    ``member_acc/<i>, member_nll/<i>, member_brier/<i>, member_ece/<i>`` for every member.
+    ``member_acc/<i>, member_nll/<i>, member_brier/<i>, member_ece/<i>`` for every member. Inputs
+    that look like probabilities are refused (``ValueError``); without samples every value is NaN,
+    with one :class:`~lightning_ensembles.metrics.NoSamplesWarning`.
     """
 
     def __init__(self, num_classes: int, num_members: int, bins: int = 15) -> None:
@@ -38,14 +48,18 @@ class EnsembleClassificationMetrics(nn.Module):
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         logits = logits.detach()
+        check_not_probs(logits, "member_logits", _LOGITS_FIX)
         self.ensemble.update(logits, target)  # validates shapes, classes and finiteness
         for probs, metrics in zip(logits.float().softmax(-1), self.members):
             metrics.update(probs, target)
 
     def compute(self) -> dict[str, Tensor]:
-        out = dict(self.ensemble.compute())
-        for i, metrics in enumerate(self.members):
-            out.update({f"member_{k}/{i}": v for k, v in metrics.compute().items()})
+        with quiet_when_empty(ours=True):  # one warning for the whole set, below
+            out = dict(self.ensemble.compute())
+            for i, metrics in enumerate(self.members):
+                out.update({f"member_{k}/{i}": v for k, v in metrics.compute().items()})
+        if bool(torch.isnan(out["acc"])):  # accuracy is NaN only without samples
+            no_samples(self)
         return out
 
     def reset(self) -> None:
@@ -55,7 +69,10 @@ class EnsembleClassificationMetrics(nn.Module):
 
 
 class OODMetrics(nn.Module):
-    """OOD AUROC / AUPR / FPR95 (OOD positive) for max-probability, entropy and mutual-information scores."""
+    """OOD AUROC / AUPR / FPR95 (OOD positive) for max-probability, entropy and mutual-information scores.
+
+    ``update(member_logits (M, B, C), is_ood)``; inputs that look like probabilities are refused.
+    """
 
     scores = ("msp", "entropy", "mi")
 
@@ -75,6 +92,7 @@ class OODMetrics(nn.Module):
         return {"msp": -probs.max(-1).values, "entropy": ent, "mi": ent - entropy(member_probs).mean(0)}
 
     def update(self, logits: Tensor, is_ood: bool) -> None:
+        check_not_probs(logits, "member_logits", _LOGITS_FIX)
         self._seen.add(bool(is_ood))
         for name, score in self._score(logits).items():
             self.metrics[name].update(score, torch.full_like(score, int(is_ood), dtype=torch.long))
@@ -83,7 +101,11 @@ class OODMetrics(nn.Module):
         return self._seen == {True, False}
 
     def compute(self) -> dict[str, Tensor]:
-        return {f"ood_{k}_{name}": v for name in self.scores for k, v in self.metrics[name].compute().items()}
+        with quiet_when_empty(ours=True):
+            out = {f"ood_{k}_{name}": v for name in self.scores for k, v in self.metrics[name].compute().items()}
+        if not self._seen:
+            no_samples(self)
+        return out
 
     def reset(self) -> None:
         self._seen = set()
