@@ -164,3 +164,12 @@ def test_works_with_averaging_calibration_checkpointing_early_stopping_accumulat
         .predict(fresh, dm.predict_dataloader(), ckpt_path=ckpt.last_model_path)
     )
     torch.testing.assert_close(got, expected)
+
+
+def test_an_ensemble_with_one_training_output_is_refused_with_the_fix():
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                            callbacks=[Ensembling(num_members=3, method="mc_dropout",
+                                                  method_kwargs={"train_samples": 1, "p": 0.2,
+                                                                 "insert_before": ["3"]})])
+    with pytest.raises(ValueError, match="train_samples=None"):
+        trainer.fit(LitClassifier(), DigitsDataModule(batch_size=32))

@@ -316,6 +316,14 @@ class EnsembledModel(nn.Module):
             return out
         outputs = self.member_outputs(*args, **kwargs)
         if self.training:
+            if outputs.shape[0] != self.num_members:
+                # e.g. MCDropout(train_samples=1), TTAEnsemble(train_augment=False): one training output.
+                raise ValueError(
+                    f"Ensembling: in training, {type(self.ensemble).__name__} returns {outputs.shape[0]} member "
+                    f"outputs for num_members={self.num_members}; every member needs its own output and loss. "
+                    "Configure it to return one per member (MCDropout train_samples=None, TTAEnsemble "
+                    "train_augment=True)."
+                )
             if self.batch == "split":
                 first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
                 return self._split_forward(outputs, first.shape[0])
