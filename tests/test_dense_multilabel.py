@@ -115,3 +115,69 @@ def test_multilabel_metrics():
     assert float(out["ece"]) == pytest.approx(float(np.mean([float(out[f"ece/{i}"]) for i in range(5)])))
     with pytest.raises(ValueError, match="0/1 per label"):
         m.update(logits, 2 * target)
+
+
+# ---------------------------------------------------------------- through the modules and callbacks
+def _seg_data(n=96, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = (torch.rand(n, size, size, generator=g) > 0.6).long()
+    masks[:, :2] = 2  # a band of class 2 on top
+    x = torch.tensor([0.0, 1.0, -1.0])[masks] + 0.3 * torch.randn(n, size, size, generator=g)
+    return x.unsqueeze(1), masks
+
+
+def _fcn():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+
+
+def test_dense_task_trains_logs_pixel_metrics_and_feeds_calibration_callbacks():
+    from conftest import quiet_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ensembles import EnsembleClassifier
+    from lightning_ensembles.callbacks import TemperatureScaling
+
+    torch.manual_seed(0)
+    x, y = _seg_data()
+    y[:, -1, -1] = 255  # an ignored pixel per image
+    train = DataLoader(TensorDataset(x, y), batch_size=16)
+    model = EnsembleClassifier(backbone=_fcn(), num_members=2, method="packed", ensemble_kwargs={"alpha": 2},
+                               task="dense", ignore_index=255, lr=1e-2)
+    ts = TemperatureScaling(min_samples=10)
+    trainer = quiet_trainer(max_epochs=8, num_sanity_val_steps=0, callbacks=[ts])
+    trainer.fit(model, train, train)
+    m = trainer.callback_metrics
+    assert float(m["val/pixel_acc"]) > 0.9 and float(m["val/miou"]) > 0.8
+    assert ts.is_fitted and ts.last_fit.num_samples == 96 * 63  # pixels as samples, ignored ones out
+    out = trainer.predict(model, DataLoader(TensorDataset(x[:4]), batch_size=4))[0]
+    assert out["probs"].shape == (4, 3, 8, 8) and out["member_probs"].shape == (2, 4, 3, 8, 8)
+    assert out["entropy"].shape == (4, 8, 8) and bool((out["mutual_information"] >= -1e-6).all())
+    assert out["calibrated_probs"].shape == (4 * 64, 3)  # per pixel, row-major
+    assert torch.allclose(out["calibrated_probs"].reshape(4, 8, 8, 3).sum(-1), torch.ones(4, 8, 8), atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected \(B, \*spatial\) class indices"):
+        model.member_loss(model(x[:2]), y[:2, :4])
+
+
+def test_multilabel_task_on_digit_pairs():
+    from conftest import quiet_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ensembles import EnsembleClassifier
+    from lightning_ensembles.data.digits import load_digits_tensors
+
+    torch.manual_seed(0)
+    xd, yd = load_digits_tensors()
+    a, b = torch.randint(0, len(yd), (1200,)), torch.randint(0, len(yd), (1200,))
+    x = torch.cat([xd[a], xd[b]], -1)
+    y = torch.zeros(1200, 10, dtype=torch.long)
+    y[torch.arange(1200), yd[a]] = 1
+    y[torch.arange(1200), yd[b]] = 1
+    model = EnsembleClassifier(backbone="mlp", num_members=2, task="multilabel", lr=3e-3,
+                               backbone_kwargs={"in_features": 128, "out_features": 10})
+    trainer = quiet_trainer(max_epochs=6, num_sanity_val_steps=0)
+    trainer.fit(model, DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=64, shuffle=True),
+                DataLoader(TensorDataset(x[1000:], y[1000:]), batch_size=100))
+    m = trainer.callback_metrics
+    assert float(m["val/label_acc"]) > 0.9 and "val/ece/9" in m
+    out = trainer.predict(model, DataLoader(TensorDataset(x[:5]), batch_size=5))[0]
+    assert torch.allclose(out["probs"], model(x[:5]).sigmoid().mean(0))

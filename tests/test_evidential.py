@@ -152,3 +152,56 @@ def test_evidential_training_learns_and_flags_unseen_inputs_by_vacuity():
         between = torch.zeros(100, 2) + 0.1 * torch.randn(100, 2)  # the middle: between all classes
         vac_mid = dirichlet_uncertainty(ens(between))["vacuity"].mean()
     assert acc > 0.95 and vac_mid > vac_in + 0.2, (acc, vac_in, vac_mid)
+
+
+# ---------------------------------------------------------------- through the modules
+def test_evidential_classifier_trains_reports_vacuity_and_reloads(tmp_path):
+    import lightning as L
+    from conftest import quiet_trainer
+
+    from lightning_ensembles import EnsembleClassifier
+    from lightning_ensembles.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    dm = DigitsDataModule(batch_size=64)
+    model = EnsembleClassifier(backbone="mlp", num_members=2, loss="evidential", lr=3e-3,
+                               backbone_kwargs={"in_features": 64, "out_features": 10})
+    assert isinstance(model.ensemble.member(0), DirichletHead)
+    trainer = quiet_trainer(max_epochs=4, num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    assert float(trainer.callback_metrics["val/acc"]) > 0.8
+    assert 0 < float(trainer.callback_metrics["val/vacuity"]) < 1
+    out = trainer.predict(model, dm.test_dataloader())[0]
+    log_alpha = model.ensemble(next(iter(dm.test_dataloader()))[0])
+    assert torch.allclose(out["vacuity"], (10 / log_alpha.exp().sum(-1)).mean(0), atol=1e-5)
+    path = tmp_path / "ev.ckpt"
+    trainer.save_checkpoint(path)
+    again = EnsembleClassifier.load_from_checkpoint(path, weights_only=True)
+    x = next(iter(dm.test_dataloader()))[0]
+    assert torch.allclose(again.eval()(x), model.eval()(x))
+    with pytest.raises(ValueError, match="needs task='multiclass'"):
+        EnsembleClassifier(backbone="mlp", loss="evidential", task="multilabel", backbone_kwargs={"in_features": 4, "out_features": 3})
+
+
+@pytest.mark.parametrize("method", ["deep", "packed"])
+def test_evidential_regressor_trains_and_reports_aleatoric_and_epistemic(method):
+    from conftest import quiet_trainer
+
+    from lightning_ensembles import EnsembleRegressor
+    from lightning_ensembles.data import ToyRegressionDataModule
+
+    torch.manual_seed(0)
+    dm = ToyRegressionDataModule()
+    kwargs = {"alpha": 2} if method == "packed" else {}
+    model = EnsembleRegressor(backbone="mlp", num_members=3, method=method, loss="evidential", lr=5e-3,
+                              ensemble_kwargs=kwargs, backbone_kwargs={"in_features": 1, "out_features": 1})
+    trainer = quiet_trainer(max_epochs=15, num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    assert torch.isfinite(trainer.callback_metrics["val/nll"]) and "val/coverage90" in trainer.callback_metrics
+    out = trainer.predict(model, dm.test_dataloader())[0]
+    assert set(out) == {"mean", "aleatoric", "epistemic", "variance"}
+    assert bool((out["aleatoric"] > 0).all() and (out["epistemic"] > 0).all())
+    x = next(iter(dm.test_dataloader()))[0]
+    u = nig_uncertainty(model.ensemble(x))
+    assert torch.allclose(out["aleatoric"], u["aleatoric"].mean(0))
+    assert torch.allclose(out["variance"], out["aleatoric"] + out["epistemic"])

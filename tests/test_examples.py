@@ -14,6 +14,7 @@ EXPECTED = {
     "d_swa_temperature_reliability": "fitted temperature",
     "e_regression_uncertainty": "regression_band.png",
     "f_ood_detection": "mutual information",
+    "g_segmentation_multilabel": "multilabel: single model vs deep ensemble",
     "h_torch_uncertainty_interop": "same weights, EnsembleClassifier",
 }
 

@@ -8,6 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble, aggregate_probs
+from ..ensembles.evidential import DirichletHead
+from ..losses.evidential import annealing_coefficient, dirichlet_uncertainty, evidential_classification_loss
+from ..metrics.dense import DenseMetrics
+from ..metrics.multilabel import MultilabelMetrics
 from ..losses.base import Regularizer
 from ._base import EnsembleModule, _module_args_to_ignore
 from ._optim import OptimizerSpec, SchedulerSpec
@@ -52,6 +56,17 @@ class EnsembleClassifier(EnsembleModule):
 
     ``predict_step`` returns ``{"probs", "member_probs", "entropy", "mutual_information"}``.
 
+    Beyond softmax logits (``docs/beyond_logits.md``): ``loss="evidential"`` turns the backbone's outputs
+    into Dirichlet parameters (:class:`~lightning_ensembles.DirichletHead`, ``log alpha`` used as logits)
+    trained with Sensoy et al.'s loss, its KL term annealed over ``evidential_annealing_epochs``; the mean
+    vacuity is logged (``val/vacuity``) and returned by ``predict_step`` (``"vacuity"``).
+    ``task="multilabel"``: outputs ``(M, B, L)``, targets ``(B, L)`` 0/1, per-label binary cross-entropy,
+    mean member sigmoid, multilabel metrics (``label_acc``, ``exact_match``, ``nll``, ``brier``, ``ece``
+    and ``ece/<label>``). ``task="dense"``: outputs ``(M, B, C, *spatial)``, targets ``(B, *spatial)``
+    (``ignore_index`` left out), per-pixel cross-entropy and metrics (``pixel_acc``, ``miou``, ``nll``,
+    ``brier``, ``ece``); the evaluation and predict steps also return pixels as samples (``member_logits``
+    ``(M, N, C)``, ``N = B * H * W`` in row-major order), so the calibration callbacks work per pixel.
+
     Example:
         >>> import lightning as L
         >>> from lightning_ensembles import EnsembleClassifier
@@ -82,9 +97,22 @@ class EnsembleClassifier(EnsembleModule):
         label_smoothing: float = 0.0,
         ece_bins: int = 15,
         ood_dataloader_idx: int | None = 1,
+        loss: str = "cross_entropy",
+        task: str = "multiclass",
+        ignore_index: int | None = None,
+        evidential_annealing_epochs: int = 10,
     ) -> None:
+        if loss not in ("cross_entropy", "evidential"):
+            raise ValueError(f"`loss` must be 'cross_entropy' or 'evidential', got {loss!r}.")
+        if task not in ("multiclass", "multilabel", "dense"):
+            raise ValueError(f"`task` must be 'multiclass', 'multilabel' or 'dense', got {task!r}.")
+        if loss == "evidential" and task != "multiclass":
+            raise ValueError(f"loss='evidential' (a Dirichlet over classes) needs task='multiclass', got task={task!r}.")
+        head, head_kwargs = backbone, backbone_kwargs  # (issue 19) evidential: the backbone's head becomes Dirichlet
+        if loss == "evidential" and backbone is not None and not isinstance(backbone, DirichletHead):
+            head, head_kwargs = DirichletHead(backbone, backbone_kwargs=backbone_kwargs), None
         super().__init__(
-            ensemble, backbone, method, num_members, backbone_kwargs, ensemble_kwargs,
+            ensemble, head, method, num_members, head_kwargs, ensemble_kwargs,
             optimizer, lr, weight_decay, momentum, scheduler, regularizers,
         )
         if not 0.0 <= label_smoothing < 1.0:
@@ -97,18 +125,49 @@ class EnsembleClassifier(EnsembleModule):
 
     # ---------------------------------------------------------------- training
     def member_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        if self.hparams.task != "multiclass":
+            return self._dense_or_multilabel_loss(outputs, target)
         if target.dim() != 1:
             check_class_targets(outputs, target)  # raises with the shapes
         per_member = self.ensemble.member_targets(target)  # (M, B'): repeated, or split among members
         check_class_targets(outputs, per_member)
+        if self.hparams.loss == "evidential":  # outputs are log alpha (DirichletHead); Sensoy et al.'s annealed loss
+            kl = annealing_coefficient(self.current_epoch, self.hparams.evidential_annealing_epochs)
+            return evidential_classification_loss(outputs.exp(), per_member, kl)
         # Each member's own cross-entropy on its samples, averaged over members.
         return F.cross_entropy(
             outputs.flatten(0, 1), per_member.flatten(), label_smoothing=self.hparams.label_smoothing
         )
 
+    def _dense_or_multilabel_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        per_member = self.ensemble.member_targets(target)
+        if per_member.shape[:2] != outputs.shape[:2] or (
+            self.hparams.task == "multilabel" and per_member.shape != outputs.shape
+        ) or (self.hparams.task == "dense" and per_member.shape[2:] != outputs.shape[3:]):
+            want = "(B, L) 0/1 labels" if self.hparams.task == "multilabel" else "(B, *spatial) class indices"
+            raise ValueError(
+                f"task={self.hparams.task!r}: targets of shape {tuple(target.shape)} do not fit member outputs "
+                f"{tuple(outputs.shape)}; expected {want}."
+            )
+        if self.hparams.task == "multilabel":  # every member's own binary cross-entropy per label
+            return F.binary_cross_entropy_with_logits(outputs, per_member.to(outputs.dtype))
+        ignore = -100 if self.hparams.ignore_index is None else self.hparams.ignore_index
+        return F.cross_entropy(
+            outputs.flatten(0, 1), per_member.flatten(0, 1), ignore_index=ignore,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+
     # ---------------------------------------------------------------- evaluation
     def _metric_set(self, stage: str, dataloader_idx: int, num_classes: int, num_members: int):
         key = (stage, dataloader_idx)
+        if key not in self._metrics and self.hparams.task != "multiclass":
+            bins = self.hparams.ece_bins
+            task_metrics = (
+                DenseMetrics(num_classes, self.hparams.ignore_index, bins)
+                if self.hparams.task == "dense"
+                else MultilabelMetrics(num_classes, bins)
+            )
+            self._metrics[key] = task_metrics.to(self.device)
         if key not in self._metrics:
             self._metrics[key] = EnsembleClassificationMetrics(num_classes, num_members, self.hparams.ece_bins).to(
                 self.device
@@ -121,6 +180,11 @@ class EnsembleClassifier(EnsembleModule):
     def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:
         x, y = batch
         logits = self(x)
+        if self.hparams.task != "multiclass":
+            return self._eval_dense_or_multilabel(stage, dataloader_idx, logits, y)
+        if self.hparams.loss == "evidential":
+            vacuity = dirichlet_uncertainty(logits.detach().float())["vacuity"].mean()
+            self.log(f"{self._stage_prefix(stage, dataloader_idx)}/vacuity", vacuity, add_dataloader_idx=False)
         if self._is_ood(stage, dataloader_idx):
             # OOD samples have no valid label in the model's classes: only their scores count.
             self._ood_metrics().update(logits, is_ood=True)
@@ -130,6 +194,19 @@ class EnsembleClassifier(EnsembleModule):
         if stage == "test" and self.hparams.ood_dataloader_idx is not None and dataloader_idx == 0:
             self._ood_metrics().update(logits, is_ood=False)
         return {"member_logits": logits, "probs": aggregate_probs(logits), "target": y}
+
+    def _eval_dense_or_multilabel(self, stage: str, dataloader_idx: int, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.hparams.task == "multilabel":
+            self._metric_set(stage, dataloader_idx, logits.shape[-1], logits.shape[0]).update(logits, y)
+            return {"multilabel_probs": logits.detach().sigmoid().mean(0), "target": y}
+        self._metric_set(stage, dataloader_idx, logits.shape[2], logits.shape[0]).update(logits, y)
+        # Pixels as samples (M, N, C): the calibration callbacks (temperature, post-hoc maps, metrics) apply per pixel.
+        pixel_logits = logits.movedim(2, -1).reshape(logits.shape[0], -1, logits.shape[2])
+        flat = y.reshape(-1)
+        if self.hparams.ignore_index is not None:
+            keep = flat != self.hparams.ignore_index
+            pixel_logits, flat = pixel_logits[:, keep], flat[keep]
+        return {"member_logits": pixel_logits, "target": flat}
 
     def _ood_metrics(self):
         if self._ood is None:
@@ -169,16 +246,26 @@ class EnsembleClassifier(EnsembleModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        member_probs = self(x).softmax(dim=-1)
+        outputs = self(x)
+        if self.hparams.task == "multilabel":
+            member_probs = outputs.sigmoid()
+            return {"probs": member_probs.mean(0), "member_probs": member_probs}
+        axis = 2 if self.hparams.task == "dense" else -1  # dense: the class axis of (M, B, C, *spatial)
+        member_probs = outputs.softmax(dim=axis)
         probs = member_probs.mean(dim=0)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        member_entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(-1).mean(0)
-        return {
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(axis if axis < 0 else 1)
+        member_entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(axis).mean(0)
+        out = {
             "probs": probs,
             "member_probs": member_probs,
             "entropy": entropy,
             "mutual_information": entropy - member_entropy,
         }
+        if self.hparams.loss == "evidential":  # Dirichlet vacuity K / S, mean over members
+            out["vacuity"] = dirichlet_uncertainty(outputs.float())["vacuity"].mean(0)
+        if self.hparams.task == "dense":  # pixels as samples (M, B * prod(spatial), C), for the calibration callbacks
+            out["member_logits"] = outputs.movedim(2, -1).reshape(outputs.shape[0], -1, outputs.shape[2])
+        return out
 
 
 def format_report(results: dict[str, float], title: str = "test") -> str:

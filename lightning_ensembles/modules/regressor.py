@@ -7,7 +7,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ensembles.base import Ensemble, aggregate_gaussian, split_gaussian
+from ..ensembles.base import Ensemble, GaussianMixture, aggregate_gaussian, split_gaussian
+from ..ensembles.evidential import NIGHead
+from ..losses.evidential import evidential_regression_loss, nig_split, nig_uncertainty
 from ..losses.base import Regularizer
 from ..metrics import RegressionMetrics
 from ._base import EnsembleModule, _module_args_to_ignore
@@ -27,6 +29,14 @@ class EnsembleRegressor(EnsembleModule):
     ``coverage90`` (fraction of targets inside the central 90% interval); a single ``"mse"`` member has
     no predictive variance, so it logs ``rmse`` only. ``predict_step`` returns
     ``{"mean", "aleatoric", "epistemic", "variance"}``.
+
+    ``loss="evidential"`` (deep evidential regression, Amini et al. 2020): the backbone's output layer is
+    widened to Normal-Inverse-Gamma parameters (:class:`~lightning_ensembles.NIGHead`; the backbone outputs
+    ``num_targets`` values), each member minimises the NIG NLL plus ``evidential_coeff * |y - gamma| (2 nu +
+    alpha)``. A member's predictive is its Student-t, moment-matched (mean ``gamma``, variance
+    ``beta (1 + nu) / (nu (alpha - 1))``) in the metrics; ``predict_step``'s ``aleatoric`` is the mean member
+    ``beta / (alpha - 1)``, ``epistemic`` the mean member ``beta / (nu (alpha - 1))`` plus the variance of
+    the member means.
 
     Example:
         >>> import lightning as L
@@ -57,13 +67,17 @@ class EnsembleRegressor(EnsembleModule):
         momentum: float = 0.9,
         scheduler: SchedulerSpec = "none",
         regularizers: list[Regularizer] | None = None,
+        evidential_coeff: float = 0.01,
     ) -> None:
+        if loss not in ("gaussian", "mse", "evidential"):
+            raise ValueError(f"`loss` must be 'gaussian', 'mse' or 'evidential', got {loss!r}.")
+        head, head_kwargs = backbone, backbone_kwargs  # (issue 19) evidential: the head gives NIG parameters
+        if loss == "evidential" and backbone is not None and not isinstance(backbone, NIGHead):
+            head, head_kwargs = NIGHead(backbone, backbone_kwargs=backbone_kwargs), None
         super().__init__(
-            ensemble, backbone, method, num_members, backbone_kwargs, ensemble_kwargs,
+            ensemble, head, method, num_members, head_kwargs, ensemble_kwargs,
             optimizer, lr, weight_decay, momentum, scheduler, regularizers,
         )
-        if loss not in ("gaussian", "mse"):
-            raise ValueError(f"`loss` must be 'gaussian' or 'mse', got {loss!r}.")
         if num_targets < 1:
             raise ValueError(f"`num_targets` must be >= 1, got {num_targets}.")
         self.save_hyperparameters(ignore=_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}))
@@ -74,7 +88,7 @@ class EnsembleRegressor(EnsembleModule):
     def split(self, outputs: Tensor) -> tuple[Tensor, Tensor | None]:
         """Member means and variances ``(M, B, D)`` (variance ``None`` for MSE members)."""
         d = self.hparams.num_targets
-        expected = 2 * d if self.hparams.loss == "gaussian" else d
+        expected = {"gaussian": 2 * d, "evidential": 4 * d}.get(self.hparams.loss, d)
         if outputs.shape[-1] != expected:
             raise ValueError(
                 f"member outputs have {outputs.shape[-1]} values per sample; loss={self.hparams.loss!r} with "
@@ -82,6 +96,9 @@ class EnsembleRegressor(EnsembleModule):
             )
         if self.hparams.loss == "gaussian":
             return split_gaussian(outputs)
+        if self.hparams.loss == "evidential":  # the member's Student-t, moment-matched
+            gamma, nu, alpha, beta = nig_split(outputs)
+            return gamma, beta * (1 + nu) / (nu * (alpha - 1))
         return outputs, None
 
     def _check_target(self, mean: Tensor, target: Tensor) -> Tensor:
@@ -110,6 +127,8 @@ class EnsembleRegressor(EnsembleModule):
                 f"targets of shape {tuple(target.shape)} do not fit member predictions {tuple(mean.shape)}: "
                 f"expected {tuple(mean.shape[1:])} (batch, num_targets)."
             )
+        if self.hparams.loss == "evidential":
+            return evidential_regression_loss(outputs, per_member, self.hparams.evidential_coeff)
         if var is None:
             return F.mse_loss(mean, per_member)
         return F.gaussian_nll_loss(mean, per_member, var, full=True)
@@ -131,7 +150,7 @@ class EnsembleRegressor(EnsembleModule):
     @property
     def has_predictive_variance(self) -> bool:
         """False for a single point-prediction member (``loss="mse"``, one member): it predicts no variance."""
-        return self.hparams.loss == "gaussian" or self.num_members > 1
+        return self.hparams.loss != "mse" or self.num_members > 1
 
     def _eval_epoch_end(self, stage: str) -> None:
         for prefix, metrics in self._metrics.items():
@@ -146,5 +165,11 @@ class EnsembleRegressor(EnsembleModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        mix = aggregate_gaussian(*self.split(self(x)))
+        outputs = self(x)
+        if self.hparams.loss == "evidential":
+            u = nig_uncertainty(outputs)
+            spread = aggregate_gaussian(u["mean"])  # variance of the member means
+            mix = GaussianMixture(spread.mean, u["aleatoric"].mean(0), u["epistemic"].mean(0) + spread.epistemic)
+        else:
+            mix = aggregate_gaussian(*self.split(outputs))
         return {"mean": mix.mean, "aleatoric": mix.aleatoric, "epistemic": mix.epistemic, "variance": mix.variance}
