@@ -3,6 +3,7 @@
     lightning-ensembles fit --config examples/configs/digits_deep.yaml
     lightning-ensembles test --config examples/configs/digits_deep.yaml --ckpt_path path/to.ckpt
     lightning-ensembles fit --config examples/configs/digits_deep.yaml --print_config
+    lightning-ensembles showcase --config examples/configs/mnist1d_showcase.yaml   # single model vs ensemble
 
 ``fit`` ends with a test run on the best checkpoint (``--test_after_fit false`` to skip) and, for
 classifiers, prints a table of test accuracy, NLL, Brier and ECE for the ensemble and each member.
@@ -57,7 +58,14 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> EnsembleCLI:
 
 
 def main() -> None:
-    """Entry point of the ``lightning-ensembles`` console script."""
+    """Entry point of the ``lightning-ensembles`` console script (``showcase`` runs :mod:`lightning_ensembles.showcase`)."""
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "showcase":
+        from .showcase import main as showcase
+
+        showcase(sys.argv[2:])
+        return
     run_cli()
 
 
