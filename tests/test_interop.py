@@ -222,6 +222,19 @@ def test_batch_ensemble_members_see_the_whole_batch():
     torch.testing.assert_close(out, model.eval()(x).view(2, 5, 3))  # repeated input = the eval forward
 
 
+def test_tu_deep_ensemble_member_is_its_model():
+    from torch_uncertainty.methods import deep_ensembles
+
+    model = deep_ensembles(nn.Linear(4, 3), num_estimators=3)
+    ens = from_tu_model(model)
+    assert (ens.kind, ens.num_members) == ("deep", 3)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(ens(x), model(x).view(3, 5, 3))
+    member = ens.member(2)
+    assert isinstance(member, nn.Linear) and member is not model.core_models[2]
+    torch.testing.assert_close(member(x), ens(x)[2])
+
+
 def test_from_tu_model_refusals():
     with pytest.raises(ValueError, match="num_estimators=3"):
         from_tu_model(_packed(3), num_estimators=4)
