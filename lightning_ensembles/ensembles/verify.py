@@ -30,7 +30,7 @@ Example:
     >>> ens = BatchEnsemble(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), num_members=3)
     >>> ens.verification.ran, ens.verification.passed
     (True, True)
-    >>> BatchEnsemble(nn.Linear(4, 2), num_members=2, verify=False).verification.ran
+    >>> BatchEnsemble(nn.Sequential(nn.Linear(4, 2)), num_members=2, verify=False).verification.ran
     False
 """
 
