@@ -402,6 +402,9 @@ class DeepEnsemble(Ensemble):
         buffer_views = list(zip(*(b.unbind(0) for b in buffers))) or [()] * self.num_members
         return torch.stack([self._call_member([*p, *b], x) for p, b in zip(member_params, buffer_views)])
 
+    def _forward_unrolled(self, x: Tensor) -> Tensor:
+        return torch.stack([self._call_member(self._member_tensors(i), x) for i in range(self.num_members)])
+
     def _forward_vmap(self, x: Tensor) -> Tensor:
         def one_member(params: list[Tensor], buffers: list[Tensor], inputs: Tensor) -> Tensor:
             return self._call_member(params + buffers, inputs)
@@ -427,6 +430,10 @@ class DeepEnsemble(Ensemble):
         """Member outputs ``(M, B, ...)``; every member sees the whole batch ``x``."""
         if self._template.training != self.training:
             self._template.train(self.training)
+        if torch.compiler.is_exporting():
+            # torch.export: members one after another on views of the stored tensors. A plain graph
+            # (no vmap operators, which ONNX cannot convert), and no timing or caches in the trace.
+            return self._forward_unrolled(x)
         execution = self.resolved_execution(x.device)
         if execution == "measure":
             execution = self._measure_inference(x)
