@@ -20,7 +20,7 @@ on a batch of 32. "×" columns are relative to the single model of the same run.
 be built for a backbone is listed with the error it raised (e.g. LoRA needs attention or linear
 layers it can target).
 
-    python benchmarks/leaderboard.py            # 3 seeds, 30 epochs: writes docs/leaderboard.md, docs/img/
+    python benchmarks/leaderboard.py --jobs 3   # 3 seeds, 20 epochs: writes docs/leaderboard.md, docs/img/
     python benchmarks/leaderboard.py --quick    # 1 seed, 4 epochs, MNIST-1D only (about 3 minutes)
 """
 
@@ -399,17 +399,24 @@ def plot_nll_vs_macs(per_task: dict[str, dict[str, list[dict]]], path: str) -> s
     return path
 
 
+def _job(task: str, names: list[str], seed: int, epochs: int, tiny: bool, threads: int):
+    torch.set_num_threads(threads)
+    print(f"{task}: seed {seed}, {epochs} epochs", flush=True)
+    return run_task(TASKS[task], names, [seed], epochs, tiny)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 epochs, MNIST-1D only (about 3 minutes)")
     parser.add_argument("--tiny", action="store_true", help="tests only: tiny data, 1 epoch, 1 seed")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--tasks", default="mnist1d,digits,toy", help="comma-separated: mnist1d, digits, toy")
     parser.add_argument("--methods", default="all", help="comma-separated registry names, or 'all'")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs"),
                         help="folder for leaderboard.md and img/leaderboard_*.png")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--jobs", type=int, default=1, help="(task, seed) runs in parallel processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
@@ -431,10 +438,28 @@ def main(argv: list[str] | None = None) -> int:
     per_task, sections, plots = {}, [], {}
     img = os.path.join(args.out, "img")
     os.makedirs(img, exist_ok=True)
+    jobs = [(name, seed) for name in tasks for seed in seeds]
+    if args.jobs > 1:  # (task, seed) runs in parallel processes, one intra-op thread each
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(_job, name, names, seed, epochs, args.tiny, args.threads) for name, seed in jobs]
+            outputs = [f.result() for f in futures]
+    else:
+        outputs = [_job(name, names, seed, epochs, args.tiny, args.threads) for name, seed in jobs]
     for name in tasks:
         task = TASKS[name]
-        print(f"{name}: {len(seeds)} seed(s), {epochs} epochs", flush=True)
-        results, skipped, extras = run_task(task, names, seeds, epochs, args.tiny)
+        results: dict[str, list[dict]] = {}
+        skipped: dict[str, str] = {}
+        extras: dict = {}
+        for (job_task, seed), (res, skip, ext) in zip(jobs, outputs):
+            if job_task != name:
+                continue
+            for method, rows in res.items():
+                results.setdefault(method, []).extend(rows)
+            skipped.update(skip)
+            if seed == seeds[0]:
+                extras = ext
         per_task[name] = results
         part = [f"## {name}", "", table(task, results), ""]
         if skipped:
@@ -451,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
             part += [f"![reliability, {name}](img/{os.path.basename(path)})", ""]
         sections.append("\n".join(part))
     plot = plot_nll_vs_macs(per_task, os.path.join(img, "leaderboard_nll_macs.png"))
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the --jobs worker processes
+    wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0 + children.ru_utime + children.ru_stime
     command = "python benchmarks/leaderboard.py " + " ".join(argv if argv is not None else sys.argv[1:])
     single = per_task.get("mnist1d", {}).get("single")
     header = [
@@ -463,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {BATCH}; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {args.threads} thread(s); {wall:.0f} s wall, {cpu:.0f} s CPU.",
         "",
-        (__doc__ or "").split("\n\n")[2].strip() if __doc__ else "",
+        (__doc__ or "").split("\n\n")[2].strip().replace("``", "`"),
+        "",
+        (__doc__ or "").split("\n\n")[3].strip().replace("``", "`"),
         "",
     ]
     if single:
