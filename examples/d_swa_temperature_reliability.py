@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
 from _common import parse_args, trainer
-from lightning_ensembles import EnsembleClassifier, ReliabilityDiagram, TemperatureScaling, WeightAveraging
+from lightning_ensembles import EnsembleClassifier, MemberWeightAveraging, ReliabilityDiagram, TemperatureScaling
 from lightning_ensembles.data import MNIST1DDataModule
 
 
@@ -24,7 +24,7 @@ def main() -> None:
         backbone_kwargs={"in_features": 40, "out_features": 10, "hidden": [256, 256]},
     )
     ts = TemperatureScaling()
-    callbacks = [WeightAveraging("swa", attribute="ensemble", start_epoch=0.5), ts, ReliabilityDiagram()]
+    callbacks = [MemberWeightAveraging("swa", attribute="ensemble", start_epoch=0.5), ts, ReliabilityDiagram()]
     t = trainer(args, epochs=30, callbacks=callbacks, logger=CSVLogger(args.out, name="swa_ts"))
     t.fit(model, dm)
     res = t.test(model, dm, verbose=False)[0]

@@ -5,8 +5,8 @@ The public menu::
     from lightning_ensembles import (
         DeepEnsemble, PackedEnsemble, BatchEnsemble, TabM, LoRAEnsemble, MultiSymmetryEnsemble,  # ensembles
         EnsembleClassifier, EnsembleRegressor,                                                   # LightningModules
-        Ensembling, WeightAveraging, SnapshotEnsemble, CalibrationMetrics, TemperatureScaling,   # callbacks
-        ReliabilityDiagram, ConformalPrediction,
+        Ensembling, MemberWeightAveraging, SnapshotEnsemble, CalibrationMetrics,                 # callbacks
+        TemperatureScaling, ReliabilityDiagram, ConformalPrediction,
         MemberParallelStrategy,                                                                  # distributed
     )
 
@@ -20,11 +20,11 @@ from .callbacks import (
     ConformalPrediction,
     Ensembling,
     LastLayerLaplace,
+    MemberWeightAveraging,
     PosthocCalibration,
     ReliabilityDiagram,
     SnapshotEnsemble,
     TemperatureScaling,
-    WeightAveraging,
 )
 from .ensembles.base import Ensemble, GaussianMixture, aggregate_gaussian, aggregate_log_probs, aggregate_probs
 from .ensembles.batch import BatchEnsemble, TabM
@@ -69,6 +69,7 @@ __all__ = [
     "Ensembling",
     "GaussianMixture",
     "LoRAEnsemble",
+    "MemberWeightAveraging",
     "MultiSymmetryEnsemble",
     "PackedEnsemble",
     "Regularizer",
@@ -76,7 +77,6 @@ __all__ = [
     "SnapshotEnsemble",
     "TabM",
     "TemperatureScaling",
-    "WeightAveraging",
     "aggregate_gaussian",
     "aggregate_log_probs",
     "aggregate_probs",

@@ -112,7 +112,7 @@ def cli_fit_with_diversity_averaging_and_calibration(tmp_path, method: str, ense
             "max_epochs": 1, "limit_train_batches": 4, "limit_val_batches": 2, "logger": False, "enable_checkpointing": False,
             "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [
-                {"class_path": "lightning_ensembles.callbacks.WeightAveraging",
+                {"class_path": "lightning_ensembles.callbacks.MemberWeightAveraging",
                  "init_args": {"method": "ema", "attribute": "ensemble", "interval": "step", "decay": 0.5}},
                 {"class_path": "lightning_ensembles.callbacks.CalibrationMetrics"},
                 {"class_path": "lightning_ensembles.callbacks.TemperatureScaling"},
@@ -123,7 +123,7 @@ def cli_fit_with_diversity_averaging_and_calibration(tmp_path, method: str, ense
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/neg_jensen_shannon"])
     assert "val/calibration/ece" in metrics and "val/acc" in metrics, sorted(metrics)
-    averager = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "WeightAveraging").averager
+    averager = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "MemberWeightAveraging").averager
     assert averager.n_averaged >= 3
     ts = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "TemperatureScaling")
     assert ts.is_fitted and ts.temperature > 0

@@ -1,4 +1,4 @@
-"""The WeightAveraging callback on a tiny LightningModule (the "any LightningModule" case) and EnsembleClassifier."""
+"""The MemberWeightAveraging callback on a tiny LightningModule (the "any LightningModule" case) and EnsembleClassifier."""
 
 import copy
 
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ensembles import DeepEnsemble
 from lightning_ensembles.averaging import SWAGEnsemble
-from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
+from lightning_ensembles.callbacks.weight_averaging import MemberWeightAveraging
 
 from conftest import quiet_trainer
 
@@ -68,7 +68,7 @@ class TinyModule(L.LightningModule):
 
 
 class Recorder(Callback):
-    """Records the trained weights at the end of each epoch (independent of WeightAveraging)."""
+    """Records the trained weights at the end of each epoch (independent of MemberWeightAveraging)."""
 
     def __init__(self):
         self.epoch_end = []
@@ -96,7 +96,7 @@ def _assert_params(a, b, atol=1e-6):
 
 def test_swa_callback_averages_epoch_ends_and_never_evaluates_an_empty_average():
     model, rec = TinyModule(), Recorder()
-    cb = WeightAveraging("swa", attribute="net", start_epoch=2, update_bn=False)
+    cb = MemberWeightAveraging("swa", attribute="net", start_epoch=2, update_bn=False)
     quiet_trainer(max_epochs=4, callbacks=[cb, rec]).fit(model)
     assert cb.averager.n_averaged == 2
     expected = _mean(rec.epoch_end[2:])
@@ -110,7 +110,7 @@ def test_swa_callback_averages_epoch_ends_and_never_evaluates_an_empty_average()
 
 def test_step_interval_updates_every_n_steps():
     model, rec = TinyModule(optimizer="adam", lr=1e-2), Recorder()
-    cb = WeightAveraging("ema", attribute="net", interval="step", every_n=3, decay=0.8)
+    cb = MemberWeightAveraging("ema", attribute="net", interval="step", every_n=3, decay=0.8)
     quiet_trainer(max_epochs=2, callbacks=[cb, rec]).fit(model)
     snaps = [w for step, w in rec.step_end if step % 3 == 0]
     assert cb.averager.n_averaged == len(snaps) == 8 // 3
@@ -123,7 +123,7 @@ def test_step_interval_updates_every_n_steps():
 @pytest.mark.parametrize("storage", ["stacked", "per_member"])
 def test_batchnorm_recomputed_per_member_after_fit(storage):
     model = TinyModule(storage=storage)
-    cb = WeightAveraging("swa", attribute="net", start_epoch=1)
+    cb = MemberWeightAveraging("swa", attribute="net", start_epoch=1)
     quiet_trainer(max_epochs=3, callbacks=[cb]).fit(model)
     loader = model.train_dataloader()
     for i in range(2):
@@ -136,7 +136,7 @@ def test_batchnorm_recomputed_per_member_after_fit(storage):
 
 def _run(tmp_path, cb_kwargs, max_epochs, ckpt_path=None, name="a", storage="auto"):
     model = TinyModule(optimizer="sgd", lr=0.1, scheduler=True, storage=storage)
-    cb = WeightAveraging(attribute="net", **cb_kwargs)
+    cb = MemberWeightAveraging(attribute="net", **cb_kwargs)
     ckpt = ModelCheckpoint(dirpath=tmp_path / name, save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[cb, ckpt], enable_checkpointing=True)
     trainer.fit(model, ckpt_path=ckpt_path)
@@ -198,7 +198,7 @@ class TwoOptimizers(TinyModule):
 
 def test_several_optimizers_with_swa_schedule():
     model, rec = TwoOptimizers(), Recorder()
-    cb = WeightAveraging("swa", attribute="net", start_epoch=1, swa_lr=0.01, annealing_epochs=1, update_bn=False)
+    cb = MemberWeightAveraging("swa", attribute="net", start_epoch=1, swa_lr=0.01, annealing_epochs=1, update_bn=False)
     trainer = quiet_trainer(max_epochs=3, callbacks=[cb, rec])
     trainer.fit(model)
     assert [opt.param_groups[0]["lr"] for opt in trainer.optimizers] == pytest.approx([0.01, 0.01])
@@ -207,7 +207,7 @@ def test_several_optimizers_with_swa_schedule():
 
 def test_whole_module_is_averaged_by_default():
     model, rec = TinyModule(), Recorder()
-    cb = WeightAveraging("swa", start_epoch=0, update_bn=False)
+    cb = MemberWeightAveraging("swa", start_epoch=0, update_bn=False)
     quiet_trainer(max_epochs=2, callbacks=[cb, rec]).fit(model)
     assert set(cb.averager.average) == {f"net.{n}" for n in rec.epoch_end[0]}
     _assert_params(_params(model.net), _mean(rec.epoch_end))
@@ -219,7 +219,7 @@ def test_swag_evaluates_an_ensemble_of_draws_per_member():
 
     model = EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs={"in_features": 64, "out_features": 10,
                                                                               "hidden": (32,)})
-    cb = WeightAveraging("swag", attribute="ensemble", start_epoch=0, max_rank=3, num_samples=3)
+    cb = MemberWeightAveraging("swag", attribute="ensemble", start_epoch=0, max_rank=3, num_samples=3)
     trainer = quiet_trainer(max_epochs=3, callbacks=[cb], limit_train_batches=5, limit_val_batches=1,
                             limit_test_batches=2)
     trainer.fit(model, DigitsDataModule(batch_size=32))
@@ -231,10 +231,10 @@ def test_swag_evaluates_an_ensemble_of_draws_per_member():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method"):
-        WeightAveraging("polyak")
+        MemberWeightAveraging("polyak")
     with pytest.raises(ValueError, match="start_epoch"):
-        WeightAveraging(start_epoch=1.5)
+        MemberWeightAveraging(start_epoch=1.5)
     with pytest.raises(ValueError, match="every_n"):
-        WeightAveraging(every_n=0)
+        MemberWeightAveraging(every_n=0)
     with pytest.raises(ValueError, match="attribute"):
-        quiet_trainer(max_epochs=1, callbacks=[WeightAveraging(attribute="nope")]).fit(TinyModule())
+        quiet_trainer(max_epochs=1, callbacks=[MemberWeightAveraging(attribute="nope")]).fit(TinyModule())

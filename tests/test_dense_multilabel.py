@@ -11,7 +11,7 @@ from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibr
 
 from lightning_ensembles import DeepEnsemble
 from lightning_ensembles.metrics import BrierScore, NegativeLogLikelihood
-from lightning_ensembles.metrics.dense import DenseMetrics, MeanIoU, aggregate_dense_probs, pixels
+from lightning_ensembles.metrics.dense import DenseMetrics, DenseMeanIoU, aggregate_dense_probs, pixels
 from lightning_ensembles.metrics.multilabel import MultilabelCalibrationError, MultilabelMetrics, aggregate_sigmoid
 
 
@@ -67,18 +67,18 @@ def test_miou_matches_scikit_learn_and_ignores_pixels():
 
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randint(0, 5, (3, 10, 10), generator=g), torch.randint(0, 4, (3, 10, 10), generator=g)
-    m = MeanIoU(num_classes=5)
+    m = DenseMeanIoU(num_classes=5)
     m.update(pred, target)
     ref = jaccard_score(target.flatten().numpy(), pred.flatten().numpy(), average="macro")
     assert float(m.compute()) == pytest.approx(ref, rel=1e-6)
     target[0] = 255
-    m2 = MeanIoU(num_classes=5, ignore_index=255)
+    m2 = DenseMeanIoU(num_classes=5, ignore_index=255)
     m2.update(pred, target)
     keep = target.flatten() != 255
     ref2 = jaccard_score(target.flatten()[keep].numpy(), pred.flatten()[keep].numpy(), average="macro")
     assert float(m2.compute()) == pytest.approx(ref2, rel=1e-6)
     with pytest.raises(ValueError, match="targets must lie in"):
-        MeanIoU(num_classes=2).update(pred, target)
+        DenseMeanIoU(num_classes=2).update(pred, target)
 
 
 def test_pixels_refuses_mismatched_targets():

@@ -131,13 +131,13 @@ def test_works_with_averaging_calibration_checkpointing_early_stopping_accumulat
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from lightning_ensembles.callbacks import CalibrationMetrics, ReliabilityDiagram, TemperatureScaling
-    from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
+    from lightning_ensembles.callbacks.weight_averaging import MemberWeightAveraging
 
     L.seed_everything(0)
     dm = DigitsDataModule(batch_size=64)
     module = LitClassifier()
     ts = TemperatureScaling()
-    swa = WeightAveraging("swa", attribute="model", start_epoch=1)
+    swa = MemberWeightAveraging("swa", attribute="model", start_epoch=1)
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_last=True)
     callbacks = [
         Ensembling(num_members=3), swa, CalibrationMetrics(), ts, ReliabilityDiagram(),
@@ -160,7 +160,7 @@ def test_works_with_averaging_calibration_checkpointing_early_stopping_accumulat
     expected = torch.cat(trainer.predict(module, dm.predict_dataloader()))
     fresh = LitClassifier()
     got = torch.cat(
-        quiet_trainer(precision="bf16-mixed", callbacks=[Ensembling(num_members=3), WeightAveraging("swa", attribute="model")])
+        quiet_trainer(precision="bf16-mixed", callbacks=[Ensembling(num_members=3), MemberWeightAveraging("swa", attribute="model")])
         .predict(fresh, dm.predict_dataloader(), ckpt_path=ckpt.last_model_path)
     )
     torch.testing.assert_close(got, expected)

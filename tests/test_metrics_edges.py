@@ -22,7 +22,6 @@ from lightning_ensembles.metrics import (
     FPR95,
     OODAUPR,
     OODAUROC,
-    Accuracy,
     AdaptiveCalibrationError,
     BrierScore,
     ClassificationMetrics,
@@ -40,6 +39,7 @@ from lightning_ensembles.metrics import (
     RegressionMetrics,
     SetCoverage,
     SetSize,
+    TopLabelAccuracy,
 )
 
 
@@ -245,7 +245,7 @@ EVERY_METRIC = {
     "BrierScore": (BrierScore, _cls),
     "AURC": (AURC, _cls),
     "CoverageAtRisk": (CoverageAtRisk, _cls),
-    "Accuracy": (Accuracy, _cls),
+    "TopLabelAccuracy": (TopLabelAccuracy, _cls),
     "MemberAccuracy": (MemberAccuracy, lambda: (*_members(), torch.zeros(0, dtype=torch.long))),
     "MutualInformation": (MutualInformation, _members),
     "Disagreement": (Disagreement, _members),

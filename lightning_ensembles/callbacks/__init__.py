@@ -10,7 +10,7 @@ from .prediction_writer import PredictionWriter
 from .reliability_diagram import ReliabilityDiagram
 from .snapshot import SnapshotEnsemble
 from .temperature_scaling import TemperatureScaling
-from .weight_averaging import WeightAveraging
+from .weight_averaging import MemberWeightAveraging
 
 __all__ = [
     "CalibrationMetrics",
@@ -19,10 +19,10 @@ __all__ = [
     "EnsembledModel",
     "Ensembling",
     "LastLayerLaplace",
+    "MemberWeightAveraging",
     "PosthocCalibration",
     "PredictionWriter",
     "ReliabilityDiagram",
     "SnapshotEnsemble",
     "TemperatureScaling",
-    "WeightAveraging",
 ]

@@ -1,4 +1,4 @@
-"""WeightAveraging: SWA, EMA or SWAG of every member of any ensemble, as a Trainer callback."""
+"""MemberWeightAveraging: SWA, EMA or SWAG of every member of any ensemble, as a Trainer callback."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..averaging.swag import SWAG, SWAGEnsemble
 from ..ensembles.base import Ensemble
 from ..ensembles.surgery import set_submodule
 
-__all__ = ["WeightAveraging", "resolve_attribute", "first_train_loader"]
+__all__ = ["MemberWeightAveraging", "resolve_attribute", "first_train_loader"]
 
 
 def resolve_attribute(pl_module: nn.Module, attribute: str | None) -> nn.Module:
@@ -54,7 +54,7 @@ def first_train_loader(trainer: L.Trainer) -> Any:
     return loader
 
 
-class WeightAveraging(Callback):
+class MemberWeightAveraging(Callback):
     """Average the weights of any LightningModule (every member of an ensemble) during training.
 
     ``method``: ``"swa"`` (equal-weight mean of snapshots), ``"ema"`` (exponential moving average)
@@ -90,7 +90,7 @@ class WeightAveraging(Callback):
         >>> from lightning_ensembles.data import DigitsDataModule
         >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
         ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
-        >>> swa = WeightAveraging("swa", attribute="ensemble", start_epoch=1)
+        >>> swa = MemberWeightAveraging("swa", attribute="ensemble", start_epoch=1)
         >>> trainer = L.Trainer(max_epochs=2, callbacks=[swa], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)
         >>> trainer.fit(model, DigitsDataModule())
@@ -183,7 +183,7 @@ class WeightAveraging(Callback):
         self._transferred = False
         if self.method == "swag" and self.num_samples and not isinstance(target, Ensemble):
             warnings.warn(
-                "WeightAveraging(method='swag'): the averaged model is not an Ensemble, so evaluation uses the SWAG "
+                "MemberWeightAveraging(method='swag'): the averaged model is not an Ensemble, so evaluation uses the SWAG "
                 "mean; draw an ensemble of samples with `callback.averager.sample_ensemble(model)`.",
                 stacklevel=2,
             )
@@ -261,7 +261,7 @@ class WeightAveraging(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.averager.n_averaged == 0:
-            warnings.warn("WeightAveraging: training ended before the first update; the model is left unchanged.",
+            warnings.warn("MemberWeightAveraging: training ended before the first update; the model is left unchanged.",
                           stacklevel=2)
             return
         target = resolve_attribute(pl_module, self.attribute)
@@ -269,7 +269,7 @@ class WeightAveraging(Callback):
         loader = first_train_loader(trainer)
         if self.update_bn and has_batchnorm(target):
             if loader is None:
-                warnings.warn("WeightAveraging: no training dataloader to recompute BatchNorm statistics.",
+                warnings.warn("MemberWeightAveraging: no training dataloader to recompute BatchNorm statistics.",
                               stacklevel=2)
             else:
                 update_bn(loader, target, device=pl_module.device)
@@ -321,6 +321,15 @@ class WeightAveraging(Callback):
             "swalr": swalr,
             "final_buffers": self._final_buffers,
         }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the rename (the class was `WeightAveraging`, a name Lightning 2.6
+        # took for its own callback) keep this callback's state under the old key: move it to the new one
+        # so that resuming restores the averages instead of silently starting them over.
+        states = checkpoint.get("callbacks") or {}
+        legacy = self.state_key.replace(type(self).__qualname__, "WeightAveraging", 1)
+        if self.state_key not in states and legacy in states:
+            states[self.state_key] = states.pop(legacy)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["method"] != self.method:

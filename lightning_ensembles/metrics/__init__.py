@@ -21,7 +21,7 @@ Behaviour shared by every metric here:
 
 from ._empty import NoSamplesWarning
 from .calibration import AdaptiveCalibrationError, ClasswiseCalibrationError, ExpectedCalibrationError
-from .presets import Accuracy, ClassificationMetrics, MemberAccuracy, RegressionMetrics
+from .presets import ClassificationMetrics, MemberAccuracy, RegressionMetrics, TopLabelAccuracy
 from .diversity import Disagreement, MutualInformation, PredictiveEntropy, entropy, mutual_information, pairwise_disagreement
 from .ood import FPR95, OODAUPR, OODAUROC
 from .regression import GaussianNLL, IntervalCoverage, QuantileCalibrationError
@@ -34,7 +34,6 @@ __all__ = [
     "FPR95",
     "OODAUPR",
     "OODAUROC",
-    "Accuracy",
     "AdaptiveCalibrationError",
     "BrierScore",
     "ClassificationMetrics",
@@ -53,6 +52,7 @@ __all__ = [
     "RegressionMetrics",
     "SetCoverage",
     "SetSize",
+    "TopLabelAccuracy",
     "entropy",
     "mutual_information",
     "pairwise_disagreement",

@@ -23,7 +23,7 @@ from ._empty import NaNWhenEmpty, no_samples
 from .calibration import ExpectedCalibrationError
 from .scoring import BrierScore, NegativeLogLikelihood
 
-__all__ = ["DenseMetrics", "MeanIoU", "aggregate_dense_probs", "dense_member_probs", "pixels"]
+__all__ = ["DenseMeanIoU", "DenseMetrics", "aggregate_dense_probs", "dense_member_probs", "pixels"]
 
 
 def _check_dense_members(logits: Tensor) -> None:
@@ -69,7 +69,7 @@ def pixels(probs: Tensor, target: Tensor, ignore_index: int | None = None) -> tu
     return rows, flat
 
 
-class MeanIoU(NaNWhenEmpty, Metric):
+class DenseMeanIoU(NaNWhenEmpty, Metric):
     """Mean intersection over union across classes, from a ``C x C`` confusion matrix (constant memory).
 
     ``IoU_c = TP_c / (TP_c + FP_c + FN_c)``; classes absent from both predictions and targets are left
@@ -78,7 +78,7 @@ class MeanIoU(NaNWhenEmpty, Metric):
 
     Example:
         >>> import torch
-        >>> m = MeanIoU(num_classes=2)
+        >>> m = DenseMeanIoU(num_classes=2)
         >>> m.update(torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 1, 1, 1]]))
         >>> round(float(m.compute()), 4)  # class 0: 1/2, class 1: 2/3
         0.5833
@@ -166,7 +166,7 @@ class DenseMetrics(nn.Module):
     def __init__(self, num_classes: int, ignore_index: int | None = None, n_bins: int = 15) -> None:
         super().__init__()
         self.ignore_index = ignore_index
-        self.miou = MeanIoU(num_classes, ignore_index)
+        self.miou = DenseMeanIoU(num_classes, ignore_index)
         self.nll = NegativeLogLikelihood(num_classes, validate_args=False)
         self.brier = BrierScore(num_classes, validate_args=False)
         self.ece = ExpectedCalibrationError(num_classes, n_bins=n_bins, validate_args=False)

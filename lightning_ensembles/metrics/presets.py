@@ -17,12 +17,12 @@ from .regression import GaussianNLL, IntervalCoverage
 from .scoring import BrierScore, NegativeLogLikelihood
 
 
-class Accuracy(NaNWhenEmpty, Metric):
+class TopLabelAccuracy(NaNWhenEmpty, Metric):
     """Top-1 accuracy of ``(B, C)`` probabilities (or logits) against ``(B,)`` class indices.
 
     Example:
         >>> import torch
-        >>> m = Accuracy()
+        >>> m = TopLabelAccuracy()
         >>> m.update(torch.tensor([[.9, .1], [.4, .6]]), torch.tensor([0, 0]))
         >>> float(m.compute())
         0.5
@@ -135,7 +135,7 @@ class ClassificationMetrics(MetricCollection):
             raise ValueError(f"`inputs` must be 'logits' or 'probs' (what update() receives), got {inputs!r}.")
         super().__init__(
             {
-                "acc": Accuracy(),
+                "acc": TopLabelAccuracy(),
                 # Inputs are checked once in `update`; softmax outputs need no per-metric re-check.
                 "nll": NegativeLogLikelihood(num_classes, validate_args=False),
                 "brier": BrierScore(num_classes, validate_args=False),

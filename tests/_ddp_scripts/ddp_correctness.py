@@ -17,7 +17,7 @@ from torch import nn
 from lightning_ensembles import EnsembleClassifier
 from lightning_ensembles.callbacks.calibration_metrics import CalibrationMetrics
 from lightning_ensembles.callbacks.temperature_scaling import TemperatureScaling
-from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
+from lightning_ensembles.callbacks.weight_averaging import MemberWeightAveraging
 
 
 def backbone() -> nn.Module:
@@ -41,7 +41,7 @@ def calibration_metrics() -> CalibrationMetrics:
 def main(out: str) -> None:
     dm = SmallDigits(replicated_train=False)
     model = build()
-    swa = WeightAveraging("swa", attribute="ensemble", start_epoch=1)
+    swa = MemberWeightAveraging("swa", attribute="ensemble", start_epoch=1)
     ts = TemperatureScaling()
     t = trainer(devices=2, strategy="ddp", max_epochs=3, callbacks=[swa, ts, calibration_metrics()])
     t.fit(model, dm)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_ensembles import EnsembleClassifier
-from lightning_ensembles.callbacks.weight_averaging import WeightAveraging
+from lightning_ensembles.callbacks.weight_averaging import MemberWeightAveraging
 from lightning_ensembles.strategies import MemberParallelStrategy, MemberShard
 
 M, SEED = 4, 0
@@ -32,12 +32,12 @@ def build() -> EnsembleClassifier:
     )
 
 
-def build_bn_swa() -> tuple[EnsembleClassifier, WeightAveraging]:
+def build_bn_swa() -> tuple[EnsembleClassifier, MemberWeightAveraging]:
     """Members with BatchNorm (stacked storage), averaged by SWA (BatchNorm recomputed on the training data at the end)."""
     L.seed_everything(SEED, verbose=False)
     backbone = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
     model = EnsembleClassifier(backbone=backbone, num_members=M, lr=1e-2)
-    return model, WeightAveraging("swa", attribute="ensemble", start_epoch=1)
+    return model, MemberWeightAveraging("swa", attribute="ensemble", start_epoch=1)
 
 
 def snapshot(model: EnsembleClassifier) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from lightning_ensembles import (
     EnsembleClassifier,
     SnapshotEnsemble,
     TemperatureScaling,
-    WeightAveraging,
+    MemberWeightAveraging,
 )
 from lightning_ensembles.averaging import CombinatorialEnsemble, DCAConsistency
 from lightning_ensembles.backbones import MLP
@@ -49,9 +49,9 @@ CASES = {
     "lora": (lambda: EnsembleClassifier(backbone="vit_tiny_patch16_224", method="lora", num_members=2,
                                         backbone_kwargs=VIT_KW, ensemble_kwargs={"rank": 2}), list, 1),
     "symmetry": (lambda: mlp_module("symmetry", ensemble_kwargs={"symmetries": ["invariant-hflip", "plain"]}), list, 1),
-    "swa": (lambda: mlp_module("deep"), lambda: [WeightAveraging("swa", attribute="ensemble", update_bn=False)], 2),
-    "ema": (lambda: mlp_module("deep"), lambda: [WeightAveraging("ema", attribute="ensemble", interval="step")], 1),
-    "swag": (lambda: mlp_module("deep"), lambda: [WeightAveraging("swag", attribute="ensemble", num_samples=3,
+    "swa": (lambda: mlp_module("deep"), lambda: [MemberWeightAveraging("swa", attribute="ensemble", update_bn=False)], 2),
+    "ema": (lambda: mlp_module("deep"), lambda: [MemberWeightAveraging("ema", attribute="ensemble", interval="step")], 1),
+    "swag": (lambda: mlp_module("deep"), lambda: [MemberWeightAveraging("swag", attribute="ensemble", num_samples=3,
                                                                   update_bn=False)], 3),
     "snapshot": (lambda: mlp_module("deep"), lambda: [SnapshotEnsemble(num_cycles=2, attribute="ensemble")], 2),
     "temperature": (lambda: mlp_module("deep"), lambda: [TemperatureScaling()], 1),
