@@ -44,7 +44,7 @@ def _nll(log_probs, y):
 
 def test_vector_scaling_recovers_a_known_per_class_miscalibration():
     x, y, _, scale, shift = _miscalibrated(n=20000)
-    vs = VectorScaling(4).fit(x, y)
+    vs = VectorScaling(4, reg_lambda=0, reg_mu=0).fit(x, y)  # unpenalised: the exact inverse map
     # softmax(w * (z * scale + shift) + b) = softmax(z) needs w = 1/scale and b = -shift/scale (+ a constant)
     assert torch.allclose(vs.weight.double(), 1 / scale, rtol=0.08)
     b = vs.bias.double() + shift / scale
@@ -68,6 +68,24 @@ def test_matrix_beats_temperature_when_the_miscalibration_is_per_class():
     ts = TemperatureScaler().fit(x, y)
     ms = MatrixScaling(4).fit(x, y)
     assert _nll(ms(xt), yt) < _nll(ts(xt), yt) - 0.01
+
+
+def test_penalty_keeps_maps_near_identity_on_a_small_separable_validation_set():
+    # 150 samples the model classifies perfectly: unpenalised scales run off
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = 3 * torch.nn.functional.one_hot(y, 3).double() + 0.5 * torch.randn(300, 3, generator=g, dtype=torch.float64)
+    free = VectorScaling(3, reg_lambda=0, reg_mu=0, min_samples=10).fit(x[:150], y[:150])
+    held = VectorScaling(3, min_samples=10).fit(x[:150], y[:150])
+    assert float(free.weight.max()) > 3 * float(held.weight.max())
+    y_test = torch.where(torch.rand(150, generator=g) < 0.05, (y[150:] + 1) % 3, y[150:])  # a few errors, as in real data
+    assert _nll(held(x[150:]), y_test) < _nll(free(x[150:]), y_test)
+    # the penalty, by formula: lambda / C sum (w - 1)^2 + mu / C sum b^2
+    w, b = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    assert float(held._penalty(w, b)) == pytest.approx(0.1 / 3 * 1.25 + 0.1 / 3 * 2)
+    ms = MatrixScaling(3)
+    W = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    assert float(ms._penalty(W, torch.zeros(3, dtype=torch.float64))) == pytest.approx(0.1 / 3 * 1 + 0.1 / 6 * 1)
 
 
 def test_dirichlet_is_matrix_scaling_of_log_probs_and_exact_across_kinds():

@@ -6,9 +6,13 @@
   the log-probabilities (a Dirichlet family of calibration maps). It acts on probabilities, so it applies
   to ``probs`` and to ``member_logits`` (through ``log_softmax``) with the same meaning.
 
-Matrix and Dirichlet maps have ``C^2 + C`` parameters and overfit a small validation set: both are
-fitted with Kull et al.'s ODIR penalty (Off-Diagonal and Intercept Regularisation),
-``lambda / (C (C - 1)) * sum_{i != j} W_ij^2 + mu / C * sum_j b_j^2`` added to the mean NLL.
+Every map is fitted with a penalty on its distance from the identity map, added to the mean NLL:
+``lambda / (C (C - 1)) * sum_{i != j} W_ij^2`` (Kull et al.'s ODIR: Off-Diagonal and Intercept
+Regularisation) ``+ lambda / C * sum_i (W_ii - 1)^2 + mu / C * sum_j b_j^2``, ``lambda = mu = 0.1`` by
+default. ODIR leaves the diagonal free; it is penalised here too because a validation set that the model
+nearly separates otherwise drives the scales to infinity (measured: vector scaling fitted on the 288
+validation digits without a penalty reaches weights ~100 and a test NLL of 20, against 0.085 unscaled and
+0.076 with the penalty). ``reg_lambda=0, reg_mu=0`` gives the unpenalised maps of Guo et al.
 
 All fits start at the identity map, run L-BFGS in float64 (outside inference mode, so they work in
 a callback hook of ``trainer.validate``) and are safeguarded as temperature scaling is: with fewer
@@ -45,8 +49,8 @@ class _LinearCalibrator(nn.Module):
         self,
         num_classes: int,
         kind: Kind = "logits",
-        reg_lambda: float = 0.0,
-        reg_mu: float = 0.0,
+        reg_lambda: float = 0.1,
+        reg_mu: float = 0.1,
         max_iter: int = 200,
         min_samples: int = MIN_SAMPLES,
     ) -> None:
@@ -92,9 +96,12 @@ class _LinearCalibrator(nn.Module):
     def _penalty(self, weight: Tensor, bias: Tensor) -> Tensor:
         c = self.num_classes
         total = weight.new_zeros(())
-        if self.reg_lambda and not self.diagonal:
-            off = weight - torch.diag(torch.diagonal(weight))
-            total = total + self.reg_lambda * off.pow(2).sum() / (c * (c - 1))
+        if self.reg_lambda:
+            diag = weight if self.diagonal else torch.diagonal(weight)
+            total = total + self.reg_lambda * (diag - 1).pow(2).sum() / c
+            if not self.diagonal:
+                off = weight - torch.diag(diag)
+                total = total + self.reg_lambda * off.pow(2).sum() / (c * (c - 1))
         if self.reg_mu:
             total = total + self.reg_mu * bias.pow(2).sum() / c
         return total
@@ -147,7 +154,7 @@ class VectorScaling(_LinearCalibrator):
         >>> g = torch.Generator().manual_seed(0)
         >>> logits = torch.randn(3000, 3, generator=g)
         >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
-        >>> vs = VectorScaling(3).fit(logits * torch.tensor([3.0, 1.0, 0.5]), target)  # per-class miscalibration
+        >>> vs = VectorScaling(3, reg_lambda=0, reg_mu=0).fit(logits * torch.tensor([3.0, 1.0, 0.5]), target)  # per-class miscalibration
         >>> torch.allclose(vs.weight, torch.tensor([1 / 3, 1.0, 2.0]), atol=0.3)  # undoes the scales
         True
     """
@@ -156,32 +163,22 @@ class VectorScaling(_LinearCalibrator):
 
 
 class MatrixScaling(_LinearCalibrator):
-    """Matrix scaling (Guo et al., 2017): ``softmax(W z + b)``; ODIR-regularised (``reg_lambda``, ``reg_mu``).
+    """Matrix scaling (Guo et al., 2017): ``softmax(W z + b)``, regularised towards the identity (``reg_lambda``, ``reg_mu``).
 
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> logits = torch.randn(3000, 3, generator=g)
         >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
-        >>> ms = MatrixScaling(3).fit(2 * logits, target)
-        >>> torch.allclose(ms.weight, 0.5 * torch.eye(3), atol=0.1)
+        >>> ms = MatrixScaling(3).fit(2 * logits, target)  # 2x too sharp
+        >>> nll = lambda lp: float(torch.nn.functional.nll_loss(lp, target))
+        >>> abs(nll(ms(2 * logits)) - nll(logits.log_softmax(-1))) < 0.01  # as good as the true model
         True
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        kind: Kind = "logits",
-        reg_lambda: float = 1e-2,
-        reg_mu: float = 1e-2,
-        max_iter: int = 200,
-        min_samples: int = MIN_SAMPLES,
-    ) -> None:
-        super().__init__(num_classes, kind, reg_lambda, reg_mu, max_iter, min_samples)
-
 
 class DirichletCalibration(MatrixScaling):
-    """Dirichlet calibration (Kull et al., 2019): ``softmax(W log p + b)`` with ODIR regularisation.
+    """Dirichlet calibration (Kull et al., 2019): ``softmax(W log p + b)``, regularised towards the identity.
 
     For ``kind="logits"`` / ``"member_logits"`` the map acts on ``log_softmax(z)`` (of each member), so a
     map fitted on logits applies exactly to the probabilities of the same model.
@@ -191,8 +188,9 @@ class DirichletCalibration(MatrixScaling):
         >>> g = torch.Generator().manual_seed(0)
         >>> logits = torch.randn(3000, 3, generator=g)
         >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
-        >>> dc = DirichletCalibration(3, kind="probs").fit((3 * logits).softmax(-1), target)
-        >>> torch.allclose(dc.weight, torch.eye(3) / 3, atol=0.1)
+        >>> dc = DirichletCalibration(3, kind="probs").fit((3 * logits).softmax(-1), target)  # 3x too sharp
+        >>> nll = lambda lp: float(torch.nn.functional.nll_loss(lp, target))
+        >>> abs(nll(dc((3 * logits).softmax(-1))) - nll(logits.log_softmax(-1))) < 0.01  # as good as the true model
         True
     """
 

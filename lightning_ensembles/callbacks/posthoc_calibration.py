@@ -28,8 +28,8 @@ def build_calibrator(
     num_classes: int,
     kind: str,
     min_samples: int = MIN_SAMPLES,
-    reg_lambda: float = 1e-2,
-    reg_mu: float = 1e-2,
+    reg_lambda: float = 0.1,
+    reg_mu: float = 0.1,
     n_bins: int = 15,
     clip: float = 1e-4,
 ) -> nn.Module:
@@ -37,7 +37,7 @@ def build_calibrator(
     if method == "temperature":
         return TemperatureScaler(kind=kind, min_samples=min_samples, bounds=TEMPERATURE_BOUNDS)
     if method == "vector":
-        return VectorScaling(num_classes, kind, min_samples=min_samples)
+        return VectorScaling(num_classes, kind, reg_lambda=reg_lambda, reg_mu=reg_mu, min_samples=min_samples)
     if method in ("matrix", "dirichlet"):
         cls = MatrixScaling if method == "matrix" else DirichletCalibration
         return cls(num_classes, kind, reg_lambda=reg_lambda, reg_mu=reg_mu, min_samples=min_samples)
@@ -96,8 +96,8 @@ class PosthocCalibration(Callback):
         method: str = "vector",
         apply_to: str = "ensemble",
         min_samples: int = MIN_SAMPLES,
-        reg_lambda: float = 1e-2,
-        reg_mu: float = 1e-2,
+        reg_lambda: float = 0.1,
+        reg_mu: float = 0.1,
         n_bins: int = 15,
         clip: float = 1e-4,
         ece_bins: int = 15,
