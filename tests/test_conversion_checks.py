@@ -251,3 +251,32 @@ def test_lora_skips_targets_read_directly_and_verifies():
     assert ens.skipped_targets == ["attn.qkv"] and ens.adapted_modules == ["attn.proj"]
     assert any("never runs" in str(w.message) for w in caught)
     assert ens.verification.passed
+
+
+class HeadsAttention(nn.Module):
+    """ViT-style attention that is not timm's class: heads split with self.num_heads from a fused qkv."""
+
+    def __init__(self, dim=8, num_heads=2):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class TokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(4, 8), HeadsAttention(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+def test_other_attention_modules_run_members_as_extra_heads():
+    x = torch.randn(2, 5, 4)
+    ens = PackedEnsemble(TokenNet(), num_members=2, alpha=2, **({"example_input": x} if _NEW else {}))
+    _members_match_and_independent(ens, x, 2)
+    assert ens.model.attn.num_heads == 4  # 2 members x 2 heads; the fused qkv output is reordered part-major

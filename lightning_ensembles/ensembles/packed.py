@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import inspect
 import math
 import os
 import warnings
@@ -96,10 +97,17 @@ class GroupedLinear(nn.Module):
             bound = 1 / math.sqrt(self.weight.shape[-1])
             nn.init.uniform_(self.bias, -bound, bound)
 
+    #: ``(M, parts)``: reorder the member-major output ``(M, parts, r)`` part-major ``(parts, M, r)`` (set by
+    #: the converter on fused q/k/v projections of attention modules it runs with M * h heads).
+    output_parts: tuple[int, int] | None = None
+
     def forward(self, x: Tensor) -> Tensor:
         xg = x.reshape(-1, self.groups, self.in_features // self.groups).transpose(0, 1)  # (G, N, in_g)
         y = torch.bmm(xg, self.weight.transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        if self.output_parts is not None:
+            y = y.unflatten(-1, (*self.output_parts, -1)).transpose(-3, -2).flatten(-3)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}, bias={self.bias is not None}"
@@ -254,6 +262,16 @@ class PackedAttention(nn.Module):
 
 def _is_layernorm2d(module: nn.Module) -> bool:
     return any(c.__name__ in ("LayerNorm2d", "LayerNormAct2d") for c in type(module).__mro__)
+
+
+def _splits_heads(module: nn.Module) -> bool:
+    """An attention module whose forward splits heads with ``self.num_heads`` (read from its source)."""
+    if not isinstance(getattr(module, "num_heads", None), int) or isinstance(module, nn.MultiheadAttention):
+        return False
+    try:
+        return "self.num_heads" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
@@ -470,6 +488,7 @@ class _Packer:
         self.no_gamma = list(no_gamma_layers or [])
         self.first, self.last = set(first), set(last)
         self.member_axes: dict[str, int | None] = {}  # tensor name -> axis holding the M blocks
+        self.parts: dict[str, int] = {}  # fused q/k/v projections of attention modules -> number of parts
         self.gamma_reductions: dict[str, int] = {}
         self.converted: list[str] = []
 
@@ -503,7 +522,10 @@ class _Packer:
             return new, {"weight": 0, "bias": 0}
         in_p = self.packed(lin.in_features)
         g = self._gamma(path, in_p // self.m, out_p // self.m, 1)
-        return GroupedLinear(in_p, out_p, self.m * g, bias=lin.bias is not None), {"weight": 0, "bias": 0}
+        new = GroupedLinear(in_p, out_p, self.m * g, bias=lin.bias is not None)
+        if self.parts.get(path, 1) > 1 and self.m > 1:
+            new.output_parts = (self.m, self.parts[path])
+        return new, {"weight": 0, "bias": 0}
 
     def conv(self, path: str, conv: _ConvNd) -> tuple[nn.Module, dict[str, int]]:
         first, last = path in self.first, path in self.last
@@ -598,6 +620,16 @@ class _Packer:
                 wrapper = PackedAttention(module, self.m, prefix)
                 self.converted.append(prefix)
                 module = wrapper
+            elif _splits_heads(module):
+                # Other attention modules: M members of h heads are M * h heads when each member's heads are
+                # contiguous. A fused q/k/v (or k/v) projection computes member-major [q k v]_i blocks, so its
+                # output is reordered part-major [q_0..q_M | k_0.. | v_0..]; the module's own reshape to
+                # (3, heads, head_dim) then gives member i heads i*h..(i+1)*h-1. The verification decides.
+                module.num_heads = self.m * module.num_heads
+                for child_name, parts in (("qkv", 3), ("kv", 2)):
+                    child = getattr(module, child_name, None)
+                    if isinstance(child, nn.Linear) and child.out_features == parts * child.in_features:
+                        self.parts[f"{prefix}.{child_name}" if prefix else child_name] = parts
             for child_name, child in list(module.named_children()):
                 new_child = visit(f"{prefix}.{child_name}" if prefix else child_name, child)
                 if new_child is not None:

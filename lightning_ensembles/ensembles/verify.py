@@ -344,7 +344,7 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, ctx: _Context) -> None:
         super().__init__()
         self.ctx = ctx
-        self.records: list[tuple[str, str, Tensor]] = []
+        self.records: list[tuple[str, str, Tensor, bool]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
@@ -354,12 +354,13 @@ class _Recorder(TorchFunctionMode):
         tensors = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)] if isinstance(out, (tuple, list)) else []
         if tensors:
             fname, line, _ = call_site(skip_internal=False, skip_torch=True)
+            ours = os.path.dirname(os.path.abspath(fname)) == _THIS_DIR  # inside the converters' own layers
             path, module = self.ctx.stack[-1] if self.ctx.stack else ("", None)
             where = f"{name} at {os.path.basename(fname)}:{line} in module {path or '<root>'!r}" + (
                 f" ({type(module).__name__})" if module is not None else "")
             for t in tensors:
                 if t.is_floating_point() or t.is_complex():
-                    self.records.append((path, where, t.detach().clone()))
+                    self.records.append((path, where, t.detach().clone(), ours))
         return out
 
 
@@ -409,7 +410,7 @@ def locate_coupling(ens: nn.Module, probe: Tensor, scale: float = 0.5) -> tuple[
     base = runs[0]
     if any(len(r) != len(base) for r in runs):
         return None
-    for k, (path, where, t0) in enumerate(base):
+    for k, (path, where, t0, ours) in enumerate(base):
         changed = torch.zeros(t0.shape, dtype=torch.int32, device=t0.device)
         owner = torch.full(t0.shape, -1, dtype=torch.int64, device=t0.device)
         for i, r in enumerate(runs[1:]):
@@ -421,10 +422,12 @@ def locate_coupling(ens: nn.Module, probe: Tensor, scale: float = 0.5) -> tuple[
             owner[hit] = i
         if bool((changed >= 2).any()):  # one element depends on two members
             return path, where
-        if _misordered(owner):  # members' elements interleaved: the next per-member layer will mix them
+        # Members' elements interleaved: the next per-member layer will mix them. (The converters' own layers
+        # interleave on purpose, e.g. a fused q/k/v output reordered for M * h heads.)
+        if not ours and _misordered(owner):
             return path, where + " (it interleaves the members' elements)"
     return None
-    for k, (path, where, t0) in enumerate(base):
+    for k, (path, where, t0, ours) in enumerate(base):
         changed = torch.zeros(t0.shape, dtype=torch.int32, device=t0.device)
         for r in runs[1:]:
             t = r[k][2]
