@@ -48,7 +48,7 @@ def format_comparison(results: dict[str, dict[str, float]]) -> str:
         >>> row = {"acc": .9, "nll": .3, "ece": .02, "ood_auroc": .8, "shift_acc": .7, "shift_ece": .1,
         ...        "params": 8202, "train_s": 12.5}
         >>> print(format_comparison({"single model": row}).splitlines()[1])
-        single model         0.9000    0.3000    0.0200    0.8000    0.7000    0.1000      8202      12.5
+        single model          0.9000    0.3000    0.0200    0.8000    0.7000    0.1000      8202      12.5
     """
     head = f"{'model':<18}" + "".join(f"{h:>10}" for _, h, _ in COLUMNS)
     lines = [head]
