@@ -434,6 +434,12 @@ class DeepEnsemble(Ensemble):
             # torch.export: members one after another on views of the stored tensors. A plain graph
             # (no vmap operators, which ONNX cannot convert), and no timing or caches in the trace.
             return self._forward_unrolled(x)
+        if torch.compiler.is_compiling():
+            # Inside torch.compile: no one-off timing and no caches keyed on storage addresses (both
+            # break the graph); vmap compiles to batched matmuls, per-member storage runs unrolled.
+            if self.storage == "stacked" and self._vmap_failed is None and self.execution != "loop":
+                return self._forward_vmap(x)
+            return self._forward_unrolled(x)
         execution = self.resolved_execution(x.device)
         if execution == "measure":
             execution = self._measure_inference(x)
