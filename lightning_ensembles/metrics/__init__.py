@@ -29,6 +29,11 @@ from .scoring import BrierScore, NegativeLogLikelihood
 from .selective import AURC, CoverageAtRisk
 from .sets import SetCoverage, SetSize
 
+# Beyond classification logits (issue 19): OOD scores, dense (segmentation) and multilabel outputs.
+from .dense import DenseMeanIoU, DenseMetrics, aggregate_dense_probs
+from .multilabel import MultilabelCalibrationError, MultilabelMetrics, aggregate_sigmoid
+from .ood_scores import OOD_SCORES, OODScoreMetrics, energy_score, max_logit_score, ood_score, variation_ratio
+
 __all__ = [
     "AURC",
     "FPR95",
@@ -56,4 +61,16 @@ __all__ = [
     "entropy",
     "mutual_information",
     "pairwise_disagreement",
+    "DenseMetrics",
+    "DenseMeanIoU",
+    "MultilabelCalibrationError",
+    "MultilabelMetrics",
+    "OOD_SCORES",
+    "OODScoreMetrics",
+    "aggregate_dense_probs",
+    "aggregate_sigmoid",
+    "energy_score",
+    "max_logit_score",
+    "ood_score",
+    "variation_ratio",
 ]

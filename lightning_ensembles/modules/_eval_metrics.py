@@ -5,13 +5,16 @@ Everything here is a torchmetrics ``Metric`` underneath, so values are synchroni
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from ..metrics import FPR95, OODAUPR, OODAUROC, BrierScore, ClassificationMetrics, ExpectedCalibrationError
-from ..metrics import NegativeLogLikelihood, entropy
+from ..metrics import NegativeLogLikelihood
 from ..metrics._checks import check_not_probs
+from ..metrics.ood_scores import OOD_SCORES, ood_score
 from ..metrics._empty import no_samples, quiet_when_empty
 
 #: The remedy named when a module's outputs look like probabilities (its backbone ends in a softmax).
@@ -69,27 +72,29 @@ class EnsembleClassificationMetrics(nn.Module):
 
 
 class OODMetrics(nn.Module):
-    """OOD AUROC / AUPR / FPR95 (OOD positive) for max-probability, entropy and mutual-information scores.
+    """OOD AUROC / AUPR / FPR95 (OOD positive) for each selected OOD score of member logits.
 
+    ``scores``: any of :data:`~lightning_ensembles.metrics.ood_scores.OOD_SCORES` (default all:
+    ``msp``, ``entropy``, ``mi``, ``variation_ratio``, ``max_logit``, ``energy``; which use logits and
+    which probabilities: :mod:`lightning_ensembles.metrics.ood_scores`).
     ``update(member_logits (M, B, C), is_ood)``; inputs that look like probabilities are refused.
     """
 
-    scores = ("msp", "entropy", "mi")
-
-    def __init__(self) -> None:
+    def __init__(self, scores: Sequence[str] | None = None) -> None:
         super().__init__()
+        self.scores = tuple(OOD_SCORES if scores is None else scores)
+        unknown = [s for s in self.scores if s not in OOD_SCORES]
+        if unknown or not self.scores:
+            raise ValueError(f"unknown OOD score(s) {unknown or list(self.scores)}; choose from {list(OOD_SCORES)}.")
         self.metrics = nn.ModuleDict(
             {s: MetricCollection({"auroc": OODAUROC(), "aupr": OODAUPR(), "fpr95": FPR95()}) for s in self.scores}
         )
         self._seen: set[bool] = set()
 
-    @staticmethod
-    def _score(logits: Tensor) -> dict[str, Tensor]:
-        member_probs = logits.detach().float().softmax(-1)
-        probs = member_probs.mean(0)
-        ent = entropy(probs)
-        # Higher score = more likely OOD, so the maximum probability enters negated.
-        return {"msp": -probs.max(-1).values, "entropy": ent, "mi": ent - entropy(member_probs).mean(0)}
+    def _score(self, logits: Tensor) -> dict[str, Tensor]:
+        # Higher score = more likely OOD (e.g. the maximum probability enters negated).
+        z = logits.detach().float()
+        return {name: ood_score(name, z) for name in self.scores}
 
     def update(self, logits: Tensor, is_ood: bool) -> None:
         check_not_probs(logits, "member_logits", _LOGITS_FIX)

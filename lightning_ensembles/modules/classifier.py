@@ -51,8 +51,9 @@ class EnsembleClassifier(EnsembleModule):
     ``brier``, ``ece`` (15 bins), and ``member_acc/<i>``, ``member_nll/<i>`` ..., ``disagreement``
     (mean pairwise argmax disagreement) and ``mutual_information``. With several test dataloaders,
     dataloader ``k > 0`` logs under ``test_dl<k>/``; the dataloader at ``ood_dataloader_idx`` (default
-    1) is treated as out-of-distribution against dataloader 0 and logs OOD AUROC/AUPR/FPR95 for the
-    maximum probability, predictive entropy and mutual information (``test/ood_auroc_msp`` ...).
+    1) is treated as out-of-distribution against dataloader 0 and logs OOD AUROC/AUPR/FPR95 for each
+    score in ``ood_scores`` (default all: maximum probability, predictive entropy, mutual information,
+    variation ratio, maximum logit, energy; ``test/ood_auroc_msp``, ``test/ood_auroc_energy`` ...).
 
     ``predict_step`` returns ``{"probs", "member_probs", "entropy", "mutual_information"}``.
 
@@ -101,11 +102,14 @@ class EnsembleClassifier(EnsembleModule):
         task: str = "multiclass",
         ignore_index: int | None = None,
         evidential_annealing_epochs: int = 10,
+        ood_scores: list[str] | None = None,
     ) -> None:
         if loss not in ("cross_entropy", "evidential"):
             raise ValueError(f"`loss` must be 'cross_entropy' or 'evidential', got {loss!r}.")
         if task not in ("multiclass", "multilabel", "dense"):
             raise ValueError(f"`task` must be 'multiclass', 'multilabel' or 'dense', got {task!r}.")
+        if ood_scores is not None:
+            OODMetrics(ood_scores)  # refuses unknown score names now, not at test time
         if loss == "evidential" and task != "multiclass":
             raise ValueError(f"loss='evidential' (a Dirichlet over classes) needs task='multiclass', got task={task!r}.")
         head, head_kwargs = backbone, backbone_kwargs  # (issue 19) evidential: the backbone's head becomes Dirichlet
@@ -210,7 +214,7 @@ class EnsembleClassifier(EnsembleModule):
 
     def _ood_metrics(self):
         if self._ood is None:
-            self._ood = OODMetrics().to(self.device)
+            self._ood = OODMetrics(self.hparams.ood_scores).to(self.device)
         return self._ood
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -269,20 +273,41 @@ class EnsembleClassifier(EnsembleModule):
 
 
 def format_report(results: dict[str, float], title: str = "test") -> str:
-    """A plain-text table of accuracy, NLL, Brier and ECE for the ensemble and each member."""
+    """Accuracy, NLL, Brier and ECE of the ensemble and each member as an aligned GitHub-markdown table.
+
+    One row for the ensemble, one per member (``member_<metric>/<i>`` keys) and their mean; numbers
+    right-aligned under a header rule, so the text reads as a table in a terminal and renders as one
+    when pasted into a README or an issue. Metrics missing from ``results`` are left out; a missing
+    per-member value shows as ``-``.
+
+    Example:
+        >>> print(format_report({"acc": 0.9, "nll": 0.3, "member_acc/0": 0.8, "member_nll/0": 0.5}))
+        test: ensemble vs members
+        | model       |    acc |    nll |
+        |:------------|-------:|-------:|
+        | ensemble    | 0.9000 | 0.3000 |
+        | member 0    | 0.8000 | 0.5000 |
+        | member mean | 0.8000 | 0.5000 |
+    """
+    cols = [c for c in ("acc", "nll", "brier", "ece") if c in results]
     num_members = sum(1 for k in results if k.startswith("member_acc/"))
-    cols = ("acc", "nll", "brier", "ece")
-    lines = [f"{title}: ensemble vs members", f"{'model':<14}" + "".join(f"{c:>10}" for c in cols)]
 
-    def row(name: str, get) -> str:
-        return f"{name:<14}" + "".join(f"{get(c):>10.4f}" for c in cols)
+    def value(key: str) -> float | None:
+        v = results.get(key)
+        return None if v is None else float(v)
 
-    lines.append(row("ensemble", lambda c: results[c]))
-    for i in range(num_members):
-        lines.append(row(f"member {i}", lambda c, i=i: results[f"member_{c}/{i}"]))
+    def member_mean(c: str) -> float | None:
+        vals = [value(f"member_{c}/{i}") for i in range(num_members)]
+        return None if any(v is None for v in vals) else sum(vals) / num_members  # type: ignore[arg-type, misc]
+
+    rows = [("ensemble", [value(c) for c in cols])]
+    rows += [(f"member {i}", [value(f"member_{c}/{i}") for c in cols]) for i in range(num_members)]
     if num_members:  # results without per-member keys (e.g. a plain model's) get the ensemble row only
-        lines.append(
-            row("member mean", lambda c: sum(results[f"member_{c}/{i}"] for i in range(num_members)) / num_members)
-        )
-    return "\n".join(lines)
+        rows.append(("member mean", [member_mean(c) for c in cols]))
+    cells = [[name] + ["-" if v is None else f"{v:.4f}" for v in vals] for name, vals in rows]
+    width = [max(len(h), *(len(r[j]) for r in cells)) for j, h in enumerate(["model", *cols])]
+    header = "| " + " | ".join(h.ljust(width[0]) if j == 0 else h.rjust(width[j]) for j, h in enumerate(["model", *cols])) + " |"
+    rule = "|:" + "-" * (width[0] + 1) + "|" + "|".join("-" * (w + 1) + ":" for w in width[1:]) + "|"
+    body = ["| " + " | ".join(c.ljust(width[0]) if j == 0 else c.rjust(width[j]) for j, c in enumerate(r)) + " |" for r in cells]
+    return "\n".join([f"{title}: ensemble vs members", header, rule, *body])
 
