@@ -250,6 +250,8 @@ def evaluate(task: Task, model: Ensemble, data: dict) -> dict[str, float]:
     ece = ExpectedCalibrationError(n_bins=15)
     ece.update(probs, y)
     res["ece"] = float(ece.compute())
+    # Signed: below 0 the model is underconfident on average, above 0 overconfident (ECE hides the sign).
+    res["conf_minus_acc"] = probs.max(-1).values.mean().item() - res["acc"]
     aurc = AURC()
     aurc.update(probs, y)
     res["aurc"] = float(aurc.compute())
@@ -371,7 +373,11 @@ def verdicts(task: Task, results: dict[str, list[dict]]) -> list[str]:
             if task.kind == "classification":
                 line += (f" Measured: mean member accuracy {_mean(rows, 'member_acc'):.4f} vs {_mean(results[ref], 'member_acc'):.4f}, "
                          f"member disagreement {_mean(rows, 'disagreement'):.4f} vs {_mean(results[ref], 'disagreement'):.4f}, "
-                         f"best validation epoch {_mean(rows, 'epoch'):.1f} vs {_mean(results[ref], 'epoch'):.1f}.")
+                         f"best validation epoch {_mean(rows, 'epoch'):.1f} vs {_mean(results[ref], 'epoch'):.1f}")
+                if "conf_minus_acc" in rows[0] and "conf_minus_acc" in results[ref][0]:
+                    line += (f", mean confidence - accuracy {_mean(rows, 'conf_minus_acc'):+.4f} vs "
+                             f"{_mean(results[ref], 'conf_minus_acc'):+.4f} (below 0: underconfident)")
+                line += "."
             else:
                 line += (f" Measured: predictive std in the gap / in the training range {_mean(rows, 'std_gap_ratio'):.2f} "
                          f"vs {_mean(results[ref], 'std_gap_ratio'):.2f}.")

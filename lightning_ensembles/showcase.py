@@ -82,8 +82,12 @@ def plot_reliability_pair(panels: dict[str, ExpectedCalibrationError], path: str
         centers = (np.arange(n) + 0.5) / n
         seen = count > 0
         ax.bar(centers[seen], acc[seen], width=1 / n, edgecolor="black", color="tab:blue", label="accuracy")
-        ax.bar(centers[seen], (conf - acc)[seen], bottom=acc[seen], width=1 / n, color="tab:red", alpha=0.35,
-               label="confidence - accuracy")
+        over = conf > acc  # overconfident bins in red, underconfident in green
+        for mask, color, label in ((seen & over, "tab:red", "overconfident gap"),
+                                   (seen & ~over, "tab:green", "underconfident gap")):
+            if mask.any():
+                    ax.bar(centers[mask], np.abs(conf - acc)[mask], bottom=np.minimum(acc, conf)[mask], width=1 / n,
+                       color=color, alpha=0.45, hatch="//", label=label)
         ax.plot([0, 1], [0, 1], "--", color="gray")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
