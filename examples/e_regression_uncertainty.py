@@ -1,6 +1,7 @@
 """(e) Regression with aleatoric and epistemic uncertainty, and a plot of the predictive band.
 
     python examples/e_regression_uncertainty.py     # writes outputs/examples/regression_band.png
+                                                    # and regression_coverage.png
 
 Five Gaussian MLP members on a 1-D heteroscedastic toy with no training data in (-2, 2): the
 aleatoric part follows the noise, the epistemic part (member disagreement) rises in the gap.
@@ -17,6 +18,7 @@ from _common import parse_args, trainer  # noqa: E402
 from lightning_ensembles import EnsembleRegressor  # noqa: E402
 from lightning_ensembles.data import ToyRegressionDataModule  # noqa: E402
 from lightning_ensembles.data.toy_regression import toy_function  # noqa: E402
+from lightning_ensembles.metrics import QuantileCalibrationError  # noqa: E402
 
 
 def main() -> None:
@@ -53,6 +55,16 @@ def main() -> None:
     path = args.out / "regression_band.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     print(f"wrote {path}")
+    # Calibration of the predictive intervals on the test split: expected vs observed coverage.
+    xte, yte = dm.splits["test"].tensors
+    with torch.no_grad():
+        test = model.predict_step((xte,), 0)
+    qce = QuantileCalibrationError()
+    qce.update(test["mean"], test["variance"], yte.reshape(test["mean"].shape))
+    fig, _ = qce.plot()
+    path = args.out / "regression_coverage.png"
+    fig.savefig(path, dpi=100)
+    print(f"quantile calibration error {float(qce.compute()):.4f}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -6,59 +6,11 @@ import os
 from collections.abc import Sequence
 
 import lightning as L
-import numpy as np
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
 from ..metrics import ExpectedCalibrationError
+from ..metrics._plot import reliability_figure
 from ._predictions import read_predictions, step_outputs
-
-
-def plot_reliability(
-    count: Tensor, confidence: Tensor, accuracy: Tensor, ece: float, title: str = "", figsize=(6.0, 7.0), dpi: int = 100
-):
-    """A matplotlib ``Figure``: accuracy bars per confidence bin, the gap to the diagonal, and a sample histogram.
-
-    ``count``, ``confidence``, ``accuracy`` are per-bin values of :meth:`ExpectedCalibrationError.bins`
-    (``n_bins + 1`` entries; the last bin, confidences equal to 1, is drawn with the top bin).
-    Built on ``matplotlib.figure.Figure`` directly (no pyplot, no global backend change).
-    """
-    from .._optional import require
-
-    Figure = require("matplotlib.figure", "plots", "ReliabilityDiagram").Figure
-
-    count = count.double().cpu().numpy().copy()
-    conf = confidence.double().cpu().numpy().copy()
-    acc = accuracy.double().cpu().numpy().copy()
-    n_bins = len(count) - 1
-    # Fold the "confidence == 1" bin into the top bin for drawing (weighted means).
-    top = count[-2] + count[-1]
-    if top > 0:
-        conf[-2] = (conf[-2] * count[-2] + conf[-1] * count[-1]) / top
-        acc[-2] = (acc[-2] * count[-2] + acc[-1] * count[-1]) / top
-    count, conf, acc = count[:-1], conf[:-1], acc[:-1]
-    count[-1] = top
-    width = 1.0 / n_bins
-    centers = (np.arange(n_bins) + 0.5) * width
-    seen = count > 0
-
-    fig = Figure(figsize=figsize, dpi=dpi)
-    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar(centers[seen], acc[seen], width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    gap_bottom = np.minimum(acc, conf)[seen]
-    ax.bar(centers[seen], np.abs(acc - conf)[seen], bottom=gap_bottom, width=width, edgecolor="tab:red",
-           color="tab:red", alpha=0.35, hatch="//", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}  ECE = {100 * ece:.2f}%".strip())
-    ax.legend(loc="upper left")
-    hist.bar(centers, count / max(count.sum(), 1), width=width, edgecolor="black", color="tab:gray")
-    hist.set_xlabel("confidence (top-label probability)")
-    hist.set_ylabel("fraction of samples")
-    fig.tight_layout()
-    return fig
 
 
 class ReliabilityDiagram(Callback):
@@ -132,7 +84,9 @@ class ReliabilityDiagram(Callback):
         if trainer.global_rank != 0:
             return
         name = "test" if stage == "test" else f"val_epoch{trainer.current_epoch}"
-        fig = plot_reliability(count, conf, acc, ece, title=f"{stage} reliability", figsize=self.figsize, dpi=self.dpi)
+        # The figure of ExpectedCalibrationError.plot(), at this callback's size and resolution.
+        fig, _ = reliability_figure(count, conf, acc, f"{stage} reliability  ECE = {100 * ece:.2f}%",
+                                    figsize=self.figsize, dpi=self.dpi, feature="ReliabilityDiagram")
         root = trainer.loggers[0].log_dir if trainer.loggers and trainer.loggers[0].log_dir else trainer.default_root_dir
         folder = os.path.join(root, "reliability")
         os.makedirs(folder, exist_ok=True)

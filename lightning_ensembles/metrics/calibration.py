@@ -10,8 +10,10 @@ from torchmetrics import Metric
 
 from ._checks import as_float, check_norm, check_num_classes, check_positive_int, check_probs, check_targets
 from ._empty import NaNWhenEmpty, cat_state, no_samples
+from ._plot import check_plottable, new_axes, plot_bins, scalar, synced
 
 Norm = Literal["l1", "l2", "max"]
+_NORM_NAME = {"l1": "ECE", "l2": "L2 calibration error", "max": "MCE"}
 
 
 def bin_index(conf: Tensor, n_bins: int) -> Tensor:
@@ -61,6 +63,31 @@ class _BinnedCalibration(NaNWhenEmpty, Metric):
         for state in ("count", "conf_sum", "acc_sum"):
             self.add_state(state, torch.zeros(*shape, n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
 
+    #: Axis labels and title prefix of the reliability diagram drawn by :meth:`plot`.
+    _plot_labels = ("confidence (top-label probability)", "accuracy", "")
+
+    def pooled_bins(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(count, mean confidence, accuracy)`` per bin, pooled over classes (``n_bins + 1`` entries each)."""
+        lead = tuple(range(self.count.dim() - 1))
+        count, conf_sum, acc_sum = (t.sum(lead) if lead else t for t in (self.count, self.conf_sum, self.acc_sum))
+        safe = count.clamp_min(1)
+        return count, conf_sum / safe, acc_sum / safe
+
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Reliability diagram from the stored bins: ``(fig, ax)`` (torchmetrics' ``Metric.plot`` contract).
+
+        Bars are the accuracy of each non-empty equal-width bin (for the classwise error: the frequency
+        of class ``k`` among samples whose ``p_k`` falls in the bin, pooled over classes), hatched bars
+        the gap to the bin's mean confidence, the dashed line perfect calibration; the title holds
+        ``val`` (default: ``compute()``). Without ``ax`` a new figure also shows the fraction of
+        samples per bin below the diagram; with ``ax`` only the diagram is drawn into it. Bins are
+        summed over processes first. Needs matplotlib (``pip install 'lightning-ensembles[plots]'``).
+        """
+        with synced(self):
+            bins = tuple(t.detach().clone() for t in self.pooled_bins())
+        xlabel, ylabel, prefix = self._plot_labels
+        return plot_bins(self, val, ax, bins, prefix + _NORM_NAME[self.norm], xlabel, ylabel)
+
     def _check(self, probs: Tensor, target: Tensor) -> int:
         if not self.validate_args:
             return probs.shape[-1]
@@ -89,6 +116,9 @@ class ExpectedCalibrationError(_BinnedCalibration):
         >>> ece.update(probs, torch.tensor([0, 1, 0, 0, 1, 0]))
         >>> round(float(ece.compute()), 4)
         0.4667
+        >>> fig, ax = ece.plot()  # reliability diagram (matplotlib: the `plots` extra)
+        >>> [round(float(bar.get_height()), 2) for bar in ax.containers[0]]  # accuracy of each non-empty bin
+        [1.0, 1.0, 1.0, 0.0, 1.0]
     """
 
     def __init__(
@@ -132,6 +162,8 @@ class ClasswiseCalibrationError(_BinnedCalibration):
         >>> round(float(m.compute()), 4)
         0.45
     """
+
+    _plot_labels = ("predicted probability p_k (every class k)", "frequency of class k", "classwise ")
 
     def __init__(
         self,
@@ -236,6 +268,10 @@ class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
             self.accuracies.append(torch.nn.functional.one_hot(target, c).float())
 
     def _adaptive(self, conf: Tensor, acc: Tensor) -> Tensor:
+        return calibration_error_from_bins(*self._adaptive_bins(conf, acc), self.norm)
+
+    def _adaptive_bins(self, conf: Tensor, acc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(count, confidence sum, accuracy sum)`` of the ``n_bins`` equal-mass bins of one set of confidences."""
         conf, order = conf.double().sort()
         acc = acc.double()[order]
         n = conf.numel()
@@ -250,7 +286,48 @@ class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
         count = sizes.to(conf.device, torch.float64)
         conf_sum = torch.zeros(self.n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf)
         acc_sum = torch.zeros(self.n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, acc)
-        return calibration_error_from_bins(count, conf_sum, acc_sum, self.norm)
+        return count, conf_sum, acc_sum
+
+    def curves(self) -> list[tuple[Tensor, Tensor]]:
+        """``(mean confidence, accuracy)`` of every non-empty equal-mass bin: one curve (top-label) or one per class.
+
+        Reads the local state; :meth:`plot` gathers it over processes first.
+        """
+        conf, acc = cat_state(self.confidences), cat_state(self.accuracies)
+        if conf.numel() == 0:
+            return []
+        columns = [(conf, acc)] if self.top_label else [(conf[:, k], acc[:, k]) for k in range(conf.shape[1])]
+        out = []
+        for c, a in columns:
+            count, conf_sum, acc_sum = self._adaptive_bins(c, a)
+            seen = count > 0  # fewer samples than bins leaves bins empty
+            out.append((conf_sum[seen] / count[seen], acc_sum[seen] / count[seen]))
+        return out
+
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Reliability curve of the equal-mass bins: ``(fig, ax)`` (torchmetrics' ``Metric.plot`` contract).
+
+        One point per bin at (mean confidence, accuracy), which :meth:`curves` returns (bins of unequal
+        width, so points rather than bars); with ``top_label=False`` one line per class (``p_k`` against
+        the frequency of class ``k``). The title holds ``val`` (default: ``compute()``). Needs matplotlib.
+        """
+        with synced(self):
+            curves = [(x.clone(), y.clone()) for x, y in self.curves()]
+        check_plottable(self, bool(curves))
+        value = scalar(self.compute() if val is None else val)
+        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        many = len(curves) > 10  # a legend entry per class only while it stays readable
+        for k, (x, y) in enumerate(curves):
+            label = "equal-mass bins" if self.top_label else (None if many else f"class {k}")
+            ax.plot(x.cpu().numpy(), y.cpu().numpy(), marker="o", ms=4, label=label)
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-label probability)" if self.top_label else "predicted probability p_k")
+        ax.set_ylabel("accuracy" if self.top_label else "frequency of class k")
+        ax.set_title(f"adaptive {_NORM_NAME[self.norm]} = {100 * value:.2f}%")
+        ax.legend(loc="upper left")
+        return fig, ax
 
     def compute(self) -> Tensor:
         conf = cat_state(self.confidences)

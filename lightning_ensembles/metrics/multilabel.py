@@ -21,6 +21,7 @@ from torchmetrics import Metric
 
 from ._checks import check_finite
 from ._empty import NaNWhenEmpty, no_samples
+from ._plot import plot_bins, synced
 from .calibration import bin_index, calibration_error_from_bins
 
 __all__ = ["MultilabelCalibrationError", "MultilabelMetrics", "aggregate_sigmoid"]
@@ -93,6 +94,20 @@ class MultilabelCalibrationError(NaNWhenEmpty, Metric):
         self.count += torch.bincount(idx.flatten(), minlength=total).reshape(self.num_labels, size).double()
         self.conf_sum += torch.bincount(idx.flatten(), weights=p.flatten(), minlength=total).reshape(self.num_labels, size)
         self.acc_sum += torch.bincount(idx.flatten(), weights=y.flatten(), minlength=total).reshape(self.num_labels, size)
+
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Reliability diagram of the stored bins pooled over labels: ``(fig, ax)``.
+
+        Bars: the frequency of ``y_l = 1`` among the (sample, label) pairs whose ``p_l`` falls in each
+        bin; hatched: the gap to the bin's mean ``p_l``. The title holds ``val`` (default ``compute()``;
+        with ``reduction="none"`` the mean over labels). Without ``ax`` a histogram of the pairs per bin
+        is drawn below. Bins are summed over processes first. Needs matplotlib.
+        """
+        with synced(self):
+            count, conf_sum, acc_sum = (t.detach().sum(0) for t in (self.count, self.conf_sum, self.acc_sum))
+        safe = count.clamp_min(1)
+        return plot_bins(self, val, ax, (count, conf_sum / safe, acc_sum / safe), "label-wise ECE",
+                         "predicted probability p_l (every label l)", "frequency of y_l = 1")
 
     def compute(self) -> Tensor:
         if not bool(self.count.sum() > 0):

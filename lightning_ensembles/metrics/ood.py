@@ -14,6 +14,7 @@ from torchmetrics import Metric
 
 from ._checks import check_finite
 from ._empty import NaNWhenEmpty, cat_state, no_samples
+from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
 
 
 def _check_ood(scores: Tensor, is_ood: Tensor) -> Tensor:
@@ -58,13 +59,46 @@ class _StoredScores(NaNWhenEmpty, Metric):
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
         if n_pos == 0 or n_neg == 0:
             return torch.tensor(float("nan"), device=self.device)
-        s, order = scores.sort(descending=True)
-        pos = labels[order]
-        # Index of the last sample of each group of tied scores: the only valid cut points.
-        last = torch.cat([torch.nonzero(s[1:] != s[:-1]).flatten(), torch.tensor([s.numel() - 1], device=s.device)])
-        tp = pos.double().cumsum(0)[last]
-        fp = (last + 1).double() - tp
-        return tp, fp, n_pos, n_neg
+        return _ranked(scores, labels)
+
+    def roc(self) -> tuple[Tensor, Tensor]:
+        """``(fpr, tpr)`` of the ROC curve from ``(0, 0)`` through every distinct threshold (highest score first).
+
+        Reads the processes' gathered scores; needs samples of both kinds.
+        """
+        tp, fp, n_pos, n_neg = self._plot_curve()
+        return torch.cat([fp.new_zeros(1), fp / n_neg]), torch.cat([tp.new_zeros(1), tp / n_pos])
+
+    def _plot_curve(self) -> tuple[Tensor, Tensor, int, int]:
+        with synced(self):
+            scores = cat_state(self.scores).clone()
+            labels = cat_state(self.labels, torch.long).bool().clone()
+        check_plottable(self, scores.numel() > 0)
+        n_pos = int(labels.sum())
+        if n_pos in (0, labels.numel()):
+            raise ValueError(
+                f"{type(self).__name__}: a curve needs both OOD (is_ood=1) and in-distribution (is_ood=0) samples; "
+                f"got {n_pos} OOD of {labels.numel()}. Update with samples of both kinds."
+            )
+        return _ranked(scores, labels)
+
+    def _draw_roc(self, ax: Any, fpr: Tensor, tpr: Tensor, title: str) -> tuple[Any, Any]:
+        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        draw_curve(ax, fpr, tpr, title, "false-positive rate (in-distribution flagged)", "true-positive rate (OOD caught)",
+                   "ROC", diagonal="chance", marker="")
+        return fig, ax
+
+
+def _ranked(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int, int]:
+    """Cumulative true/false positives at each distinct threshold of samples of both kinds."""
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    s, order = scores.sort(descending=True)
+    pos = labels[order]
+    # Index of the last sample of each group of tied scores: the only valid cut points.
+    last = torch.cat([torch.nonzero(s[1:] != s[:-1]).flatten(), torch.tensor([s.numel() - 1], device=s.device)])
+    tp = pos.double().cumsum(0)[last]
+    fp = (last + 1).double() - tp
+    return tp, fp, n_pos, n_neg
 
 
 # The ranking metrics are written here rather than wrapping torchmetrics' BinaryAUROC /
@@ -95,6 +129,16 @@ class OODAUROC(_StoredScores):
         fpr = torch.cat([fp.new_zeros(1), fp / n_neg])
         return torch.trapezoid(tpr, fpr).float()
 
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """ROC curve from the stored scores: ``(fig, ax)``, the first line of ``ax`` is :meth:`roc`.
+
+        Its trapezoid area is the AUROC, shown in the title (``val``, default ``compute()``).
+        Scores are gathered over processes first. Needs matplotlib.
+        """
+        fpr, tpr = self.roc()  # raises before compute() can warn on an empty metric
+        value = scalar(self.compute() if val is None else val)
+        return self._draw_roc(ax, fpr, tpr, f"OOD AUROC = {100 * value:.2f}%")
+
 
 class OODAUPR(_StoredScores):
     """Area under the precision-recall curve (average precision) with OOD as the positive class.
@@ -121,6 +165,31 @@ class OODAUPR(_StoredScores):
         precision = tp / (tp + fp)
         step = torch.diff(torch.cat([recall.new_zeros(1), recall]))
         return (step * precision).sum().float()
+
+    def pr_curve(self) -> tuple[Tensor, Tensor]:
+        """``(recall, precision)`` at every distinct threshold (highest score first), gathered over processes."""
+        tp, fp, n_pos, _ = self._plot_curve()
+        return tp / n_pos, tp / (tp + fp)
+
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Precision-recall curve from the stored scores: ``(fig, ax)``.
+
+        The first line of ``ax`` is drawn as steps through ``(0, P_1), (R_1, P_1), ..., (R_K, P_K)``
+        (:meth:`pr_curve`), whose area is exactly the average precision shown in the title (``val``,
+        default ``compute()``); the dashed line is the fraction of OOD samples (chance). Needs matplotlib.
+        """
+        recall, precision = self.pr_curve()
+        value = scalar(self.compute() if val is None else val)
+        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        x = torch.cat([recall.new_zeros(1), recall])
+        y = torch.cat([precision[:1], precision])
+        draw_curve(ax, x, y, f"OOD AUPR = {100 * value:.2f}%", "recall (OOD caught)", "precision (flagged that are OOD)",
+                   "precision-recall", diagonal=None, marker="", drawstyle="steps-pre")
+        with synced(self):
+            rate = float(cat_state(self.labels, torch.long).double().mean())
+        ax.axhline(rate, ls="--", color="gray", label="chance")
+        ax.legend(loc="lower left")
+        return fig, ax
 
 
 class FPR95(_StoredScores):
@@ -153,3 +222,20 @@ class FPR95(_StoredScores):
         tp, fp, n_pos, n_neg = curve
         first = torch.nonzero(tp >= self.recall * n_pos - 1e-9).flatten()[0]
         return (fp[first] / n_neg).float()
+
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """ROC curve (the first line of ``ax``, ``roc()``) with the operating point marked: ``(fig, ax)``.
+
+        The second line is the operating point ``(FPR, TPR)`` at the first threshold whose TPR reaches
+        ``recall``; the title holds ``val`` (default ``compute()``, that point's FPR). Needs matplotlib.
+        """
+        tp, fp, n_pos, n_neg = self._plot_curve()  # raises before compute() can warn on an empty metric
+        value = scalar(self.compute() if val is None else val)
+        fpr = torch.cat([fp.new_zeros(1), fp / n_neg])
+        tpr = torch.cat([tp.new_zeros(1), tp / n_pos])
+        fig, ax = self._draw_roc(ax, fpr, tpr, f"FPR at {100 * self.recall:g}% TPR = {100 * value:.2f}%")
+        first = torch.nonzero(tp >= self.recall * n_pos - 1e-9).flatten()[0]
+        ax.plot([float(fp[first] / n_neg)], [float(tp[first] / n_pos)], "o", color="tab:red", ms=7,
+                label=f"first threshold with TPR >= {100 * self.recall:g}%")
+        ax.legend(loc="lower right")
+        return fig, ax

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 
 from ._checks import check_finite, check_norm, check_positive_int, check_same_shape
 from ._empty import NaNWhenEmpty, no_samples
+from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
 
 
 def _check_gaussian(mean: Tensor, var: Tensor, target: Tensor) -> None:
@@ -91,6 +92,22 @@ class IntervalCoverage(_GaussianMetric):
         self.level = level
         self.z = float(normal_central_z(level))
 
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """The observed coverage at the nominal ``level``, one point on the coverage calibration diagram.
+
+        ``(fig, ax)``; the first line of ``ax`` is the point ``(level, coverage)``, the dashed line perfect
+        calibration. To see the whole curve, use :class:`QuantileCalibrationError`'s ``plot()``.
+        ``val`` (default: ``compute()``) is the coverage drawn. Needs matplotlib.
+        """
+        with synced(self):
+            count = float(self.count)
+        check_plottable(self, count > 0)
+        coverage = scalar(self.compute() if val is None else val)
+        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        draw_curve(ax, [self.level], [coverage], f"coverage of the {100 * self.level:g}% interval = {100 * coverage:.1f}%",
+                   "expected coverage (nominal level)", "observed coverage", "central interval", marker="o")
+        return fig, ax
+
     def update(self, mean: Tensor, var: Tensor, target: Tensor) -> None:
         _check_gaussian(mean, var, target)
         half = self.z * var.double().sqrt()
@@ -134,6 +151,27 @@ class QuantileCalibrationError(NaNWhenEmpty, Metric):
         z = normal_central_z(self.levels.double()).to(zscore.device)
         self.covered += (zscore <= z).double().sum(0)
         self.count += target.numel()
+
+    def curve(self) -> tuple[Tensor, Tensor]:
+        """``(levels, observed coverage)``: the calibration curve (local state; :meth:`plot` syncs first)."""
+        return self.levels.to(self.covered.device), self.covered / self.count.clamp_min(1)
+
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Coverage calibration curve: expected (nominal) against observed coverage of the central intervals.
+
+        ``(fig, ax)``; the first line of ``ax`` holds :meth:`curve`, the dashed line perfect calibration
+        (above it: intervals too wide, below: too narrow). The title holds ``val`` (default:
+        ``compute()``). Counters are summed over processes first. Needs matplotlib.
+        """
+        with synced(self):
+            count = float(self.count)
+            levels, observed = (t.detach().clone() for t in self.curve())
+        check_plottable(self, count > 0)
+        value = scalar(self.compute() if val is None else val)
+        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        draw_curve(ax, levels, observed, f"quantile calibration error = {value:.4f}", "expected coverage (nominal level)",
+                   "observed coverage", "central intervals")
+        return fig, ax
 
     def compute(self) -> Tensor:
         if not bool(self.count > 0):
