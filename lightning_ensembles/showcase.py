@@ -86,7 +86,7 @@ def plot_reliability_pair(panels: dict[str, ExpectedCalibrationError], path: str
         for mask, color, label in ((seen & over, "tab:red", "overconfident gap"),
                                    (seen & ~over, "tab:green", "underconfident gap")):
             if mask.any():
-                    ax.bar(centers[mask], np.abs(conf - acc)[mask], bottom=np.minimum(acc, conf)[mask], width=1 / n,
+                ax.bar(centers[mask], np.abs(conf - acc)[mask], bottom=np.minimum(acc, conf)[mask], width=1 / n,
                        color=color, alpha=0.45, hatch="//", label=label)
         ax.plot([0, 1], [0, 1], "--", color="gray")
         ax.set_xlim(0, 1)
