@@ -15,7 +15,7 @@ For every (model, method) the conversion either **works**, **refuses** clearly (
 A failure of any of these counts as silently wrong. torch-uncertainty's builders are also compared,
 where it has a hand-written packed model, by parameter count (``alpha=2, gamma=1, M=4``).
 
-    python benchmarks/zoo.py                     # every model (about 20-40 minutes on 2 CPU cores)
+    python benchmarks/zoo.py                     # every model (about 15 minutes on one CPU thread)
     python benchmarks/zoo.py --quick             # 6 models
     python benchmarks/zoo.py --models resnet10t densenet --methods packed
 """
