@@ -1,0 +1,140 @@
+"""torch.compile: eager vs compiled training step and inference for one MLP and its ensembles, same run.
+
+    python benchmarks/compile.py                 # MLP 64-256-256-10, batch 128, Adam, 2 threads
+    python benchmarks/compile.py --quick         # fewer repetitions
+    python benchmarks/compile.py --clock wall    # wall clock instead of process CPU time
+
+Every model is compiled with ``torch.compile(model)`` (default mode); the loss, backward and Adam step
+stay eager, as in a Lightning ``training_step`` calling a compiled model. Timings are interleaved
+(every variant in turn, rotating which goes first) and use process CPU time by default, which a
+loaded shared machine disturbs less than wall time. Columns:
+
+    train x / infer x   compiled time / eager time (< 1: compile gains), training step / no-grad forward
+    breaks              graph breaks (torch._dynamo.explain) in training mode and in eval mode
+    recompiles          frames compiled during 3 steady-state training steps after the warm-up (want 0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_ensembles import DeepEnsemble
+from lightning_ensembles.ensembles.registry import build_ensemble
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def models() -> dict[str, nn.Module]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "single MLP": mlp(),
+            "DeepEnsemble x8": DeepEnsemble(mlp(), 8),
+            "PackedEnsemble x4": build_ensemble("packed", mlp(), num_members=4),
+            "BatchEnsemble x4": build_ensemble("batch", mlp(), num_members=4),
+            "LoRAEnsemble x4": build_ensemble("lora", mlp(), num_members=4, target_modules=["0", "2", "4"]),
+        }
+
+
+def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() == 2:  # the single model
+        return F.cross_entropy(out, y)
+    # (M, B', C): BatchEnsemble/LoRA may split or repeat the batch; every member scores every row it sees
+    m, rows = out.shape[:2]
+    return F.cross_entropy(out.reshape(m * rows, -1), y.repeat((m * rows) // y.shape[0])[: m * rows])
+
+
+def train_step(model: nn.Module, run, opt: torch.optim.Optimizer, x, y):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_of(run(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def infer(run, x):
+    def call():
+        with torch.no_grad():
+            run(x)
+
+    return call
+
+
+def interleaved(fns: dict, reps: int, clock, inner: int = 5) -> dict[str, float]:
+    times = {k: [] for k in fns}
+    order = list(fns.items())
+    for r in range(reps):
+        for k, fn in order[r % len(order):] + order[: r % len(order)]:
+            t0 = clock()
+            for _ in range(inner):
+                fn()
+            times[k].append((clock() - t0) / inner)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def graph_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    out = []
+    for train in (True, False):
+        model.train(train)
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(train):
+            out.append(torch._dynamo.explain(model)(x).graph_break_count)
+    model.train()
+    return out[0], out[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    parser.add_argument("--only", nargs="*", help="substrings of model names to run")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    reps = 7 if args.quick else 21
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    print(f"torch {torch.__version__}, {args.threads} threads, batch 128, Adam, {args.clock} clock, {reps} rounds")
+    print(f"{'model':<20} {'train ms eager':>14} {'compiled':>9} {'train x':>8} {'infer ms eager':>15} "
+          f"{'compiled':>9} {'infer x':>8} {'breaks':>7} {'recompiles':>10}")
+    for name, model in models().items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        breaks = graph_breaks(model, x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        eager_step, compiled_step = train_step(model, model, opt, x, y), train_step(model, compiled, opt, x, y)
+        for _ in range(3):  # compile and warm up
+            compiled_step()
+            eager_step()
+        frames = torch._dynamo.utils.counters["frames"]["ok"]
+        for _ in range(3):
+            compiled_step()
+        recompiles = torch._dynamo.utils.counters["frames"]["ok"] - frames
+        train = interleaved({"eager": eager_step, "compiled": compiled_step}, reps, clock)
+        model.eval()
+        eager_inf, compiled_inf = infer(model, x), infer(compiled, x)
+        for _ in range(3):
+            compiled_inf()
+            eager_inf()
+        inf = interleaved({"eager": eager_inf, "compiled": compiled_inf}, reps, clock)
+        print(f"{name:<20} {train['eager']:>14.2f} {train['compiled']:>9.2f} {train['compiled'] / train['eager']:>8.2f} "
+              f"{inf['eager']:>15.2f} {inf['compiled']:>9.2f} {inf['compiled'] / inf['eager']:>8.2f} "
+              f"{'%d/%d' % breaks:>7} {recompiles:>10}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
