@@ -74,7 +74,7 @@ def test_ece_plot_draws_the_reliability_diagram_of_its_bins(tmp_path):
     np.testing.assert_allclose(gaps, np.abs(acc - mean_conf)[seen], atol=1e-12)
     np.testing.assert_allclose(bottoms, np.minimum(acc, mean_conf)[seen], atol=1e-12)
     # The histogram below: fraction of samples per bin.
-    hist = [a for a in fig.axes if a is not ax][0]
+    hist = next(a for a in fig.axes if a is not ax)
     np.testing.assert_allclose(_bars(hist.containers[0])[1], count / count.sum(), atol=1e-12)
     assert f"{100 * float(ece.compute()):.2f}%" in ax.get_title()
     _save(fig, tmp_path, "ece")
@@ -239,3 +239,34 @@ def test_member_table_is_an_aligned_markdown_table():
     # Each value sits in its column: the header's '|' positions are the rows' '|' positions.
     bars = [i for i, ch in enumerate(header) if ch == "|"]
     assert all([i for i, ch in enumerate(r) if ch == "|"] == bars for r in rows)
+
+
+def test_selective_plots_are_the_risk_coverage_curve(tmp_path):
+    from lightning_ensembles.metrics import AURC, CoverageAtRisk
+
+    probs, _ = _probs(n=300, c=3, seed=7, temperature=3.0)
+    g = torch.Generator().manual_seed(8)
+    conf, pred = probs.max(-1)
+    # Confidence is informative: the top class is right with probability `conf`, else the next class.
+    target = torch.where(torch.rand(300, generator=g, dtype=torch.float64) < conf, pred, (pred + 1) % 3)
+    aurc = AURC()
+    aurc.update(probs, target)
+    fig, ax = aurc.plot()
+    errors = (pred != target).double()[conf.argsort(descending=True)].numpy()  # random confidences: no ties
+    k = np.arange(1, len(errors) + 1)
+    line = ax.lines[0]
+    assert line.get_drawstyle() == "steps-pre"
+    np.testing.assert_allclose(line.get_xdata()[1:], k / len(k), atol=1e-12)
+    np.testing.assert_allclose(line.get_ydata()[1:], np.cumsum(errors) / k, atol=1e-12)
+    x, y = line.get_xdata(), line.get_ydata()
+    assert float(np.sum(np.diff(x) * y[1:])) == pytest.approx(float(aurc.compute()), abs=1e-6)  # area = AURC
+    _save(fig, tmp_path, "aurc")
+
+    car = CoverageAtRisk(risk=0.1)
+    car.update(probs, target)
+    fig, ax = car.plot()
+    risk = np.cumsum(errors) / k
+    chosen = ax.lines[-1]
+    assert 0 < (risk <= 0.1).sum() < len(k)  # a limit the curve crosses
+    assert chosen.get_xdata()[0] == pytest.approx(k[risk <= 0.1][-1] / len(k)) == pytest.approx(float(car.compute()))
+    _save(fig, tmp_path, "coverage_at_risk")

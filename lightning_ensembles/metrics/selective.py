@@ -16,6 +16,7 @@ from torchmetrics import Metric
 
 from ._checks import as_float, check_num_classes, check_probs, check_targets
 from ._empty import NaNWhenEmpty, cat_state, no_samples
+from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
 
 
 class _RiskCoverage(NaNWhenEmpty, Metric):
@@ -61,6 +62,35 @@ class _RiskCoverage(NaNWhenEmpty, Metric):
         """
         accepted, errors, n = self._points()
         return accepted / max(n, 1), errors / accepted
+
+    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Risk-coverage curve of the stored predictions: ``(fig, ax)`` (torchmetrics' ``Metric.plot`` contract).
+
+        The first line of ``ax`` holds :meth:`curve` as steps through ``(0, risk_1), (cov_1, risk_1), ...``:
+        the area under the steps is the AURC. ``CoverageAtRisk`` adds the risk limit and marks the
+        chosen coverage. The title holds ``val`` (default ``compute()``). Predictions are gathered over
+        processes first. Needs matplotlib.
+        """
+        with synced(self):
+            coverage, risk = (t.clone() for t in self.curve())
+        check_plottable(self, coverage.numel() > 0)
+        value = scalar(self.compute() if val is None else val)
+        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        x = torch.cat([coverage.new_zeros(1), coverage])
+        y = torch.cat([risk[:1], risk])
+        draw_curve(ax, x, y, self._plot_title(value), "coverage (fraction accepted, most confident first)",
+                   "selective risk (error rate of the accepted)", "risk-coverage", diagonal=None, marker="",
+                   drawstyle="steps-pre")
+        ax.set_ylim(0, max(1e-3, float(risk.max())) * 1.05)
+        self._plot_extra(ax, coverage, risk)
+        ax.legend(loc="upper left")
+        return fig, ax
+
+    def _plot_title(self, value: float) -> str:
+        return f"AURC = {value:.4f}"
+
+    def _plot_extra(self, ax: Any, coverage: Tensor, risk: Tensor) -> None:
+        """Nothing more for AURC; CoverageAtRisk draws its limit."""
 
     def risks(self) -> Tensor:
         """Per sample, in order of decreasing confidence: the risk of the operating point that accepts it.
@@ -126,6 +156,15 @@ class CoverageAtRisk(_RiskCoverage):
             raise ValueError(f"`risk` must be in [0, 1], got {risk}.")
         super().__init__(num_classes, validate_args, **kwargs)
         self.risk = risk
+
+    def _plot_title(self, value: float) -> str:
+        return f"coverage at risk <= {self.risk:g}: {100 * value:.2f}%"
+
+    def _plot_extra(self, ax: Any, coverage: Tensor, risk: Tensor) -> None:
+        ax.axhline(self.risk, ls="--", color="gray", label=f"risk limit {self.risk:g}")
+        ok = torch.nonzero(risk <= self.risk).flatten()
+        if ok.numel():  # the largest coverage within the limit (none: nothing to mark, the value is NaN)
+            ax.plot([float(coverage[ok[-1]])], [float(risk[ok[-1]])], "o", color="tab:red", ms=7, label="chosen")
 
     def compute(self) -> Tensor:
         coverage, risk = self.curve()
