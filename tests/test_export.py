@@ -23,7 +23,8 @@ ARGS = {
     "mlp": {"lora": dict(target_modules=["0", "3"]), "tta": dict(num_members=2)},
     # resnet10t has no dropout: MC-Dropout inserts one before the classifier
     "conv": {"tta": dict(num_members=2), "mc_dropout": dict(p=0.1, insert_before=["fc"])},
-    "vit": {"tta": dict(num_members=2), "mc_dropout": dict(p=0.1)},
+    # 2 heads: a packed attention needs the heads to split among members
+    "vit": {"tta": dict(num_members=2), "mc_dropout": dict(p=0.1), "packed": dict(num_members=2)},
 }
 METHODS = sorted(ENSEMBLE_METHODS)
 

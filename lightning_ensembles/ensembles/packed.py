@@ -254,9 +254,11 @@ class PackedAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(1)  # broadcast over members
+        else:  # members x heads as one head axis: 4-D attention, the only one ONNX export converts
+            q, k, v = (t.flatten(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                              dropout_p=self.attn_drop.p if self.training else 0.0)
-        out = out.permute(0, 3, 1, 2, 4).reshape(b, n, -1)
+        out = out.view(b, m, h, n, -1).permute(0, 3, 1, 2, 4).reshape(b, n, -1)
         return self.proj_drop(self.proj(out))
 
 
