@@ -14,7 +14,7 @@ Losses live in :mod:`lightning_ensembles.losses`, metrics in :mod:`lightning_ens
 averaging tools in :mod:`lightning_ensembles.averaging`, data in :mod:`lightning_ensembles.data`.
 """
 
-from .backbones import MLP, register_backbone, resolve_backbone
+from .backbones import CNN1D, MLP, register_backbone, resolve_backbone
 from .callbacks import (
     CalibrationMetrics,
     ConformalPrediction,
@@ -56,6 +56,7 @@ from .ensembles.evidential import DirichletHead, NIGHead, evidential_head
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNN1D",
     "MLP",
     "MemberParallelStrategy",
     "MemberShard",

@@ -104,7 +104,7 @@ class CNN1D(nn.Module):
         return self.head(self.features(x))
 
 
-_BUILTIN = {"mlp": MLP}
+_BUILTIN = {"mlp": MLP, "cnn1d": CNN1D}
 
 # Names and dotted paths a user allowed with `register_backbone`: the only way code outside the
 # allowlisted packages gets built from a name in a config or a checkpoint.
