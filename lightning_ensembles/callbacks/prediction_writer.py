@@ -32,13 +32,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from ..ensembles.base import aggregate_gaussian
+from ..metrics.diversity import entropy
 
 Format = Literal["auto", "csv", "npy"]
-
-
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
 def prediction_columns(outputs: Any, members: bool) -> dict[str, Tensor]:
@@ -84,10 +80,10 @@ def prediction_columns(outputs: Any, members: bool) -> dict[str, Tensor]:
     add("prob", probs)
     cols["pred"] = probs.argmax(-1).double()
     cols["confidence"] = probs.max(-1).values
-    cols["entropy"] = _entropy(probs)
+    cols["entropy"] = entropy(probs)
     if member_probs is not None:
         mp = member_probs.detach().double().cpu()
-        cols["mutual_information"] = cols["entropy"] - _entropy(mp).mean(0)
+        cols["mutual_information"] = cols["entropy"] - entropy(mp).mean(0)
         if members:
             for i, m in enumerate(mp):
                 add(f"member{i}_prob", m)
