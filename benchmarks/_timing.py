@@ -36,7 +36,7 @@ def interleaved_median_ms(
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns.items())
     for r in range(reps):
-        for k, fn in order[r % len(order):] + order[: r % len(order)]:  # rotate: no variant always goes first
+        for k, fn in order[r % len(order) :] + order[: r % len(order)]:  # rotate: no variant always goes first
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()

@@ -119,8 +119,9 @@ def _run_snapshot(data, seed, epochs, lr, cycles=4):
 def _run_dca(data, seed, epochs, lr, init, draws=2):
     torch.manual_seed(seed)
     (x, y), (xt, yt) = data["train"], data["test"]
-    dca = CombinatorialEnsemble(_backbone(x[0].numel()), components=2, num_instances=3, draws_per_step=draws,
-                                eval_mode="all", init=init)
+    dca = CombinatorialEnsemble(
+        _backbone(x[0].numel()), components=2, num_instances=3, draws_per_step=draws, eval_mode="all", init=init
+    )
     reg = DCAConsistency(weight=1.0)
     opt = torch.optim.SGD(dca.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(seed)
@@ -132,16 +133,22 @@ def _run_dca(data, seed, epochs, lr, init, draws=2):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return {f"DCA, {init} init (9 combinations)": _metrics(_probs(dca, xt), yt),
-            f"DCWA, {init} init": _metrics(_probs(dca.weight_averaged(), xt), yt)}
+    return {
+        f"DCA, {init} init (9 combinations)": _metrics(_probs(dca, xt), yt),
+        f"DCWA, {init} init": _metrics(_probs(dca.weight_averaged(), xt), yt),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and one seed")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; on a shared 2-core machine 1 thread was ~10x faster than 2 for these tiny MLPs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; on a shared 2-core machine 1 thread was ~10x faster than 2 for these tiny MLPs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
@@ -151,12 +158,18 @@ def main() -> None:
         t0 = time.perf_counter()
         results: dict[str, list[dict[str, float]]] = {}
         for seed in range(seeds):
-            for part in (_run_averaging(data, seed, epochs, lr), _run_snapshot(data, seed, epochs, lr),
-                         _run_dca(data, seed, epochs, lr, "reinit"), _run_dca(data, seed, epochs, lr, "copy")):
+            for part in (
+                _run_averaging(data, seed, epochs, lr),
+                _run_snapshot(data, seed, epochs, lr),
+                _run_dca(data, seed, epochs, lr, "reinit"),
+                _run_dca(data, seed, epochs, lr, "copy"),
+            ):
                 for method, vals in part.items():
                     results.setdefault(method, []).append(vals)
-        print(f"\n### {name}: MLP 128-128, SGD lr {lr} momentum 0.9, {epochs} epochs, {seeds} seed(s) "
-              f"({time.perf_counter() - t0:.0f} s)\n")
+        print(
+            f"\n### {name}: MLP 128-128, SGD lr {lr} momentum 0.9, {epochs} epochs, {seeds} seed(s) "
+            f"({time.perf_counter() - t0:.0f} s)\n"
+        )
         print("| method | acc % | NLL | ECE % |")
         print("|---|---|---|---|")
         for method, runs in results.items():

@@ -137,7 +137,8 @@ def classification_run(name: str, seed: int, epochs: int, members: int):
             fit_s = time.perf_counter() - start
             out, t = timed(lambda z: cal(prep(z)).exp(), z_te)
             rows[f"{method} ({apply_to})"] = scores(out, yte, cal(prep(z_ood)).exp()) | {
-                "fit_s": fit_s, "predict_x": (base_t + t) / base_t,
+                "fit_s": fit_s,
+                "predict_x": (base_t + t) / base_t,
             }
     tr_loader = DataLoader(TensorDataset(xtr, ytr), batch_size=128)
     va_loader = DataLoader(TensorDataset(xva, yva), batch_size=128)
@@ -146,14 +147,16 @@ def classification_run(name: str, seed: int, epochs: int, members: int):
     fit_s = time.perf_counter() - start
     lp, t = timed(la, xte)
     rows["last-layer Laplace"] = scores(lp.exp().mean(0), yte, la(xood).exp().mean(0)) | {
-        "fit_s": fit_s, "predict_x": t / base_t,
+        "fit_s": fit_s,
+        "predict_x": t / base_t,
     }
     torch.manual_seed(seed)
     ev = DeepEnsemble(DirichletHead(MLP(d_in, classes, hidden=hidden)), num_members=members)
     ev_s = train(ev, xtr, ytr, epochs, evidential_loss, seed=seed)
     (ev_te, t) = timed(ev, xte)
     rows["evidential ensemble"] = scores(probs(ev_te), yte, probs(ev(xood).detach())) | {
-        "fit_s": ev_s, "predict_x": t / base_t,
+        "fit_s": ev_s,
+        "predict_x": t / base_t,
     }
     ood_rows = {}
     for s in OOD_SCORES:
@@ -178,8 +181,14 @@ def regression_run(seed: int, epochs: int, members: int):
         cov.update(mean[keep], var[keep], yte[keep])
         auroc.update(epistemic.sum(-1).double(), is_ood)
         rmse = float(((mean[keep] - yte[keep]) ** 2).mean().sqrt())
-        return {"nll": float(nll.compute()), "rmse": rmse, "cov90": float(cov.compute()),
-                "auroc": float(auroc.compute()), "fit_s": fit_s, "predict_s": t}
+        return {
+            "nll": float(nll.compute()),
+            "rmse": rmse,
+            "cov90": float(cov.compute()),
+            "auroc": float(auroc.compute()),
+            "fit_s": fit_s,
+            "predict_s": t,
+        }
 
     def gaussian_loss(out, y, epoch):
         m, v = split_gaussian(out)
@@ -216,13 +225,15 @@ def mean_std(values: list[float]) -> str:
 
 def table(title: str, runs: list[dict[str, dict[str, float]]], cols: tuple[str, ...]) -> None:
     print(f"\n{title}")
-    print(f"| method | " + " | ".join(cols) + " |")
+    print("| method | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for name in runs[0]:
         cells = []
         for c in cols:
             vals = [r[name][c] for r in runs]
-            cells.append(mean_std(vals) if c not in ("fit_s", "predict_x", "predict_s") else f"{sum(vals) / len(vals):.3g}")
+            cells.append(
+                mean_std(vals) if c not in ("fit_s", "predict_x", "predict_s") else f"{sum(vals) / len(vals):.3g}"
+            )
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
@@ -242,17 +253,23 @@ def main() -> None:
             runs.append(rows)
             for k, v in ood_rows.items():
                 ood[k].append(v)
-        table(f"{name}: deep ensemble M={args.members}, {len(seeds)} seed(s), {epochs[name]} epochs "
-              "(NLL, ECE on the test split; OOD AUROC of predictive entropy; fit seconds; predict time vs plain)",
-              runs, ("nll", "ece", "auroc", "fit_s", "predict_x"))
+        table(
+            f"{name}: deep ensemble M={args.members}, {len(seeds)} seed(s), {epochs[name]} epochs "
+            "(NLL, ECE on the test split; OOD AUROC of predictive entropy; fit seconds; predict time vs plain)",
+            runs,
+            ("nll", "ece", "auroc", "fit_s", "predict_x"),
+        )
         print(f"\n{name}: OOD AUROC of each score of the plain ensemble")
         print("| score | " + " | ".join(OOD_SCORES) + " |")
         print("|---|" + "---|" * len(OOD_SCORES))
         print("| AUROC | " + " | ".join(mean_std(ood[s]) for s in OOD_SCORES) + " |")
     runs = [regression_run(seed, epochs["toy"], args.members) for seed in seeds]
-    table(f"toy regression, {len(seeds)} seed(s), {epochs['toy']} epochs (NLL/RMSE/coverage where there is data; "
-          "OOD AUROC of epistemic variance, gap and beyond as OOD)", runs,
-          ("nll", "rmse", "cov90", "auroc", "fit_s", "predict_s"))
+    table(
+        f"toy regression, {len(seeds)} seed(s), {epochs['toy']} epochs (NLL/RMSE/coverage where there is data; "
+        "OOD AUROC of epistemic variance, gap and beyond as OOD)",
+        runs,
+        ("nll", "rmse", "cov90", "auroc", "fit_s", "predict_s"),
+    )
 
 
 if __name__ == "__main__":

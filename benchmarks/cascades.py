@@ -38,10 +38,10 @@ from lightning_ensembles.inference import (
     MultiHeadStudent,
     count_macs,
     distillation_loss,
-    mixup_inputs,
     evaluate_cascade,
     fit_bezier_curve,
     fit_bridge,
+    mixup_inputs,
     prediction_metrics,
 )
 from lightning_ensembles.inference.bridge import default_bridge
@@ -58,9 +58,15 @@ class CNN1D(nn.Module):
         super().__init__()
         w = width
         self.body = nn.Sequential(
-            nn.Conv1d(1, w, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(w, 2 * w, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(1, w, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(w, 2 * w, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
             nn.Flatten(),
         )
         self.head = nn.Linear(2 * w * (length // 8), num_classes)
@@ -183,12 +189,21 @@ def run_seed(name: str, seed: int, epochs: int) -> dict[str, dict]:
             with torch.no_grad():
                 teacher = torch.stack([m(xs) for m in members])
             return distillation_loss(student(xs), teacher, mode=mode, temperature=1.0, alpha=1.0)
+
         loss_fn.takes_model = True
         return loss_fn
 
     torch.manual_seed(1000 * seed + 500)
-    hinton = _train(MultiHeadStudent(make(width), num_heads=1), distil("hinton"), xtr, ytr, xva, yva, HINTON_EPOCHS * epochs,
-                    seed=1000 * seed + 500)
+    hinton = _train(
+        MultiHeadStudent(make(width), num_heads=1),
+        distil("hinton"),
+        xtr,
+        ytr,
+        xva,
+        yva,
+        HINTON_EPOCHS * epochs,
+        seed=1000 * seed + 500,
+    )
     rows["distilled (hinton)"] = _model_metrics(hinton, xte, yte, ood)
     hydra = _train(hinton.expand_heads(M), distil("hydra"), xtr, ytr, xva, yva, epochs, seed=1000 * seed + 501)
     rows[f"distilled (hydra, {M} heads)"] = _model_metrics(hydra, xte, yte, ood)
@@ -201,7 +216,9 @@ def run_seed(name: str, seed: int, epochs: int) -> dict[str, dict]:
     for t in (0.5, 0.75):
         target = curve.model_at(t, xtr)
         bridge = default_bridge(_features(members[0], feature_layer, xtr[:2]), 10, hidden=bridge_hidden)
-        bridges.append(fit_bridge(members[0], feature_layer, target, xtr, bridge, steps=steps, lr=LR, batch_size=64, seed=seed))
+        bridges.append(
+            fit_bridge(members[0], feature_layer, target, xtr, bridge, steps=steps, lr=LR, batch_size=64, seed=seed)
+        )
         if t == 0.5:
             rows["curve midpoint (full model)"] = _model_metrics(target, xte, yte, ood)
     rows["base member"] = _model_metrics(members[0], xte, yte, ood)
@@ -223,20 +240,37 @@ def _mean_std(values):
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-COLS = (("acc", 100, "acc %"), ("nll", 1, "NLL"), ("ece", 100, "ECE %"), ("coverage_at_risk", 100, "cov@5% %"),
-        ("ood_auroc", 100, "OOD AUROC %"), ("ood_fpr95", 100, "FPR95 %"), ("macs_per_sample", 1e-3, "kMACs/sample"))
+COLS = (
+    ("acc", 100, "acc %"),
+    ("nll", 1, "NLL"),
+    ("ece", 100, "ECE %"),
+    ("coverage_at_risk", 100, "cov@5% %"),
+    ("ood_auroc", 100, "OOD AUROC %"),
+    ("ood_fpr95", 100, "FPR95 %"),
+    ("macs_per_sample", 1e-3, "kMACs/sample"),
+)
 
 
 def report(name: str, results: list[dict]) -> tuple[str, list[str]]:
     ens_key = f"deep ensemble M={M}"
     names = list(results[0]["rows"])
-    lines = [f"### {name}", "", "| model | " + " | ".join(c[2] for c in COLS) + " | MACs vs ensemble |",
-             "|---|" + "---|" * (len(COLS) + 1)]
+    lines = [
+        f"### {name}",
+        "",
+        "| model | " + " | ".join(c[2] for c in COLS) + " | MACs vs ensemble |",
+        "|---|" + "---|" * (len(COLS) + 1),
+    ]
     for n in names:
         cells = []
         for key, scale, _ in COLS:
             mean, std = _mean_std([r["rows"][n][key] * scale for r in results])
-            cells.append(f"{mean:.3f} +- {std:.3f}" if key == "nll" else f"{mean:.1f} +- {std:.1f}" if scale != 1e-3 else f"{mean:.1f}")
+            cells.append(
+                f"{mean:.3f} +- {std:.3f}"
+                if key == "nll"
+                else f"{mean:.1f} +- {std:.1f}"
+                if scale != 1e-3
+                else f"{mean:.1f}"
+            )
         rel = statistics.mean(r["rows"][n]["macs_per_sample"] / r["rows"][ens_key]["macs_per_sample"] for r in results)
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {rel:.2f}x |")
     checks = []
@@ -249,17 +283,21 @@ def report(name: str, results: list[dict]) -> tuple[str, list[str]]:
             per_seed.append((d_cov <= 1.0 and d_acc <= 0.5 and ratio <= 0.5, d_cov, d_acc, ratio, c["width"]))
         ok = all(p[0] for p in per_seed)
         detail = "; ".join(f"cov -{p[1]:.2f} pt, acc -{p[2]:.2f} pt, {p[3]:.2f}x MACs, width {p[4]}" for p in per_seed)
-        checks.append(f"{name} cascade ({rule}) matches the ensemble (cov within 1 pt, acc within 0.5 pt, <= 50% MACs) "
-                      f"on every seed: {'PASS' if ok else 'FAIL'} [{detail}]")
+        checks.append(
+            f"{name} cascade ({rule}) matches the ensemble (cov within 1 pt, acc within 0.5 pt, <= 50% MACs) "
+            f"on every seed: {'PASS' if ok else 'FAIL'} [{detail}]"
+        )
     for student in ("distilled (hinton)", f"distilled (hydra, {M} heads)"):
         fracs = []
         for r in results:
             single, ens, s = (r["rows"][k]["nll"] for k in ("member mean", ens_key, student))
             fracs.append((single - s) / (single - ens) if single > ens else float("nan"))
         mean = statistics.mean(fracs)
-        checks.append(f"{name} {student} recovers {100 * mean:.0f}% of the ensemble's NLL gain over a single member "
-                      f"(per seed {', '.join(f'{100 * f:.0f}%' for f in fracs)}): "
-                      f"{'PASS' if mean >= 0.5 else 'FAIL'} (target >= 50%)")
+        checks.append(
+            f"{name} {student} recovers {100 * mean:.0f}% of the ensemble's NLL gain over a single member "
+            f"(per seed {', '.join(f'{100 * f:.0f}%' for f in fracs)}): "
+            f"{'PASS' if mean >= 0.5 else 'FAIL'} (target >= 50%)"
+        )
     return "\n".join(lines), checks
 
 
@@ -269,7 +307,11 @@ def plot(all_results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("nll", "test NLL", 1), ("coverage_at_risk", "coverage at 5% risk (%)", 100), ("ood_auroc", "OOD AUROC (%)", 100))
+    metrics = (
+        ("nll", "test NLL", 1),
+        ("coverage_at_risk", "coverage at 5% risk (%)", 100),
+        ("ood_auroc", "OOD AUROC (%)", 100),
+    )
     fig, axes = plt.subplots(len(all_results), 3, figsize=(15, 4.2 * len(all_results)), squeeze=False)
     for row, (name, results) in enumerate(all_results.items()):
         rows = results[0]["rows"]
@@ -280,17 +322,33 @@ def plot(all_results: dict[str, list[dict]], path: Path) -> None:
         for col, (key, label, scale) in enumerate(metrics):
             ax = axes[row][col]
             singles = [n for n in rows if n.startswith("single")]
-            ax.plot([avg(n, "macs_per_sample") for n in singles], [scale * avg(n, key) for n in singles],
-                    "o-", color="gray", label="single models (growing width)")
+            ax.plot(
+                [avg(n, "macs_per_sample") for n in singles],
+                [scale * avg(n, key) for n in singles],
+                "o-",
+                color="gray",
+                label="single models (growing width)",
+            )
             for rule, color in (("window", "tab:blue"), ("confidence", "tab:orange")):
-                xs = [statistics.mean(r["sweeps"][rule][i]["macs_per_sample"] for r in results) for i in range(len(WIDTHS) - 2)]
-                ys = [scale * statistics.mean(r["sweeps"][rule][i][key] for r in results) for i in range(len(WIDTHS) - 2)]
+                xs = [
+                    statistics.mean(r["sweeps"][rule][i]["macs_per_sample"] for r in results)
+                    for i in range(len(WIDTHS) - 2)
+                ]
+                ys = [
+                    scale * statistics.mean(r["sweeps"][rule][i][key] for r in results) for i in range(len(WIDTHS) - 2)
+                ]
                 ax.plot(xs, ys, ".--", color=color, alpha=0.6, label=f"cascade ({rule}), width sweep")
                 n = f"cascade ({rule})"
-                ax.plot(avg(n, "macs_per_sample"), scale * avg(n, key), "*", ms=14, color=color, label=f"{n}, fitted width")
-            for n, marker, color in ((f"deep ensemble M={M}", "s", "black"), ("distilled (hinton)", "^", "tab:green"),
-                                     (f"distilled (hydra, {M} heads)", "v", "tab:red"), ("base + 1 bridge", "D", "tab:purple"),
-                                     ("base + 2 bridges", "P", "tab:purple")):
+                ax.plot(
+                    avg(n, "macs_per_sample"), scale * avg(n, key), "*", ms=14, color=color, label=f"{n}, fitted width"
+                )
+            for n, marker, color in (
+                (f"deep ensemble M={M}", "s", "black"),
+                ("distilled (hinton)", "^", "tab:green"),
+                (f"distilled (hydra, {M} heads)", "v", "tab:red"),
+                ("base + 1 bridge", "D", "tab:purple"),
+                ("base + 2 bridges", "P", "tab:purple"),
+            ):
                 ax.plot(avg(n, "macs_per_sample"), scale * avg(n, key), marker, ms=9, color=color, label=n)
             ax.set_xscale("log")
             ax.set_xlabel("MACs per sample (counted)")
@@ -309,7 +367,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="default: 15 (MNIST-1D) / 40 (digits); --quick 6 / 15")
     parser.add_argument("--data", nargs="+", default=["mnist1d", "digits"], choices=list(SETUPS))
-    parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "inference_frontier.png"))
+    parser.add_argument(
+        "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "inference_frontier.png")
+    )
     args = parser.parse_args()
     seeds = 1 if args.quick else args.seeds
     torch.set_num_threads(1)

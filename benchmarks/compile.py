@@ -74,7 +74,7 @@ def interleaved(fns: dict, reps: int, clock, inner: int = 5) -> dict[str, float]
     times = {k: [] for k in fns}
     order = list(fns.items())
     for r in range(reps):
-        for k, fn in order[r % len(order):] + order[: r % len(order)]:
+        for k, fn in order[r % len(order) :] + order[: r % len(order)]:
             t0 = clock()
             for _ in range(inner):
                 fn()
@@ -106,8 +106,10 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
     print(f"torch {torch.__version__}, {args.threads} threads, batch 128, Adam, {args.clock} clock, {reps} rounds")
-    print(f"{'model':<20} {'train ms eager':>14} {'compiled':>9} {'train x':>8} {'infer ms eager':>15} "
-          f"{'compiled':>9} {'infer x':>8} {'breaks':>7} {'recompiles':>10}")
+    print(
+        f"{'model':<20} {'train ms eager':>14} {'compiled':>9} {'train x':>8} {'infer ms eager':>15} "
+        f"{'compiled':>9} {'infer x':>8} {'breaks':>7} {'recompiles':>10}"
+    )
     for name, model in models().items():
         if args.only and not any(s in name for s in args.only):
             continue
@@ -131,9 +133,12 @@ def main() -> None:
             compiled_inf()
             eager_inf()
         inf = interleaved({"eager": eager_inf, "compiled": compiled_inf}, reps, clock)
-        print(f"{name:<20} {train['eager']:>14.2f} {train['compiled']:>9.2f} {train['compiled'] / train['eager']:>8.2f} "
-              f"{inf['eager']:>15.2f} {inf['compiled']:>9.2f} {inf['compiled'] / inf['eager']:>8.2f} "
-              f"{'%d/%d' % breaks:>7} {recompiles:>10}", flush=True)
+        print(
+            f"{name:<20} {train['eager']:>14.2f} {train['compiled']:>9.2f} {train['compiled'] / train['eager']:>8.2f} "
+            f"{inf['eager']:>15.2f} {inf['compiled']:>9.2f} {inf['compiled'] / inf['eager']:>8.2f} "
+            f"{'%d/%d' % breaks:>7} {recompiles:>10}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -118,16 +118,32 @@ def main() -> None:
     torch.manual_seed(0)
     reps = 3 if args.quick else args.reps
     cases = [
-        ("MLP 64-128-128-10, batch 128", lambda: MLP(64, 10, hidden=(128, 128)), torch.randn(128, 64), torch.randint(0, 10, (128,))),
-        ("timm resnet18 32x32, batch 32", lambda: timm.create_model("resnet18", num_classes=10), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))),
+        (
+            "MLP 64-128-128-10, batch 128",
+            lambda: MLP(64, 10, hidden=(128, 128)),
+            torch.randn(128, 64),
+            torch.randint(0, 10, (128,)),
+        ),
+        (
+            "timm resnet18 32x32, batch 32",
+            lambda: timm.create_model("resnet18", num_classes=10),
+            torch.randn(32, 3, 32, 32),
+            torch.randint(0, 10, (32,)),
+        ),
     ]
     rows = [bench(n, f, x, y, m, reps) for n, f, x, y in cases for m in (4, 8) if args.only in n]
-    print(f"\nDeepEnsemble vs torch-uncertainty deep_ensembles (member loop) vs M x one model; {torch.get_num_threads()} threads, "
-          f"optimiser {args.optimizer}, median ms of {reps} interleaved rounds\n")
-    print("ours: DeepEnsemble with default arguments (storage and execution chosen by the library); "
-          "stacked vmap / stacked loop: storage='stacked' with execution forced.\n")
-    print("| backbone | M | ours storage, exec (train / infer) | step ours | step stacked vmap | step stacked loop | step TU "
-          "| step M x single | **TU / ours** | infer ours | infer stacked vmap | infer stacked loop | infer TU | **TU / ours** |")
+    print(
+        f"\nDeepEnsemble vs torch-uncertainty deep_ensembles (member loop) vs M x one model; {torch.get_num_threads()} threads, "
+        f"optimiser {args.optimizer}, median ms of {reps} interleaved rounds\n"
+    )
+    print(
+        "ours: DeepEnsemble with default arguments (storage and execution chosen by the library); "
+        "stacked vmap / stacked loop: storage='stacked' with execution forced.\n"
+    )
+    print(
+        "| backbone | M | ours storage, exec (train / infer) | step ours | step stacked vmap | step stacked loop | step TU "
+        "| step M x single | **TU / ours** | infer ours | infer stacked vmap | infer stacked loop | infer TU | **TU / ours** |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -45,8 +45,9 @@ def run_mode(mode: str, steps: int, batch: int, hidden: int, out: str) -> None:
     if mode == "ddp":  # Lightning splits each global batch of `batch` samples over 2 ranks
         loader = DataLoader(data, batch_size=batch // 2, shuffle=False)
     else:  # every member sees whole batches
-        loader = DataLoader(data, batch_size=batch,
-                            sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=False))
+        loader = DataLoader(
+            data, batch_size=batch, sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=False)
+        )
 
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -56,14 +57,24 @@ def run_mode(mode: str, steps: int, batch: int, hidden: int, out: str) -> None:
             self.seconds = time.perf_counter() - self.t0
 
     L.seed_everything(0, verbose=False)
-    model = EnsembleClassifier(backbone="mlp", num_members=4,
-                               backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (hidden, hidden)})
+    model = EnsembleClassifier(
+        backbone="mlp",
+        num_members=4,
+        backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (hidden, hidden)},
+    )
     strategy = {"single": "auto", "ddp": "ddp", "member_parallel": MemberParallelStrategy()}[mode]
     clock = Clock()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1 if mode == "single" else 2, strategy=strategy, max_epochs=1,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        num_sanity_val_steps=0, callbacks=[clock],
+        accelerator="cpu",
+        devices=1 if mode == "single" else 2,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
     )
     trainer.fit(model, loader)
     if trainer.global_rank == 0:
@@ -91,13 +102,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
             out = os.path.join(tmp, f"{mode}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--out", out, "--steps", str(steps),
-                   "--batch", str(args.batch), "--hidden", str(args.hidden)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--mode",
+                mode,
+                "--out",
+                out,
+                "--steps",
+                str(steps),
+                "--batch",
+                str(args.batch),
+                "--hidden",
+                str(args.hidden),
+            ]
             subprocess.run(cmd, check=True, timeout=600, capture_output=True)
             with open(out) as f:
                 results[mode] = json.load(f)
     base = results["single"]["samples"] / results["single"]["seconds"]
-    print(f"4-member deep ensemble, MLP 64-{args.hidden}-{args.hidden}-10, global batch {args.batch}, {steps} steps, CPU\n")
+    print(
+        f"4-member deep ensemble, MLP 64-{args.hidden}-{args.hidden}-10, global batch {args.batch}, {steps} steps, CPU\n"
+    )
     print("| mode | processes | members per process | samples/s | vs one process |")
     print("|---|---|---|---|---|")
     rows = {"single": (1, 4), "ddp": (2, 4), "member_parallel": (2, 2)}

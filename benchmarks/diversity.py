@@ -145,8 +145,10 @@ def main() -> None:
     epochs = {"digits": 10 if args.quick else 20, "mnist1d": 6 if args.quick else 12}
     reps = 5 if args.quick else 10
 
-    print(f"Deep ensemble of M={M} MLPs (64|40-128-128-10), Adam lr {LR:g}, batch 64; {seeds} seed(s); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s).\n")
+    print(
+        f"Deep ensemble of M={M} MLPs (64|40-128-128-10), Adam lr {LR:g}, batch 64; {seeds} seed(s); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s).\n"
+    )
     for name in args.datasets:
         times = time_steps(name, reps)
         base = times["plain"]
@@ -157,8 +159,11 @@ def main() -> None:
         for label, factory in methods(n_train):
             runs = [train_eval(name, s, factory, epochs[name]) for s in range(seeds)]
             mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
-            print(f"| {label} | {times[label]:.1f} | {times[label] / base:.2f} | {100 * mean['acc']:.2f} | "
-                  f"{mean['nll']:.3f} | {100 * mean['ece']:.2f} | {100 * mean['dis']:.1f} |", flush=True)
+            print(
+                f"| {label} | {times[label]:.1f} | {times[label] / base:.2f} | {100 * mean['acc']:.2f} | "
+                f"{mean['nll']:.3f} | {100 * mean['ece']:.2f} | {100 * mean['dis']:.1f} |",
+                flush=True,
+            )
         print()
 
 

@@ -112,14 +112,26 @@ def main() -> None:
         ("torchvision", "PackedEnsemble(a=2, g=2)", lambda: PackedEnsemble(tv(), M, alpha=2, gamma=2), _members),
         ("torchvision", "BatchEnsemble", lambda: BatchEnsemble(tv(), M), _members),
         ("torch-uncertainty", "single resnet(18, cifar)", tu_single, _members),
-        ("torch-uncertainty", "hand-written packed_resnet(2, 2, 4)",
-         lambda: packed_resnet(in_channels=3, num_classes=10, arch=18, num_estimators=M, alpha=2, gamma=2, style="cifar"),
-         _tu_members),
-        ("torch-uncertainty", "PackedEnsemble(converted, 2, 2, 4)",
-         lambda: PackedEnsemble(tu_single(), M, alpha=2, gamma=2, min_channels_per_group=64,
-                                no_gamma_layers=["*.conv1", "linear"]), _members),
+        (
+            "torch-uncertainty",
+            "hand-written packed_resnet(2, 2, 4)",
+            lambda: packed_resnet(
+                in_channels=3, num_classes=10, arch=18, num_estimators=M, alpha=2, gamma=2, style="cifar"
+            ),
+            _tu_members,
+        ),
+        (
+            "torch-uncertainty",
+            "PackedEnsemble(converted, 2, 2, 4)",
+            lambda: PackedEnsemble(
+                tu_single(), M, alpha=2, gamma=2, min_channels_per_group=64, no_gamma_layers=["*.conv1", "linear"]
+            ),
+            _members,
+        ),
     ]
-    print(f"device={device}, threads={torch.get_num_threads()}, batch {args.batch_size}, 32x32, {steps} timed steps, M={M}\n")
+    print(
+        f"device={device}, threads={torch.get_num_threads()}, batch {args.batch_size}, 32x32, {steps} timed steps, M={M}\n"
+    )
     print("| family | model | params (M) | train step ms | ratio | inference ms | ratio | memory MB | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     base: dict[str, tuple[float, float, float]] = {}
@@ -131,11 +143,16 @@ def main() -> None:
         base.setdefault(family, (tr, inf, mem))
         b = base[family]
         results[name] = tr
-        print(f"| {family} | {name} | {n:.2f} | {1e3 * tr:.1f} | {tr / b[0]:.2f}x | {1e3 * inf:.1f} | {inf / b[1]:.2f}x "
-              f"| {mem / 2**20:.0f} | {mem / b[2]:.2f}x |", flush=True)
+        print(
+            f"| {family} | {name} | {n:.2f} | {1e3 * tr:.1f} | {tr / b[0]:.2f}x | {1e3 * inf:.1f} | {inf / b[1]:.2f}x "
+            f"| {mem / 2**20:.0f} | {mem / b[2]:.2f}x |",
+            flush=True,
+        )
     conv, hand = results["PackedEnsemble(converted, 2, 2, 4)"], results["hand-written packed_resnet(2, 2, 4)"]
-    print(f"\nconverted / hand-written packed ResNet-18 training step: {conv / hand:.2f}x (target <= 1.1x); "
-          f"PackedEnsemble(resnet18) / single: {results['PackedEnsemble(a=2, g=2)'] / base['torchvision'][0]:.2f}x (target <= 1.3x)")
+    print(
+        f"\nconverted / hand-written packed ResNet-18 training step: {conv / hand:.2f}x (target <= 1.1x); "
+        f"PackedEnsemble(resnet18) / single: {results['PackedEnsemble(a=2, g=2)'] / base['torchvision'][0]:.2f}x (target <= 1.3x)"
+    )
 
 
 if __name__ == "__main__":

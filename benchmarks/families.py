@@ -113,7 +113,11 @@ def _evaluate(model: Ensemble, x: Tensor, y: Tensor, x_ood: Tensor | None = None
     model.eval()
     member_probs = model(x).softmax(-1)
     probs = member_probs.mean(0)
-    out = {"disagreement": float(pairwise_disagreement(member_probs).mean()),"nll": F.nll_loss(probs.clamp_min(1e-12).log(), y).item(), "acc": (probs.argmax(-1) == y).float().mean().item()}
+    out = {
+        "disagreement": float(pairwise_disagreement(member_probs).mean()),
+        "nll": F.nll_loss(probs.clamp_min(1e-12).log(), y).item(),
+        "acc": (probs.argmax(-1) == y).float().mean().item(),
+    }
     if x_ood is not None:
         ece = ExpectedCalibrationError(n_bins=15)
         ece.update(probs, y)
@@ -121,8 +125,10 @@ def _evaluate(model: Ensemble, x: Tensor, y: Tensor, x_ood: Tensor | None = None
         p_ood = model(x_ood).softmax(-1).mean(0)
         entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # noqa: E731
         auroc = OODAUROC()
-        auroc.update(torch.cat([entropy(probs), entropy(p_ood)]),
-                     torch.cat([torch.zeros(len(probs)), torch.ones(len(p_ood))]).long())
+        auroc.update(
+            torch.cat([entropy(probs), entropy(p_ood)]),
+            torch.cat([torch.zeros(len(probs)), torch.ones(len(p_ood))]).long(),
+        )
         out["auroc"] = float(auroc.compute())
     return out
 
@@ -145,7 +151,9 @@ def _train(model: Ensemble, data, epochs: int) -> Ensemble:
     return model
 
 
-def cpu_interleaved_median_ms(fns: dict[str, object], reps: int, warmup: int = 2, block_ms: float = 20.0) -> dict[str, float]:
+def cpu_interleaved_median_ms(
+    fns: dict[str, object], reps: int, warmup: int = 2, block_ms: float = 20.0
+) -> dict[str, float]:
     """Like ``interleaved_median_ms`` but on the process CPU clock: with one intra-op thread this is the
     work a call costs, unaffected by the time other processes hold the cores (a shared, loaded machine)."""
     last = {}
@@ -158,7 +166,7 @@ def cpu_interleaved_median_ms(fns: dict[str, object], reps: int, warmup: int = 2
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns.items())
     for r in range(reps):
-        for k, fn in order[r % len(order):] + order[: r % len(order)]:
+        for k, fn in order[r % len(order) :] + order[: r % len(order)]:
             t0 = time.process_time()
             for _ in range(inner):
                 fn()
@@ -166,8 +174,9 @@ def cpu_interleaved_median_ms(fns: dict[str, object], reps: int, warmup: int = 2
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def _timings(models: dict[str, Ensemble], x: Tensor, y: Tensor, xi: Tensor, reps: int,
-             clock: str = "cpu") -> dict[str, tuple[float, float]]:
+def _timings(
+    models: dict[str, Ensemble], x: Tensor, y: Tensor, xi: Tensor, reps: int, clock: str = "cpu"
+) -> dict[str, tuple[float, float]]:
     """Median training-step and inference ms per model, all models timed interleaved (fair on a busy machine)."""
     steps, infers = {}, {}
     for kind, model in models.items():
@@ -200,14 +209,21 @@ def _timings(models: dict[str, Ensemble], x: Tensor, y: Tensor, xi: Tensor, reps
 
 ROWS = ("single", "deep", "mc_dropout", "mimo", "masksembles", "tta_single", "tta_deep", "tta_trained", "asymmetric")
 LABELS = {
-    "single": "single model", "deep": "deep ensemble (4)", "mc_dropout": "MC-Dropout (8 samples)",
-    "mimo": "MIMO (3)", "masksembles": "Masksembles (4, s=2)", "tta_single": "TTA of single (3 aug.)",
-    "tta_deep": "TTA of deep ensemble (4 x 3)", "tta_trained": "TTA, trained on its augmentations (3)",
+    "single": "single model",
+    "deep": "deep ensemble (4)",
+    "mc_dropout": "MC-Dropout (8 samples)",
+    "mimo": "MIMO (3)",
+    "masksembles": "Masksembles (4, s=2)",
+    "tta_single": "TTA of single (3 aug.)",
+    "tta_deep": "TTA of deep ensemble (4 x 3)",
+    "tta_trained": "TTA, trained on its augmentations (3)",
     "asymmetric": "W-Asymmetric deep ensemble (4)",
 }
 
 
-def run_dataset(name: str, seeds: list[int], epochs: int, reps: int, clock: str = "cpu") -> dict[str, list[dict[str, float]]]:
+def run_dataset(
+    name: str, seeds: list[int], epochs: int, reps: int, clock: str = "cpu"
+) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {r: [] for r in ROWS}
     timed: dict[str, Ensemble] = {}
     for seed in seeds:
@@ -239,7 +255,9 @@ def _fmt(values: list[float], digits: int) -> str:
 
 
 def table(name: str, results: dict[str, list[dict[str, float]]]) -> str:
-    head = "| method | accuracy | NLL | ECE | OOD AUROC | disagreement | parameters | train step (ms) | inference (ms) |"
+    head = (
+        "| method | accuracy | NLL | ECE | OOD AUROC | disagreement | parameters | train step (ms) | inference (ms) |"
+    )
     lines = [f"**{name}**", "", head, "|" + "---|" * 9]
     for row in ROWS:
         rs = results[row]
@@ -258,9 +276,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (timings depend on it)")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
-                        help="cpu: process CPU time per call (robust on a loaded machine, meant for --threads 1); "
-                             "wall: wall-clock time")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: process CPU time per call (robust on a loaded machine, meant for --threads 1); "
+        "wall: wall-clock time",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else list(range(args.seeds))
@@ -270,8 +292,10 @@ def main() -> None:
     for name in ("digits", "mnist1d"):
         print(table(name, run_dataset(name, seeds, epochs, reps, args.clock)), "\n", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"seeds {seeds}, {epochs} epochs, {args.threads} threads, {args.clock} clock, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {load:.1f} at the end; total {time.perf_counter() - t0:.0f} s")
+    print(
+        f"seeds {seeds}, {epochs} epochs, {args.threads} threads, {args.clock} clock, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {load:.1f} at the end; total {time.perf_counter() - t0:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,15 @@ class SmallCNN2D(nn.Module):
     def __init__(self, out_features: int = 8) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         )
         self.head = nn.Linear(32 * 2 * 2, out_features)
 
@@ -98,8 +105,9 @@ class Task:
 
 
 def _mnist1d(seed: int, tiny: bool) -> dict[str, tuple[Tensor, Tensor]]:
-    dm = MNIST1DDataModule(num_samples=400 if tiny else 5000, split=(0.72, 0.08, 0.2), seed=seed,
-                           ood="waves", shift_test=True)
+    dm = MNIST1DDataModule(
+        num_samples=400 if tiny else 5000, split=(0.72, 0.08, 0.2), seed=seed, ood="waves", shift_test=True
+    )
     return dm.build()
 
 
@@ -125,16 +133,39 @@ _COMMON = {
     "mimo": {"input_repetition": 0.5, "init": "reinit"},
 }
 TASKS = {
-    "mnist1d": Task("mnist1d", "classification", lambda: CNN1D(1, 10, 40), _mnist1d,
-                    ["identity", "shift_1", "shift_-1", "shift_2"],
-                    {**_COMMON, "symmetry": {"symmetries": ["plain", "plain", "invariant-hflip", "equivariant-hflip"]},
-                     # the first convolution has fan-in 5, fewer than the 6 fixed weights per unit
-                     "asymmetric": {"layers": ["features.4", "features.8", "head"]}}),
-    "digits": Task("digits", "classification", lambda: SmallCNN2D(8), _digits,
-                   ["identity", "shift_1_0", "shift_0_1", "shift_-1_0"], dict(_COMMON)),
-    "toy": Task("toy", "regression", lambda: MLP(1, 2, hidden=(64, 64)), _toy, [],
-                {"mc_dropout": {"p": 0.1, "insert_before": ["net.4"], "train_samples": 1},
-                 "mimo": _COMMON["mimo"], "asymmetric": {"layers": ["net.3", "net.5"]}}),  # fan-in 1 first
+    "mnist1d": Task(
+        "mnist1d",
+        "classification",
+        lambda: CNN1D(1, 10, 40),
+        _mnist1d,
+        ["identity", "shift_1", "shift_-1", "shift_2"],
+        {
+            **_COMMON,
+            "symmetry": {"symmetries": ["plain", "plain", "invariant-hflip", "equivariant-hflip"]},
+            # the first convolution has fan-in 5, fewer than the 6 fixed weights per unit
+            "asymmetric": {"layers": ["features.4", "features.8", "head"]},
+        },
+    ),
+    "digits": Task(
+        "digits",
+        "classification",
+        lambda: SmallCNN2D(8),
+        _digits,
+        ["identity", "shift_1_0", "shift_0_1", "shift_-1_0"],
+        dict(_COMMON),
+    ),
+    "toy": Task(
+        "toy",
+        "regression",
+        lambda: MLP(1, 2, hidden=(64, 64)),
+        _toy,
+        [],
+        {
+            "mc_dropout": {"p": 0.1, "insert_before": ["net.4"], "train_samples": 1},
+            "mimo": _COMMON["mimo"],
+            "asymmetric": {"layers": ["net.3", "net.5"]},
+        },
+    ),  # fan-in 1 first
 }
 
 
@@ -257,8 +288,10 @@ def evaluate(task: Task, model: Ensemble, data: dict) -> dict[str, float]:
     res["aurc"] = float(aurc.compute())
     p_ood = _predict(model, data["ood"][0]).softmax(-1).mean(0)
     auroc = OODAUROC()
-    auroc.update(torch.cat([_entropy(probs), _entropy(p_ood)]),
-                 torch.cat([torch.zeros(len(probs)), torch.ones(len(p_ood))]).long())
+    auroc.update(
+        torch.cat([_entropy(probs), _entropy(p_ood)]),
+        torch.cat([torch.zeros(len(probs)), torch.ones(len(p_ood))]).long(),
+    )
     res["ood_auroc"] = float(auroc.compute())
     xs, ys = data["shift"]
     ps = _predict(model, xs).softmax(-1).mean(0)
@@ -269,8 +302,9 @@ def evaluate(task: Task, model: Ensemble, data: dict) -> dict[str, float]:
     return res
 
 
-def run_task(task: Task, names: list[str], seeds: list[int], epochs: int, tiny: bool,
-             log: Callable[[str], None] = print) -> tuple[dict[str, list[dict]], dict[str, str], dict]:
+def run_task(
+    task: Task, names: list[str], seeds: list[int], epochs: int, tiny: bool, log: Callable[[str], None] = print
+) -> tuple[dict[str, list[dict]], dict[str, str], dict]:
     """Train and evaluate every method on every seed. Returns (results per row, skip reasons, extras for plots)."""
     results: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
@@ -297,24 +331,45 @@ def run_task(task: Task, names: list[str], seeds: list[int], epochs: int, tiny: 
             if name == "single":
                 single_net = model.net
             res = evaluate(task, model, data)
-            res.update(train_s=seconds, epoch=epoch, params=sum(p.numel() for p in model.parameters()),
-                       macs=macs_per_sample(model, probe))
+            res.update(
+                train_s=seconds,
+                epoch=epoch,
+                params=sum(p.numel() for p in model.parameters()),
+                macs=macs_per_sample(model, probe),
+            )
             results.setdefault(name, []).append(res)
             if seed == seeds[0] and name in ("single", "deep") and task.kind == "classification":
                 x, y = data["test"]
                 ece = ExpectedCalibrationError(n_bins=15)
                 ece.update(_predict(model, x).softmax(-1).mean(0), y)
                 extras[name] = ece
-            log(f"  {task.name}/{name} seed {seed}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in res.items() if k in ("acc", "nll", "ece", "ood_auroc", "rmse", "train_s")))
+            log(
+                f"  {task.name}/{name} seed {seed}: "
+                + ", ".join(
+                    f"{k} {v:.4g}" for k, v in res.items() if k in ("acc", "nll", "ece", "ood_auroc", "rmse", "train_s")
+                )
+            )
     return results, skipped, extras
 
 
 # ------------------------------------------------------------------------------------------- report
-CLS_COLS = [("acc", "accuracy", 4), ("nll", "NLL", 3), ("brier", "Brier", 4), ("ece", "ECE", 4), ("aurc", "AURC", 4),
-            ("ood_auroc", "OOD AUROC", 3), ("shift_acc", "shift acc", 3), ("shift_ece", "shift ECE", 3)]
-REG_COLS = [("nll", "NLL", 3), ("rmse", "RMSE", 3), ("nll_in", "NLL (train range)", 3), ("nll_gap", "NLL (gap)", 3),
-            ("std_gap_ratio", "std gap / range", 2)]
+CLS_COLS = [
+    ("acc", "accuracy", 4),
+    ("nll", "NLL", 3),
+    ("brier", "Brier", 4),
+    ("ece", "ECE", 4),
+    ("aurc", "AURC", 4),
+    ("ood_auroc", "OOD AUROC", 3),
+    ("shift_acc", "shift acc", 3),
+    ("shift_ece", "shift ECE", 3),
+]
+REG_COLS = [
+    ("nll", "NLL", 3),
+    ("rmse", "RMSE", 3),
+    ("nll_in", "NLL (train range)", 3),
+    ("nll_gap", "NLL (gap)", 3),
+    ("std_gap_ratio", "std gap / range", 2),
+]
 LOWER_IS_BETTER = {"nll", "brier", "ece", "aurc", "shift_ece", "rmse", "nll_in", "nll_gap"}
 
 
@@ -336,8 +391,14 @@ def _si(v: float) -> str:
 def table(task: Task, results: dict[str, list[dict]]) -> str:
     """Markdown table of one task: quality columns (mean ± std), then cost columns relative to the single model."""
     cols = CLS_COLS if task.kind == "classification" else REG_COLS
-    head = ["method", *(h for _, h, _ in cols), "params (× single)", "train CPU s (× single)",
-            "inference MACs/sample (× single)", "best epoch"]
+    head = [
+        "method",
+        *(h for _, h, _ in cols),
+        "params (× single)",
+        "train CPU s (× single)",
+        "inference MACs/sample (× single)",
+        "best epoch",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = results["single"]
     for name, rows in results.items():
@@ -371,16 +432,22 @@ def verdicts(task: Task, results: dict[str, list[dict]]) -> list[str]:
                 continue
             line = f"- **{name}** loses to **{ref}** on: " + "; ".join(lost) + "."
             if task.kind == "classification":
-                line += (f" Measured: mean member accuracy {_mean(rows, 'member_acc'):.4f} vs {_mean(results[ref], 'member_acc'):.4f}, "
-                         f"member disagreement {_mean(rows, 'disagreement'):.4f} vs {_mean(results[ref], 'disagreement'):.4f}, "
-                         f"best validation epoch {_mean(rows, 'epoch'):.1f} vs {_mean(results[ref], 'epoch'):.1f}")
+                line += (
+                    f" Measured: mean member accuracy {_mean(rows, 'member_acc'):.4f} vs {_mean(results[ref], 'member_acc'):.4f}, "
+                    f"member disagreement {_mean(rows, 'disagreement'):.4f} vs {_mean(results[ref], 'disagreement'):.4f}, "
+                    f"best validation epoch {_mean(rows, 'epoch'):.1f} vs {_mean(results[ref], 'epoch'):.1f}"
+                )
                 if "conf_minus_acc" in rows[0] and "conf_minus_acc" in results[ref][0]:
-                    line += (f", mean confidence - accuracy {_mean(rows, 'conf_minus_acc'):+.4f} vs "
-                             f"{_mean(results[ref], 'conf_minus_acc'):+.4f} (below 0: underconfident)")
+                    line += (
+                        f", mean confidence - accuracy {_mean(rows, 'conf_minus_acc'):+.4f} vs "
+                        f"{_mean(results[ref], 'conf_minus_acc'):+.4f} (below 0: underconfident)"
+                    )
                 line += "."
             else:
-                line += (f" Measured: predictive std in the gap / in the training range {_mean(rows, 'std_gap_ratio'):.2f} "
-                         f"vs {_mean(results[ref], 'std_gap_ratio'):.2f}.")
+                line += (
+                    f" Measured: predictive std in the gap / in the training range {_mean(rows, 'std_gap_ratio'):.2f} "
+                    f"vs {_mean(results[ref], 'std_gap_ratio'):.2f}."
+                )
             out.append(line)
     return out
 
@@ -393,8 +460,9 @@ def plot_nll_vs_macs(per_task: dict[str, dict[str, list[dict]]], path: str) -> s
     for ax, (name, results) in zip(axes, per_task.items()):
         for method, rows in results.items():
             ax.scatter(_mean(rows, "macs"), _mean(rows, "nll"), s=30)
-            ax.annotate(method, (_mean(rows, "macs"), _mean(rows, "nll")), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                method, (_mean(rows, "macs"), _mean(rows, "nll")), fontsize=8, xytext=(3, 3), textcoords="offset points"
+            )
         ax.set_xscale("log")
         ax.set_xlabel("inference MACs per sample")
         ax.set_ylabel("test NLL")
@@ -419,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--tasks", default="mnist1d,digits,toy", help="comma-separated: mnist1d, digits, toy")
     parser.add_argument("--methods", default="all", help="comma-separated registry names, or 'all'")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs"),
-                        help="folder for leaderboard.md and img/leaderboard_*.png")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "..", "docs"),
+        help="folder for leaderboard.md and img/leaderboard_*.png",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--jobs", type=int, default=1, help="(task, seed) runs in parallel processes")
     args = parser.parse_args(argv)
@@ -441,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown methods {bad}; registered: {registered}")
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    per_task, sections, plots = {}, [], {}
+    per_task, sections = {}, []
     img = os.path.join(args.out, "img")
     os.makedirs(img, exist_ok=True)
     jobs = [(name, seed) for name in tasks for seed in seeds]
@@ -477,8 +548,11 @@ def main(argv: list[str] | None = None) -> int:
             from lightning_ensembles.showcase import plot_reliability_pair
 
             path = os.path.join(img, f"leaderboard_reliability_{name}.png")
-            plot_reliability_pair({"single model": extras["single"], "deep ensemble (4)": extras["deep"]}, path,
-                                  f"{name}, test split, seed {seeds[0]}")
+            plot_reliability_pair(
+                {"single model": extras["single"], "deep ensemble (4)": extras["deep"]},
+                path,
+                f"{name}, test split, seed {seeds[0]}",
+            )
             part += [f"![reliability, {name}](img/{os.path.basename(path)})", ""]
         sections.append("\n".join(part))
     plot = plot_nll_vs_macs(per_task, os.path.join(img, "leaderboard_nll_macs.png"))
@@ -504,8 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     if single:
-        header += [f"The single CNN1D reaches {_mean(single, 'acc'):.4f} test accuracy on MNIST-1D here "
-                   "(the MNIST-1D paper's CNN: about 0.94).", ""]
+        header += [
+            f"The single CNN1D reaches {_mean(single, 'acc'):.4f} test accuracy on MNIST-1D here "
+            "(the MNIST-1D paper's CNN: about 0.94).",
+            "",
+        ]
     header += [f"![test NLL against inference MACs](img/{os.path.basename(plot)})", ""]
     with open(os.path.join(args.out, "leaderboard.md"), "w") as f:
         f.write("\n".join(header + sections))

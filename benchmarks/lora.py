@@ -38,8 +38,15 @@ def make_vit(cfg: argparse.Namespace) -> nn.Module:
     import timm
 
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=cfg.patch, in_chans=3, embed_dim=cfg.embed,
-        depth=cfg.depth, num_heads=cfg.embed // 64, num_classes=10,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=cfg.patch,
+        in_chans=3,
+        embed_dim=cfg.embed,
+        depth=cfg.depth,
+        num_heads=cfg.embed // 64,
+        num_classes=10,
     )
 
 
@@ -161,23 +168,43 @@ def main() -> None:
         n_all = sum(p.numel() for p in model.parameters())
         state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + 3 * n_train * 4  # grad, Adam m, v
         act_bytes = saved_activation_bytes(model, x)
-        args = ["--embed", str(cfg.embed), "--patch", str(cfg.patch), "--depth", str(cfg.depth), "--members",
-                str(cfg.members), "--rank", str(cfg.rank), "--batch", str(cfg.batch)]
-        proc = subprocess.run([sys.executable, __file__, "--worker", kind, *args], capture_output=True, text=True,
-                              check=True)
+        args = [
+            "--embed",
+            str(cfg.embed),
+            "--patch",
+            str(cfg.patch),
+            "--depth",
+            str(cfg.depth),
+            "--members",
+            str(cfg.members),
+            "--rank",
+            str(cfg.rank),
+            "--batch",
+            str(cfg.batch),
+        ]
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, *args], capture_output=True, text=True, check=True
+        )
         peak = json.loads(proc.stdout.strip().splitlines()[-1])
         rows[kind] = {
-            "fwd_ms": fwd_ms, "train_ms": train_ms, "trainable": n_train, "params": n_all,
-            "state_mib": state_bytes / 2**20, "act_mib": act_bytes / 2**20,
-            "acct_mib": (state_bytes + act_bytes) / 2**20, "peak_mib": peak["peak_mib"],
+            "fwd_ms": fwd_ms,
+            "train_ms": train_ms,
+            "trainable": n_train,
+            "params": n_all,
+            "state_mib": state_bytes / 2**20,
+            "act_mib": act_bytes / 2**20,
+            "acct_mib": (state_bytes + act_bytes) / 2**20,
+            "peak_mib": peak["peak_mib"],
         }
         del model, opt, step
         gc.collect()
 
     dv, dl, lo = rows["deep-vmap"], rows["deep-loop"], rows["lora"]
-    print(f"ViT (embed {cfg.embed}, depth {cfg.depth}, heads {cfg.embed // 64}, 32x32, patch {cfg.patch}), "
-          f"M = {cfg.members}, LoRA rank {cfg.rank}, batch {cfg.batch}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU\n")
+    print(
+        f"ViT (embed {cfg.embed}, depth {cfg.depth}, heads {cfg.embed // 64}, 32x32, patch {cfg.patch}), "
+        f"M = {cfg.members}, LoRA rank {cfg.rank}, batch {cfg.batch}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, CPU\n"
+    )
     print("| metric | Deep (vmap) | Deep (loop) | LoRA | LoRA / best deep | target |")
     print("|---|---|---|---|---|---|")
     spec = [
@@ -192,8 +219,10 @@ def main() -> None:
     ]
     for label, key, fmt, target in spec:
         best = min(dv[key], dl[key])  # compare with the better deep-ensemble execution
-        print(f"| {label} | {fmt.format(dv[key])} | {fmt.format(dl[key])} | {fmt.format(lo[key])} | "
-              f"{lo[key] / best:.3f} | {target} |")
+        print(
+            f"| {label} | {fmt.format(dv[key])} | {fmt.format(dl[key])} | {fmt.format(lo[key])} | "
+            f"{lo[key] / best:.3f} | {target} |"
+        )
 
 
 if __name__ == "__main__":

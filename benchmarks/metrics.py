@@ -62,32 +62,64 @@ def main() -> None:
     from torch_uncertainty.metrics.classification import ClasswiseCalibrationError as TUCW
     from torchmetrics.classification import MulticlassCalibrationError
 
-    from lightning_ensembles.metrics import AdaptiveCalibrationError, ClasswiseCalibrationError, ExpectedCalibrationError
+    from lightning_ensembles.metrics import (
+        AdaptiveCalibrationError,
+        ClasswiseCalibrationError,
+        ExpectedCalibrationError,
+    )
 
     c = args.classes
     pairs = [
-        ("ECE l1 (15 bins)", lambda: ExpectedCalibrationError(c, 15), "torchmetrics MulticlassCalibrationError",
-         lambda: MulticlassCalibrationError(c, n_bins=15)),
-        ("ECE l1, validate_args=False", lambda: ExpectedCalibrationError(c, 15, validate_args=False),
-         "torchmetrics MulticlassCalibrationError", lambda: MulticlassCalibrationError(c, n_bins=15)),
-        ("MCE (max norm)", lambda: ExpectedCalibrationError(c, 15, norm="max"), "torchmetrics MulticlassCalibrationError",
-         lambda: MulticlassCalibrationError(c, n_bins=15, norm="max")),
-        ("adaptive ECE (top-label)", lambda: AdaptiveCalibrationError(c, 15), "torch-uncertainty AdaptiveCalibrationError",
-         lambda: TUACE(task="multiclass", num_classes=c, num_bins=15)),
+        (
+            "ECE l1 (15 bins)",
+            lambda: ExpectedCalibrationError(c, 15),
+            "torchmetrics MulticlassCalibrationError",
+            lambda: MulticlassCalibrationError(c, n_bins=15),
+        ),
+        (
+            "ECE l1, validate_args=False",
+            lambda: ExpectedCalibrationError(c, 15, validate_args=False),
+            "torchmetrics MulticlassCalibrationError",
+            lambda: MulticlassCalibrationError(c, n_bins=15),
+        ),
+        (
+            "MCE (max norm)",
+            lambda: ExpectedCalibrationError(c, 15, norm="max"),
+            "torchmetrics MulticlassCalibrationError",
+            lambda: MulticlassCalibrationError(c, n_bins=15, norm="max"),
+        ),
+        (
+            "adaptive ECE (top-label)",
+            lambda: AdaptiveCalibrationError(c, 15),
+            "torch-uncertainty AdaptiveCalibrationError",
+            lambda: TUACE(task="multiclass", num_classes=c, num_bins=15),
+        ),
         # torch-uncertainty's ACE does not check its inputs: like-for-like is validate_args=False.
-        ("adaptive ECE, validate_args=False", lambda: AdaptiveCalibrationError(c, 15, validate_args=False),
-         "torch-uncertainty AdaptiveCalibrationError", lambda: TUACE(task="multiclass", num_classes=c, num_bins=15)),
+        (
+            "adaptive ECE, validate_args=False",
+            lambda: AdaptiveCalibrationError(c, 15, validate_args=False),
+            "torch-uncertainty AdaptiveCalibrationError",
+            lambda: TUACE(task="multiclass", num_classes=c, num_bins=15),
+        ),
         # torch-uncertainty's classwise ECE stores every probability and a one-hot target (~1.2 GB at 1M x 100).
-        ("classwise ECE", lambda: ClasswiseCalibrationError(c, 15), "torch-uncertainty ClasswiseCalibrationError",
-         (lambda: TUCW(num_classes=c, num_bins=15)) if args.quick else None),
+        (
+            "classwise ECE",
+            lambda: ClasswiseCalibrationError(c, 15),
+            "torch-uncertainty ClasswiseCalibrationError",
+            (lambda: TUCW(num_classes=c, num_bins=15)) if args.quick else None,
+        ),
     ]
     print(f"{n:,} predictions x {c} classes, batches of {args.batch:,}, best of {args.repeats}\n")
-    print("| metric | ours update+compute (s) | reference | ref update+compute (s) | time ratio ours/ref | ours state | ref state | abs diff |")
+    print(
+        "| metric | ours update+compute (s) | reference | ref update+compute (s) | time ratio ours/ref | ours state | ref state | abs diff |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, ours, ref_name, ref in pairs:
         ou, oc, ob, ov = bench(ours, batches, args.repeats)
         if ref is None:
-            print(f"| {name} | {ou + oc:.2f} | {ref_name} | skipped (stores all inputs; run --quick) | - | {ob / 1e3:.1f} kB | - | - |")
+            print(
+                f"| {name} | {ou + oc:.2f} | {ref_name} | skipped (stores all inputs; run --quick) | - | {ob / 1e3:.1f} kB | - | - |"
+            )
             continue
         ru, rc, rb, rv = bench(ref, batches, 1 if "Classwise" in ref_name else args.repeats)
         print(

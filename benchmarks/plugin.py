@@ -27,7 +27,9 @@ from lightning_ensembles.data import DigitsDataModule
 
 
 def backbone() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
 
 
 class UserClassifier(L.LightningModule):
@@ -69,8 +71,14 @@ def run(route: str, epochs: int) -> float:
     else:
         module = EnsembleClassifier(DeepEnsemble(backbone(), num_members=4), lr=1e-3)
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks,
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
     )
     trainer.fit(module, DigitsDataModule(batch_size=64))
     return min(timer.times[1:] or timer.times)

@@ -53,7 +53,9 @@ def _evaluate(model, x, y) -> tuple[float, float]:
     return nll, (probs.argmax(-1) == y).float().mean().item()
 
 
-def run(kind: str, data: str, seed: int, epochs: int, alpha: float = 2, batch_init: str = "normal") -> tuple[float, float, int]:
+def run(
+    kind: str, data: str, seed: int, epochs: int, alpha: float = 2, batch_init: str = "normal"
+) -> tuple[float, float, int]:
     """Train; keep the epoch with the best validation NLL (early stopping, same rule for every model)."""
     torch.manual_seed(seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -94,17 +94,38 @@ ZOO: dict[str, tuple[str, str, dict, int, bool]] = {
     "mobilevitv2_050": ("MobileViT", "mobilevitv2_050", {}, 64, True),
     "levit_128s": ("LeViT", "levit_128s", {"img_size": 64}, 64, True),
     "vit_tiny": ("ViT", "vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32, True),
-    "deit_tiny_distilled": ("DeiT (distilled: 2 heads)", "deit_tiny_distilled_patch16_224",
-                            {"img_size": 32, "patch_size": 8, "depth": 2}, 32, True),
+    "deit_tiny_distilled": (
+        "DeiT (distilled: 2 heads)",
+        "deit_tiny_distilled_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 2},
+        32,
+        True,
+    ),
     "cait": ("CaiT", "cait_xxs24_224", {"img_size": 32, "patch_size": 8, "depth": 2, "depth_token_only": 1}, 32, True),
     "xcit_nano": ("XCiT", "xcit_nano_12_p16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32, True),
     "eva02_tiny": ("EVA-02 (RoPE)", "eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, 28, True),
-    "beit": ("BEiT (relative position bias)", "beit_base_patch16_224",
-             {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}, 32, True),
+    "beit": (
+        "BEiT (relative position bias)",
+        "beit_base_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+        32,
+        True,
+    ),
     "pit_ti": ("PiT", "pit_ti_224", {"img_size": 64}, 64, True),
-    "convit_tiny": ("ConViT", "convit_tiny", {"img_size": 32, "patch_size": 8, "depth": 2, "local_up_to_layer": 1}, 32, True),
-    "swin": ("Swin", "swin_tiny_patch4_window7_224",
-             {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (1, 1), "num_heads": (2, 4)}, 32, True),
+    "convit_tiny": (
+        "ConViT",
+        "convit_tiny",
+        {"img_size": 32, "patch_size": 8, "depth": 2, "local_up_to_layer": 1},
+        32,
+        True,
+    ),
+    "swin": (
+        "Swin",
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (1, 1), "num_heads": (2, 4)},
+        32,
+        True,
+    ),
     "pvt_v2_b0": ("PVT", "pvt_v2_b0", {}, 64, True),
     "twins": ("Twins", "twins_svt_small", {"img_size": 64, "depths": (1, 1, 1, 1)}, 64, True),
     "coat_lite_tiny": ("CoaT", "coat_lite_tiny", {"img_size": 64}, 64, True),
@@ -232,22 +253,42 @@ def tu_models() -> dict[str, tuple[callable, callable | None, tuple[int, ...], d
     pe = {"num_estimators": 4, "alpha": 2, "gamma": 1}
     it = {"kernel_size": 8, "embed_dim": 8, "num_blocks": 3}
     return {
-        "resnet18 (cifar)": (lambda: resnet(in_channels=3, num_classes=K, arch=18, style="cifar"),
-                             lambda: packed_resnet(in_channels=3, num_classes=K, arch=18, style="cifar", **pe),
-                             (3, 32, 32), {}),
-        "wideresnet28x10 (cifar)": (lambda: wideresnet28x10(in_channels=3, num_classes=K, style="cifar"),
-                                    lambda: packed_wideresnet28x10(in_channels=3, num_classes=K, style="cifar", **pe),
-                                    (3, 32, 32), {}),
-        "vgg11 (cifar)": (lambda: vgg(in_channels=3, num_classes=K, arch=11, style="cifar"),
-                          lambda: packed_vgg(in_channels=3, num_classes=K, arch=11, style="cifar", **pe), (3, 32, 32), {}),
-        "lenet": (lambda: lenet(in_channels=1, num_classes=K), lambda: packed_lenet(in_channels=1, num_classes=K, **pe),
-                  (1, 32, 32), {}),
-        "mlp (head registered first)": (lambda: mlp(in_features=8, num_outputs=K, hidden_dims=[16, 16]),
-                                        lambda: packed_mlp(in_features=8, num_outputs=K, hidden_dims=[16, 16], **pe),
-                                        (8,), {}),
+        "resnet18 (cifar)": (
+            lambda: resnet(in_channels=3, num_classes=K, arch=18, style="cifar"),
+            lambda: packed_resnet(in_channels=3, num_classes=K, arch=18, style="cifar", **pe),
+            (3, 32, 32),
+            {},
+        ),
+        "wideresnet28x10 (cifar)": (
+            lambda: wideresnet28x10(in_channels=3, num_classes=K, style="cifar"),
+            lambda: packed_wideresnet28x10(in_channels=3, num_classes=K, style="cifar", **pe),
+            (3, 32, 32),
+            {},
+        ),
+        "vgg11 (cifar)": (
+            lambda: vgg(in_channels=3, num_classes=K, arch=11, style="cifar"),
+            lambda: packed_vgg(in_channels=3, num_classes=K, arch=11, style="cifar", **pe),
+            (3, 32, 32),
+            {},
+        ),
+        "lenet": (
+            lambda: lenet(in_channels=1, num_classes=K),
+            lambda: packed_lenet(in_channels=1, num_classes=K, **pe),
+            (1, 32, 32),
+            {},
+        ),
+        "mlp (head registered first)": (
+            lambda: mlp(in_features=8, num_outputs=K, hidden_dims=[16, 16]),
+            lambda: packed_mlp(in_features=8, num_outputs=K, hidden_dims=[16, 16], **pe),
+            (8,),
+            {},
+        ),
         "inception_time (input feeds several layers)": (
             lambda: inception_time(in_channels=2, num_classes=K, **it),
-            lambda: packed_inception_time(in_channels=2, num_classes=K, **pe, **it), (2, 32), {}),
+            lambda: packed_inception_time(in_channels=2, num_classes=K, **pe, **it),
+            (2, 32),
+            {},
+        ),
     }
 
 
@@ -262,8 +303,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
     parser.add_argument("--no-tu", action="store_true", help="skip torch-uncertainty's builders")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per (model, method)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared machine more threads contend and run 10-50x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared machine more threads contend and run 10-50x slower)",
+    )
     args = parser.parse_args()
     names = args.models or (QUICK if args.quick else list(ZOO))
     torch.manual_seed(0)
@@ -303,7 +348,9 @@ def main() -> None:
     print("\n| method | models | works | refuses (ConversionError) | crashes | silently wrong | timeouts |")
     print("|---|---|---|---|---|---|---|")
     for method, c in counts.items():
-        print(f"| {method} | {sum(c.values())} | {c['works']} | {c['refused']} | {c['crash']} | {c['wrong']} | {c['timeout']} |")
+        print(
+            f"| {method} | {sum(c.values())} | {c['works']} | {c['refused']} | {c['crash']} | {c['wrong']} | {c['timeout']} |"
+        )
 
     if args.no_tu:
         return
@@ -325,14 +372,18 @@ def main() -> None:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    ens = PackedEnsemble(copy.deepcopy(backbone), num_members=4, alpha=2, gamma=1, example_input=x, **kw)
+                    ens = PackedEnsemble(
+                        copy.deepcopy(backbone), num_members=4, alpha=2, gamma=1, example_input=x, **kw
+                    )
                 ours, theirs = f"{_count(ens):,}", f"{_count(packed()):,}"
             except Exception as err:  # noqa: BLE001
                 ours = f"{type(err).__name__}"
         print(f"| {name} | " + " | ".join(cells) + f" | {ours} | {theirs} |", flush=True)
     for method, c in tu_counts.items():
-        print(f"torch-uncertainty {method}: works {c['works']}, refuses {c['refused']}, crashes {c['crash']}, "
-              f"silently wrong {c['wrong']}, timeouts {c['timeout']}")
+        print(
+            f"torch-uncertainty {method}: works {c['works']}, refuses {c['refused']}, crashes {c['crash']}, "
+            f"silently wrong {c['wrong']}, timeouts {c['timeout']}"
+        )
 
 
 if __name__ == "__main__":

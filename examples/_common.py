@@ -20,8 +20,14 @@ def parse_args(description: str) -> argparse.Namespace:
 def trainer(args: argparse.Namespace, epochs: int, **kwargs) -> L.Trainer:
     smoke = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2) if args.smoke else {}
     options = dict(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(args.out),
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(args.out),
     )
     options.update(kwargs)
     options.update(smoke)

@@ -9,10 +9,10 @@ nothing about ensembles. The only change is the `callbacks=[...]` line.
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _common import parse_args, trainer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from _common import parse_args, trainer
 from lightning_ensembles.callbacks import Ensembling
 from lightning_ensembles.data import DigitsDataModule
 
@@ -72,8 +72,10 @@ def main() -> None:
         members = module.model.ensemble(x)  # (M, B, C)
     member_nll = [F.cross_entropy(m, y).item() for m in members]
     ensemble_nll = F.nll_loss(members.softmax(-1).mean(0).log(), y).item()
-    print(f"member NLLs {', '.join(f'{v:.4f}' for v in member_nll)}; ensemble {ensemble_nll:.4f} "
-          f"(mean member {sum(member_nll) / len(member_nll):.4f})")
+    print(
+        f"member NLLs {', '.join(f'{v:.4f}' for v in member_nll)}; ensemble {ensemble_nll:.4f} "
+        f"(mean member {sum(member_nll) / len(member_nll):.4f})"
+    )
 
 
 if __name__ == "__main__":

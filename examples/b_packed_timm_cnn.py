@@ -9,8 +9,8 @@ four ways), no hand-written architecture.
 
 import lightning as L
 import timm
-
 from _common import parse_args, trainer
+
 from lightning_ensembles import EnsembleClassifier, PackedEnsemble
 from lightning_ensembles.data import DigitsDataModule
 

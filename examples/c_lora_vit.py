@@ -10,16 +10,23 @@ test metrics.
 
 import lightning as L
 import timm
-
 from _common import parse_args, trainer
+
 from lightning_ensembles import EnsembleClassifier, LoRAEnsemble
 from lightning_ensembles.data import DigitsDataModule
 
 
 def vit():
     return timm.create_model(
-        "vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, num_classes=10, depth=4,
-        embed_dim=96, num_heads=3, pretrained=False,
+        "vit_tiny_patch16_224",
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        num_classes=10,
+        depth=4,
+        embed_dim=96,
+        num_heads=3,
+        pretrained=False,
     )
 
 
@@ -28,7 +35,9 @@ def main() -> None:
     dm = DigitsDataModule(batch_size=64)
     L.seed_everything(0)
     backbone = vit()
-    single = EnsembleClassifier(backbone=backbone, num_members=1, method="deep", ensemble_kwargs={"init": "copy"}, lr=1e-3)
+    single = EnsembleClassifier(
+        backbone=backbone, num_members=1, method="deep", ensemble_kwargs={"init": "copy"}, lr=1e-3
+    )
     t = trainer(args, epochs=20)
     t.fit(single, dm)
     res_single = t.test(single, dm, verbose=False)[0]
@@ -42,10 +51,14 @@ def main() -> None:
     res_lora = t.test(model, dm, verbose=False)[0]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\n{'model':<28}{'trainable':>11}{'acc':>8}{'NLL':>8}{'ECE':>8}")
-    print(f"{'ViT (the backbone)':<28}{sum(p.numel() for p in pretrained.parameters()):>11,}"
-          f"{res_single['test/acc']:>8.4f}{res_single['test/nll']:>8.4f}{res_single['test/ece']:>8.4f}")
-    print(f"{'LoRA-Ensemble M=4, rank 8':<28}{trainable:>11,}"
-          f"{res_lora['test/acc']:>8.4f}{res_lora['test/nll']:>8.4f}{res_lora['test/ece']:>8.4f}")
+    print(
+        f"{'ViT (the backbone)':<28}{sum(p.numel() for p in pretrained.parameters()):>11,}"
+        f"{res_single['test/acc']:>8.4f}{res_single['test/nll']:>8.4f}{res_single['test/ece']:>8.4f}"
+    )
+    print(
+        f"{'LoRA-Ensemble M=4, rank 8':<28}{trainable:>11,}"
+        f"{res_lora['test/acc']:>8.4f}{res_lora['test/nll']:>8.4f}{res_lora['test/ece']:>8.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ ReliabilityDiagram draws accuracy against confidence before the numbers are prin
 """
 
 import lightning as L
+from _common import parse_args, trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from _common import parse_args, trainer
 from lightning_ensembles import EnsembleClassifier, MemberWeightAveraging, ReliabilityDiagram, TemperatureScaling
 from lightning_ensembles.data import MNIST1DDataModule
 
@@ -20,7 +20,9 @@ def main() -> None:
     L.seed_everything(0)
     dm = MNIST1DDataModule(batch_size=128, num_samples=4000)
     model = EnsembleClassifier(
-        backbone="mlp", num_members=4, lr=2e-3,
+        backbone="mlp",
+        num_members=4,
+        lr=2e-3,
         backbone_kwargs={"in_features": 40, "out_features": 10, "hidden": [256, 256]},
     )
     ts = TemperatureScaling()
@@ -29,8 +31,10 @@ def main() -> None:
     t.fit(model, dm)
     res = t.test(model, dm, verbose=False)[0]
     print(f"\ntest accuracy {res['test/acc']:.4f}; fitted temperature T = {ts.temperature:.3f}")
-    print(f"ECE {res['test/ts/ece_before']:.4f} -> {res['test/ts/ece_after']:.4f}, "
-          f"NLL {res['test/ts/nll_before']:.4f} -> {res['test/ts/nll_after']:.4f}")
+    print(
+        f"ECE {res['test/ts/ece_before']:.4f} -> {res['test/ts/ece_after']:.4f}, "
+        f"NLL {res['test/ts/nll_before']:.4f} -> {res['test/ts/nll_after']:.4f}"
+    )
     print("reliability diagrams:", ", ".join(str(p) for p in sorted(args.out.rglob("reliability/*.png"))[-2:]))
 
 

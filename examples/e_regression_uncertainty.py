@@ -13,8 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-
 from _common import parse_args, trainer  # noqa: E402
+
 from lightning_ensembles import EnsembleRegressor  # noqa: E402
 from lightning_ensembles.data import ToyRegressionDataModule  # noqa: E402
 from lightning_ensembles.data.toy_regression import toy_function  # noqa: E402
@@ -26,7 +26,9 @@ def main() -> None:
     L.seed_everything(0)
     dm = ToyRegressionDataModule()
     model = EnsembleRegressor(
-        backbone="mlp", num_members=5, lr=5e-3,
+        backbone="mlp",
+        num_members=5,
+        lr=5e-3,
         backbone_kwargs={"in_features": 1, "out_features": 2, "hidden": [64, 64]},
     )
     t = trainer(args, epochs=60)
@@ -38,7 +40,7 @@ def main() -> None:
         pred = model.predict_step((x,), 0)
     xs, mean = x.squeeze(), pred["mean"].squeeze()
     ale, epi = pred["aleatoric"].squeeze(), pred["epistemic"].squeeze()
-    gap = (xs.abs() < 2)
+    gap = xs.abs() < 2
     print(f"mean epistemic variance: in the gap {epi[gap].mean():.4f}, elsewhere {epi[~gap].mean():.4f}")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     xtr, ytr = dm.splits["train"].tensors

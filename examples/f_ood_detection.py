@@ -10,8 +10,8 @@ The ROC curve of mutual information is written to outputs/examples/ood_roc_mi.pn
 
 import lightning as L
 import torch
-
 from _common import parse_args, trainer
+
 from lightning_ensembles import EnsembleClassifier
 from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.metrics import OODAUROC
@@ -22,7 +22,9 @@ def main() -> None:
     L.seed_everything(0)
     dm = DigitsDataModule(ood_classes=(8, 9))
     model = EnsembleClassifier(
-        backbone="mlp", num_members=5, lr=3e-3,
+        backbone="mlp",
+        num_members=5,
+        lr=3e-3,
         backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": [128, 128]},
     )
     t = trainer(args, epochs=40)

@@ -15,9 +15,9 @@ Each task compares a single model with a 4-member deep ensemble.
 
 import lightning as L
 import torch
+from _common import parse_args, trainer
 from torch import nn
 
-from _common import parse_args, trainer
 from lightning_ensembles import EnsembleClassifier
 from lightning_ensembles.data._tensor_dm import TensorDataModule
 from lightning_ensembles.data.digits import load_digits_tensors
@@ -78,7 +78,10 @@ def run(args, task: str, members: int, dm: TensorDataModule, epochs: int) -> dic
         model = EnsembleClassifier(backbone=fcn(), num_members=members, task="dense", lr=3e-3)
     else:
         model = EnsembleClassifier(
-            backbone="mlp", num_members=members, task="multilabel", lr=3e-3,
+            backbone="mlp",
+            num_members=members,
+            task="multilabel",
+            lr=3e-3,
             backbone_kwargs={"in_features": 128, "out_features": 10, "hidden": [128, 128]},
         )
     t = trainer(args, epochs=epochs)

@@ -15,8 +15,11 @@ averaging tools in :mod:`lightning_ensembles.averaging`, data in :mod:`lightning
 """
 
 from .backbones import CNN1D, MLP, register_backbone, resolve_backbone
+
+# Cost-aware inference (issue 20): cascades, distillation, bridges.
 from .callbacks import (
     CalibrationMetrics,
+    CascadeEvaluation,
     ConformalPrediction,
     Ensembling,
     LastLayerLaplace,
@@ -26,32 +29,29 @@ from .callbacks import (
     SnapshotEnsemble,
     TemperatureScaling,
 )
+
+# More ensemble families (issue 18).
+from .ensembles.asymmetric import asymmetric_ensemble, w_asymmetric
 from .ensembles.base import Ensemble, GaussianMixture, aggregate_gaussian, aggregate_log_probs, aggregate_probs
 from .ensembles.batch import BatchEnsemble, TabM
 from .ensembles.deep import DeepEnsemble
+
+# Beyond classification logits (issue 19).
+from .ensembles.evidential import DirichletHead, NIGHead, evidential_head
 from .ensembles.lora import LoRAEnsemble
+from .ensembles.masksembles import Masksembles
+from .ensembles.mc_dropout import MCDropout
+from .ensembles.mimo import MIMO
 from .ensembles.packed import PackedEnsemble
 from .ensembles.registry import build_ensemble, register_method
 from .ensembles.symmetry import MultiSymmetryEnsemble
+from .ensembles.tta import TTAEnsemble
+from .inference import BridgeEnsemble, DistillationModule, EnsembleCascade, MultiHeadStudent, count_macs
 from .losses.base import Regularizer
 from .modules import EnsembleClassifier, EnsembleRegressor
 
 # Importing the strategies registers `Trainer(strategy="member_parallel")`.
 from .strategies import MemberParallelStrategy, MemberShard, fully_shard_ensembles
-
-# More ensemble families (issue 18).
-from .ensembles.asymmetric import asymmetric_ensemble, w_asymmetric
-from .ensembles.masksembles import Masksembles
-from .ensembles.mc_dropout import MCDropout
-from .ensembles.mimo import MIMO
-from .ensembles.tta import TTAEnsemble
-
-# Cost-aware inference (issue 20): cascades, distillation, bridges.
-from .callbacks import CascadeEvaluation
-from .inference import BridgeEnsemble, DistillationModule, EnsembleCascade, MultiHeadStudent, count_macs
-
-# Beyond classification logits (issue 19).
-from .ensembles.evidential import DirichletHead, NIGHead, evidential_head
 
 __version__ = "0.1.0"
 

@@ -71,9 +71,7 @@ def _prepare(model: nn.Module, example_input: Tensor) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected an nn.Module to export, got {type(model).__name__}.")
     if not isinstance(example_input, Tensor):
-        raise ValueError(
-            f"`example_input` must be one batch tensor (B, ...), got {type(example_input).__name__}."
-        )
+        raise ValueError(f"`example_input` must be one batch tensor (B, ...), got {type(example_input).__name__}.")
     return model.eval()
 
 
@@ -89,8 +87,9 @@ def _export(model: nn.Module, x: Tensor, dynamic_batch: bool) -> torch.export.Ex
         ) from err
 
 
-def _check_program(name: str, model: nn.Module, program: torch.export.ExportedProgram, x: Tensor,
-                   atol: float, rtol: float) -> None:
+def _check_program(
+    name: str, model: nn.Module, program: torch.export.ExportedProgram, x: Tensor, atol: float, rtol: float
+) -> None:
     inputs = [x, _other_batch(x)] if _batch_is_dynamic(program) else [x]
     runnable = program.module()
     with torch.no_grad():
@@ -162,8 +161,9 @@ def export_member(
     if check:
         _check_program(name, member, program, example_input, atol, rtol)
         with torch.no_grad():
-            _compare(name, "the exported member", program.module()(example_input), model(example_input)[index],
-                     atol, rtol)
+            _compare(
+                name, "the exported member", program.module()(example_input), model(example_input)[index], atol, rtol
+            )
     return program
 
 
@@ -206,9 +206,7 @@ def export_onnx(
     if check:
         ort = require("onnxruntime", "export", "checking an ONNX export")
 
-        session = ort.InferenceSession(
-            onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
         feed_name = session.get_inputs()[0].name
         inputs = [example_input, _other_batch(example_input)] if _batch_is_dynamic(program) else [example_input]
         with torch.no_grad():

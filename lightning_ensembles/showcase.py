@@ -83,11 +83,21 @@ def plot_reliability_pair(panels: dict[str, ExpectedCalibrationError], path: str
         seen = count > 0
         ax.bar(centers[seen], acc[seen], width=1 / n, edgecolor="black", color="tab:blue", label="accuracy")
         over = conf > acc  # overconfident bins in red, underconfident in green
-        for mask, color, label in ((seen & over, "tab:red", "overconfident gap"),
-                                   (seen & ~over, "tab:green", "underconfident gap")):
+        for mask, color, label in (
+            (seen & over, "tab:red", "overconfident gap"),
+            (seen & ~over, "tab:green", "underconfident gap"),
+        ):
             if mask.any():
-                ax.bar(centers[mask], np.abs(conf - acc)[mask], bottom=np.minimum(acc, conf)[mask], width=1 / n,
-                       color=color, alpha=0.45, hatch="//", label=label)
+                ax.bar(
+                    centers[mask],
+                    np.abs(conf - acc)[mask],
+                    bottom=np.minimum(acc, conf)[mask],
+                    width=1 / n,
+                    color=color,
+                    alpha=0.45,
+                    hatch="//",
+                    label=label,
+                )
         ax.plot([0, 1], [0, 1], "--", color="gray")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -118,7 +128,9 @@ def _test_calibration(model: Any, datamodule: Any) -> ExpectedCalibrationError:
     return ece
 
 
-def _fit_and_test(config: str, overrides: list[str], root: str) -> tuple[dict[str, float], ExpectedCalibrationError, str]:
+def _fit_and_test(
+    config: str, overrides: list[str], root: str
+) -> tuple[dict[str, float], ExpectedCalibrationError, str]:
     from .cli import run_cli
 
     args = ["fit", "--config", config, *overrides, "--trainer.default_root_dir", root, "--test_after_fit", "false"]
@@ -157,12 +169,17 @@ def run_showcase(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     Returns ``{"single model": {...}, "<method> ensemble (M)": {...}}`` with the :data:`COLUMNS` keys
     (plus ``brier``, ``shift_nll``).
     """
-    parser = argparse.ArgumentParser(prog="lightning-ensembles showcase", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lightning-ensembles showcase", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="a fit config of an EnsembleClassifier (YAML)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: these small models run several times slower with "
-                             "2 threads on 2 cores, measured 248 s vs 53 s of CPU for the MNIST-1D showcase)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: these small models run several times slower with "
+        "2 threads on 2 cores, measured 248 s vs 53 s of CPU for the MNIST-1D showcase)",
+    )
     known, rest = parser.parse_known_args(args)
     rest = list(rest)
     threads = torch.get_num_threads()
@@ -175,11 +192,20 @@ def run_showcase(args: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 def _run(config: str, rest: list[str]) -> dict[str, dict[str, float]]:
     root = _root_dir(config, rest)
-    rest = [a for i, a in enumerate(rest) if a != "--trainer.default_root_dir"
-            and (i == 0 or rest[i - 1] != "--trainer.default_root_dir")]
+    rest = [
+        a
+        for i, a in enumerate(rest)
+        if a != "--trainer.default_root_dir" and (i == 0 or rest[i - 1] != "--trainer.default_root_dir")
+    ]
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    single_args = ["--model.init_args.method", "deep", "--model.init_args.num_members", "1",
-                   "--model.init_args.ensemble_kwargs", "null"]
+    single_args = [
+        "--model.init_args.method",
+        "deep",
+        "--model.init_args.num_members",
+        "1",
+        "--model.init_args.ensemble_kwargs",
+        "null",
+    ]
     results, panels = {}, {}
     for run, extra in (("single", single_args), ("ensemble", [])):
         print(f"\n== {run} ==", flush=True)
@@ -191,8 +217,11 @@ def _run(config: str, rest: list[str]) -> dict[str, dict[str, float]]:
     with open(os.path.join(root, "showcase.json"), "w") as f:
         json.dump({"results": results, "wall_s": wall, "cpu_s": cpu}, f, indent=2)
     print("\n" + format_comparison(results))
-    print(f"\nreliability diagrams: {png}; table: {os.path.join(root, 'showcase.json')}; "
-          f"total {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+    print(
+        f"\nreliability diagrams: {png}; table: {os.path.join(root, 'showcase.json')}; "
+        f"total {wall:.0f} s wall, {cpu:.0f} s CPU",
+        flush=True,
+    )
     return results
 
 

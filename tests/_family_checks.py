@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 import yaml
-
 from conftest import quiet_trainer
 
 DIGITS_MLP = {"in_features": 64, "out_features": 10, "hidden": [32]}
 
 
-def classifier_from_yaml(method: str, ensemble_kwargs: dict[str, Any], num_members: int = 3,
-                         backbone_kwargs: dict[str, Any] | None = None):
+def classifier_from_yaml(
+    method: str, ensemble_kwargs: dict[str, Any], num_members: int = 3, backbone_kwargs: dict[str, Any] | None = None
+):
     """Build ``EnsembleClassifier(method=...)`` from a YAML string through jsonargparse (as LightningCLI does)."""
     from jsonargparse import ArgumentParser
 
@@ -48,7 +48,9 @@ def checkpoint_round_trip(tmp_path, model, fresh, x: torch.Tensor) -> dict[str, 
     with torch.no_grad():
         expected = model.eval()(x)
         before = fresh.eval()(x)
-    assert not torch.allclose(before, expected), "the fresh model must differ before loading, or the test proves nothing"
+    assert not torch.allclose(before, expected), (
+        "the fresh model must differ before loading, or the test proves nothing"
+    )
     fresh.load_state_dict(ckpt["state_dict"])
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), expected)
@@ -91,34 +93,51 @@ def ensembling_callback_fit(method: str, num_members: int, method_kwargs: dict[s
     return float(trainer.callback_metrics["val_acc"])
 
 
-def cli_fit_with_diversity_averaging_and_calibration(tmp_path, method: str, ensemble_kwargs: dict[str, Any],
-                                                     num_members: int = 3) -> Any:
+def cli_fit_with_diversity_averaging_and_calibration(
+    tmp_path, method: str, ensemble_kwargs: dict[str, Any], num_members: int = 3
+) -> Any:
     """``lightning-ensembles fit`` from YAML with a diversity term, EMA weight averaging, calibration metrics and
     temperature scaling."""
     from lightning_ensembles.cli import run_cli
 
     config = tmp_path / "family.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {
-            "class_path": "lightning_ensembles.EnsembleClassifier",
-            "init_args": {
-                "backbone": "mlp", "method": method, "num_members": num_members, "backbone_kwargs": DIGITS_MLP,
-                "ensemble_kwargs": ensemble_kwargs,
-                "regularizers": [{"class_path": "lightning_ensembles.losses.JensenShannon", "init_args": {"weight": 0.1}}],
-            },
-        },
-        "data": {"class_path": "lightning_ensembles.data.DigitsDataModule", "init_args": {"batch_size": 32}},
-        "trainer": {
-            "max_epochs": 1, "limit_train_batches": 4, "limit_val_batches": 2, "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "callbacks": [
-                {"class_path": "lightning_ensembles.callbacks.MemberWeightAveraging",
-                 "init_args": {"method": "ema", "attribute": "ensemble", "interval": "step", "decay": 0.5}},
-                {"class_path": "lightning_ensembles.callbacks.CalibrationMetrics"},
-                {"class_path": "lightning_ensembles.callbacks.TemperatureScaling"},
-            ],
-        },
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "class_path": "lightning_ensembles.EnsembleClassifier",
+                    "init_args": {
+                        "backbone": "mlp",
+                        "method": method,
+                        "num_members": num_members,
+                        "backbone_kwargs": DIGITS_MLP,
+                        "ensemble_kwargs": ensemble_kwargs,
+                        "regularizers": [
+                            {"class_path": "lightning_ensembles.losses.JensenShannon", "init_args": {"weight": 0.1}}
+                        ],
+                    },
+                },
+                "data": {"class_path": "lightning_ensembles.data.DigitsDataModule", "init_args": {"batch_size": 32}},
+                "trainer": {
+                    "max_epochs": 1,
+                    "limit_train_batches": 4,
+                    "limit_val_batches": 2,
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "callbacks": [
+                        {
+                            "class_path": "lightning_ensembles.callbacks.MemberWeightAveraging",
+                            "init_args": {"method": "ema", "attribute": "ensemble", "interval": "step", "decay": 0.5},
+                        },
+                        {"class_path": "lightning_ensembles.callbacks.CalibrationMetrics"},
+                        {"class_path": "lightning_ensembles.callbacks.TemperatureScaling"},
+                    ],
+                },
+            }
+        )
+    )
     cli = run_cli(["fit", "--config", str(config), "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}"])
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/neg_jensen_shannon"])

@@ -19,7 +19,11 @@ def quiet_trainer(**kwargs):
     import lightning as L
 
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False,
     )
     defaults.update(kwargs)

@@ -1,8 +1,13 @@
 import pytest
 import torch
+from _family_checks import (
+    checkpoint_round_trip,
+    classifier_from_yaml,
+    cli_fit_with_diversity_averaging_and_calibration,
+    ensembling_callback_fit,
+)
 from torch import nn
 
-from _family_checks import checkpoint_round_trip, classifier_from_yaml, cli_fit_with_diversity_averaging_and_calibration, ensembling_callback_fit
 from lightning_ensembles import DeepEnsemble
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.ensembles.asymmetric import WAsymmetricLayer, asymmetric_ensemble, w_asymmetric
@@ -78,8 +83,16 @@ def test_yaml_checkpoint_round_trip(tmp_path):
     fresh = classifier_from_yaml("asymmetric", {"num_fixed": 4, "seed": 1}, num_members=2)
     state = checkpoint_round_trip(tmp_path, model, fresh, torch.randn(6, 1, 8, 8))
     assert state["ensemble.buffers_.net-1-fixed_mask"].dtype == torch.bool  # the masks travel with the checkpoint
-    assert build_ensemble("asymmetric", "mlp", num_members=2, num_fixed=2,
-                          backbone_kwargs={"in_features": 4, "out_features": 2, "hidden": [8]}).num_members == 2
+    assert (
+        build_ensemble(
+            "asymmetric",
+            "mlp",
+            num_members=2,
+            num_fixed=2,
+            backbone_kwargs={"in_features": 4, "out_features": 2, "hidden": [8]},
+        ).num_members
+        == 2
+    )
 
 
 def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.optim.swa_utils import update_bn as torch_update_bn
@@ -14,8 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ensembles import DeepEnsemble
 from lightning_ensembles.averaging import SWAGEnsemble
 from lightning_ensembles.callbacks.weight_averaging import MemberWeightAveraging
-
-from conftest import quiet_trainer
 
 
 def _data(n=64, seed=0):
@@ -31,8 +30,9 @@ class TinyModule(L.LightningModule):
     def __init__(self, lr=0.1, optimizer="sgd", scheduler=False, storage="auto"):
         super().__init__()
         torch.manual_seed(0)
-        self.net = DeepEnsemble(nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)), 2,
-                                storage=storage)
+        self.net = DeepEnsemble(
+            nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)), 2, storage=storage
+        )
         self.lr, self.optimizer, self.scheduler = lr, optimizer, scheduler
         self.val_weights = []  # (epoch, weights seen by validation)
 
@@ -54,8 +54,11 @@ class TinyModule(L.LightningModule):
             self.val_weights.append((self.current_epoch, _params(self.net)))
 
     def configure_optimizers(self):
-        opt = (torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9) if self.optimizer == "sgd"
-               else torch.optim.Adam(self.parameters(), lr=self.lr))
+        opt = (
+            torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+            if self.optimizer == "sgd"
+            else torch.optim.Adam(self.parameters(), lr=self.lr)
+        )
         if self.scheduler:
             return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)]
         return opt
@@ -159,8 +162,9 @@ def test_interrupt_and_resume_gives_the_same_average(tmp_path, cb_kwargs):
     full_model, full_cb, full_trainer = _run(tmp_path, cb_kwargs, max_epochs=4, name="full", storage=storage)
     _run(tmp_path, cb_kwargs, max_epochs=2, name="part", storage=storage)  # stopped mid-averaging
     ckpt = tmp_path / "part" / "last.ckpt"
-    resumed_model, resumed_cb, resumed_trainer = _run(tmp_path, cb_kwargs, max_epochs=4, ckpt_path=ckpt, name="res",
-                                                      storage=storage)
+    resumed_model, resumed_cb, resumed_trainer = _run(
+        tmp_path, cb_kwargs, max_epochs=4, ckpt_path=ckpt, name="res", storage=storage
+    )
     assert resumed_cb.averager.n_averaged == full_cb.averager.n_averaged > 1
     _assert_params(_params(resumed_model.net), _params(full_model.net), atol=1e-6)
     for n in full_cb.averager.average:
@@ -168,7 +172,9 @@ def test_interrupt_and_resume_gives_the_same_average(tmp_path, cb_kwargs):
     if cb_kwargs["method"] == "swag":
         for n in full_cb.averager.sq_mean:
             torch.testing.assert_close(resumed_cb.averager.sq_mean[n], full_cb.averager.sq_mean[n], atol=1e-6, rtol=0)
-            torch.testing.assert_close(resumed_cb.averager.deviations[n], full_cb.averager.deviations[n], atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                resumed_cb.averager.deviations[n], full_cb.averager.deviations[n], atol=1e-6, rtol=0
+            )
     lr_full = full_trainer.optimizers[0].param_groups[0]["lr"]
     assert resumed_trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr_full)
     if "swa_lr" in cb_kwargs:
@@ -217,11 +223,13 @@ def test_swag_evaluates_an_ensemble_of_draws_per_member():
     from lightning_ensembles import EnsembleClassifier
     from lightning_ensembles.data import DigitsDataModule
 
-    model = EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs={"in_features": 64, "out_features": 10,
-                                                                              "hidden": (32,)})
+    model = EnsembleClassifier(
+        backbone="mlp", num_members=2, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}
+    )
     cb = MemberWeightAveraging("swag", attribute="ensemble", start_epoch=0, max_rank=3, num_samples=3)
-    trainer = quiet_trainer(max_epochs=3, callbacks=[cb], limit_train_batches=5, limit_val_batches=1,
-                            limit_test_batches=2)
+    trainer = quiet_trainer(
+        max_epochs=3, callbacks=[cb], limit_train_batches=5, limit_val_batches=1, limit_test_batches=2
+    )
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert isinstance(cb.swag_ensemble, SWAGEnsemble) and cb.swag_ensemble.num_members == 6
     trainer.test(model, DigitsDataModule(batch_size=32))

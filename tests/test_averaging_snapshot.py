@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from conftest import quiet_trainer
 from lightning_ensembles import DeepEnsemble, EnsembleClassifier
 from lightning_ensembles.averaging.snapshot import cyclic_cosine_lr, snapshot_ensemble
 from lightning_ensembles.callbacks.snapshot import SnapshotEnsemble
@@ -27,8 +27,13 @@ class LRAndWeights(Callback):
 
 def _model():
     torch.manual_seed(0)
-    return EnsembleClassifier(backbone="mlp", num_members=1, optimizer="sgd", lr=0.1,
-                              backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    return EnsembleClassifier(
+        backbone="mlp",
+        num_members=1,
+        optimizer="sgd",
+        lr=0.1,
+        backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)},
+    )
 
 
 class _DM(DigitsDataModule):
@@ -38,8 +43,9 @@ class _DM(DigitsDataModule):
 
 def _fit(callbacks, max_epochs=3, ckpt_path=None, **kw):
     model = _model()
-    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, limit_train_batches=4, limit_val_batches=1,
-                            **kw)
+    trainer = quiet_trainer(
+        max_epochs=max_epochs, callbacks=callbacks, limit_train_batches=4, limit_val_batches=1, **kw
+    )
     trainer.fit(model, _DM(batch_size=32), ckpt_path=ckpt_path)
     return model, trainer
 
@@ -95,8 +101,12 @@ def test_resume_gives_the_same_snapshots(tmp_path):
         _fit([part, ckpt, _Crash()], max_epochs=3, enable_checkpointing=True)
     assert len(part.snapshots) == 1
     resumed = SnapshotEnsemble(num_cycles=2, attribute="ensemble")
-    _fit([resumed, ModelCheckpoint(dirpath=tmp_path)], max_epochs=3, ckpt_path=tmp_path / "last.ckpt",
-         enable_checkpointing=True)
+    _fit(
+        [resumed, ModelCheckpoint(dirpath=tmp_path)],
+        max_epochs=3,
+        ckpt_path=tmp_path / "last.ckpt",
+        enable_checkpointing=True,
+    )
     assert len(resumed.snapshots) == len(full.snapshots) == 2
     for a, b in zip(full.snapshots, resumed.snapshots):
         for k in a:

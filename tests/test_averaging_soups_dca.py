@@ -9,7 +9,12 @@ from torch import nn
 
 from lightning_ensembles import MLP, DeepEnsemble
 from lightning_ensembles.averaging import (
-    CombinatorialEnsemble, DCAConsistency, accuracy_score, greedy_soup, member_ingredients, split_by_depth,
+    CombinatorialEnsemble,
+    DCAConsistency,
+    accuracy_score,
+    greedy_soup,
+    member_ingredients,
+    split_by_depth,
     uniform_soup,
 )
 
@@ -92,15 +97,17 @@ def test_dcwa_weights_equal_the_instance_mean():
         for i, path in enumerate(paths):
             for name in ("weight", "bias"):
                 instances = [getattr(backbone.get_submodule(path), name)] + [
-                    getattr(inst[i], name) for inst in dca.instances[k]]
+                    getattr(inst[i], name) for inst in dca.instances[k]
+                ]
                 torch.testing.assert_close(getattr(avg.get_submodule(path), name), torch.stack(instances).mean(0))
 
 
 def test_dca_training_draws_and_consistency_loss_decrease():
     torch.manual_seed(0)
     x, y = _blobs(100)
-    dca = CombinatorialEnsemble(MLP(2, 3, hidden=(16,)), components=2, num_instances=3, draws_per_step=3,
-                                num_eval_samples=8).train()
+    dca = CombinatorialEnsemble(
+        MLP(2, 3, hidden=(16,)), components=2, num_instances=3, draws_per_step=3, num_eval_samples=8
+    ).train()
     assert dca(x).shape == (3, 100, 3)
     reg = DCAConsistency(weight=1.0)
     opt = torch.optim.Adam(dca.parameters(), lr=3e-2)
@@ -134,8 +141,9 @@ def test_dca_trains_in_ensemble_classifier_with_consistency_regularizer():
     from lightning_ensembles import EnsembleClassifier
     from lightning_ensembles.data import DigitsDataModule
 
-    dca = CombinatorialEnsemble(MLP(64, 10, hidden=(32,)), components=2, num_instances=3, draws_per_step=2,
-                                eval_mode="all")
+    dca = CombinatorialEnsemble(
+        MLP(64, 10, hidden=(32,)), components=2, num_instances=3, draws_per_step=2, eval_mode="all"
+    )
     model = EnsembleClassifier(ensemble=dca, regularizers=[DCAConsistency(weight=1.0)])
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(model, DigitsDataModule(batch_size=32))

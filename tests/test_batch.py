@@ -22,7 +22,9 @@ def test_linear_param_count_and_reference_formula():
         torch.testing.assert_close(out[i], ref)
 
 
-@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, groups=2), nn.ConvTranspose2d(4, 6, 3, groups=2), nn.Conv1d(4, 4, 3)])
+@pytest.mark.parametrize(
+    "conv", [nn.Conv2d(4, 6, 3, groups=2), nn.ConvTranspose2d(4, 6, 3, groups=2), nn.Conv1d(4, 4, 3)]
+)
 def test_member_layer_fuses_rank1_factors_for_grouped_and_transposed_convs(conv):
     layer = BatchEnsembleLayer(conv, num_members=3)
     with torch.no_grad():
@@ -36,7 +38,9 @@ def test_member_layer_fuses_rank1_factors_for_grouped_and_transposed_convs(conv)
 
 def test_m1_ones_reduces_to_backbone_and_nested_models_keep_weights():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 36, 3))
+    net = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 36, 3)
+    )
     net.eval()
     x = torch.randn(2, 3, 8, 8)
     ens = BatchEnsemble(net, num_members=1, init="ones")

@@ -258,4 +258,6 @@ def test_conformal_warns_when_the_threshold_is_infinite():
     assert bool(cp.predict_sets(p).all())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ConformalClassifier(alpha=0.1, method="thr").fit(torch.randn(9, 4).softmax(-1), torch.zeros(9, dtype=torch.long))
+        ConformalClassifier(alpha=0.1, method="thr").fit(
+            torch.randn(9, 4).softmax(-1), torch.zeros(9, dtype=torch.long)
+        )

@@ -78,7 +78,9 @@ def test_penalty_keeps_maps_near_identity_on_a_small_separable_validation_set():
     free = VectorScaling(3, reg_lambda=0, reg_mu=0, min_samples=10).fit(x[:150], y[:150])
     held = VectorScaling(3, min_samples=10).fit(x[:150], y[:150])
     assert float(free.weight.max()) > 3 * float(held.weight.max())
-    y_test = torch.where(torch.rand(150, generator=g) < 0.05, (y[150:] + 1) % 3, y[150:])  # a few errors, as in real data
+    y_test = torch.where(
+        torch.rand(150, generator=g) < 0.05, (y[150:] + 1) % 3, y[150:]
+    )  # a few errors, as in real data
     assert _nll(held(x[150:]), y_test) < _nll(free(x[150:]), y_test)
     # the penalty, by formula: lambda / C sum (w - 1)^2 + mu / C sum b^2
     w, b = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
@@ -133,7 +135,10 @@ def test_isotonic_matches_scikit_learn_per_class():
 
 
 def test_interp_matches_numpy():
-    xp, fp = torch.tensor([0.1, 0.3, 0.3, 0.8], dtype=torch.float64), torch.tensor([0.0, 0.2, 0.4, 1.0], dtype=torch.float64)
+    xp, fp = (
+        torch.tensor([0.1, 0.3, 0.3, 0.8], dtype=torch.float64),
+        torch.tensor([0.0, 0.2, 0.4, 1.0], dtype=torch.float64),
+    )
     x = torch.linspace(0, 1, 101, dtype=torch.float64)
     assert np.allclose(interp(x, xp, fp).numpy(), np.interp(x.numpy(), xp.numpy(), fp.numpy()))
 
@@ -186,13 +191,18 @@ def test_bad_inputs_name_the_problem():
 def test_callback_fits_applies_and_restores_from_a_weights_only_checkpoint(tmp_path, method, apply_to):
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=64)
-    model = EnsembleClassifier(backbone="mlp", num_members=2, lr=2e-2, backbone_kwargs={"in_features": 64, "out_features": 10})
+    model = EnsembleClassifier(
+        backbone="mlp", num_members=2, lr=2e-2, backbone_kwargs={"in_features": 64, "out_features": 10}
+    )
     cal = PosthocCalibration(method=method, apply_to=apply_to)
     trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=[cal])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
         trainer.fit(model, dm)
-    assert trainer.callback_metrics[f"val/cal_{method}/nll_after"] <= trainer.callback_metrics[f"val/cal_{method}/nll_before"]
+    assert (
+        trainer.callback_metrics[f"val/cal_{method}/nll_after"]
+        <= trainer.callback_metrics[f"val/cal_{method}/nll_before"]
+    )
     out = trainer.predict(model, dm.test_dataloader())
     # predict returns member probabilities: the map applies exactly where it was fitted on logits
     x, y = next(iter(dm.test_dataloader()))

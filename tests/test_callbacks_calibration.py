@@ -10,7 +10,12 @@ import torch
 from conftest import quiet_trainer
 from torch import nn
 
-from lightning_ensembles.callbacks import CalibrationMetrics, ConformalPrediction, ReliabilityDiagram, TemperatureScaling
+from lightning_ensembles.callbacks import (
+    CalibrationMetrics,
+    ConformalPrediction,
+    ReliabilityDiagram,
+    TemperatureScaling,
+)
 from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.metrics import ExpectedCalibrationError, NegativeLogLikelihood
 
@@ -89,8 +94,13 @@ def test_calibration_metrics_on_a_plain_module_match_direct_computation():
 
 
 def test_calibration_metrics_error_names_the_contract():
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
-                            callbacks=[CalibrationMetrics()])
+    trainer = quiet_trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[CalibrationMetrics()],
+    )
     with pytest.raises(ValueError, match="validation_step.*'member_logits'.*'target'"):
         trainer.fit(LossOnly(), DigitsDataModule())
     with pytest.raises(ValueError, match="unknown metric"):
@@ -179,14 +189,18 @@ def test_temperature_fit_on_five_samples_is_refused(overfit_digits):
     model, dm, ts, _ = overfit_digits
     fresh = TemperatureScaling()
     with pytest.warns(CalibrationWarning, match=r"only 5 samples.*min_samples=100.*kept T=1"):
-        quiet_trainer(callbacks=[fresh], limit_val_batches=1).validate(model, DigitsDataModule(batch_size=5), verbose=False)
+        quiet_trainer(callbacks=[fresh], limit_val_batches=1).validate(
+            model, DigitsDataModule(batch_size=5), verbose=False
+        )
     assert fresh.temperature == 1.0 and not fresh.last_fit.accepted
     (res,) = quiet_trainer(callbacks=[fresh]).test(model, dm, verbose=False)
     assert res["test/ts/nll_after"] == pytest.approx(res["test/ts/nll_before"], abs=1e-6)  # identity, not 3x
     # A fitted callback keeps its previous temperature.
     fitted = copy.deepcopy(ts)
     with pytest.warns(CalibrationWarning, match="only 5 samples"):
-        quiet_trainer(callbacks=[fitted], limit_val_batches=1).validate(model, DigitsDataModule(batch_size=5), verbose=False)
+        quiet_trainer(callbacks=[fitted], limit_val_batches=1).validate(
+            model, DigitsDataModule(batch_size=5), verbose=False
+        )
     assert fitted.temperature == ts.temperature and fitted.kind == ts.kind
 
 

@@ -176,8 +176,9 @@ def test_callback_test_and_predict():
     from lightning_ensembles.callbacks import CascadeEvaluation
     from lightning_ensembles.data import DigitsDataModule
 
-    model = EnsembleClassifier(backbone="mlp", num_members=3,
-                               backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    model = EnsembleClassifier(
+        backbone="mlp", num_members=3, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}
+    )
     quiet_trainer(max_epochs=3).fit(model, DigitsDataModule())
     per_member = 64 * 32 + 32 * 10
     full = CascadeEvaluation(width=float("inf"))

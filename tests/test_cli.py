@@ -12,8 +12,12 @@ CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "digits_deep.yaml"
 def test_fit_then_test_prints_the_member_table(tmp_path, capsys):
     cli = run_cli(
         [
-            "fit", "--config", str(CONFIG), "--trainer.max_epochs=2",
-            f"--trainer.default_root_dir={tmp_path}", "--model.init_args.num_members=3",
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.max_epochs=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.num_members=3",
         ]
     )
     out = capsys.readouterr().out
@@ -29,7 +33,9 @@ def test_fit_then_test_prints_the_member_table(tmp_path, capsys):
 def test_print_config_and_console_script(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_ensembles.cli", "fit", "--config", str(CONFIG), "--print_config"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "lightning_ensembles.EnsembleClassifier" in proc.stdout
@@ -39,9 +45,16 @@ def test_print_config_and_console_script(tmp_path):
 def test_cli_takes_a_timm_backbone_by_name(tmp_path):
     cli = run_cli(
         [
-            "fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", f"--trainer.default_root_dir={tmp_path}",
-            "--model.init_args.backbone=resnet10t", "--model.init_args.num_members=2",
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.backbone=resnet10t",
+            "--model.init_args.num_members=2",
             '--model.init_args.backbone_kwargs={"num_classes": 10, "in_chans": 1}',
         ]
     )

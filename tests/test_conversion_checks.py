@@ -20,7 +20,6 @@ from lightning_ensembles.ensembles.packed import PackedEnsemble
 from lightning_ensembles.ensembles.surgery import ConversionError
 from lightning_ensembles.ensembles.verify import make_probe
 
-
 _NEW = "example_input" in PackedEnsemble.__init__.__code__.co_varnames  # False only when run against the old code
 
 
@@ -45,8 +44,10 @@ class DenseBlock(nn.Module):
     def __init__(self, c=4, growth=3, layers=2, classes=3):
         super().__init__()
         self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.layers = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(c + k * growth), nn.ReLU(),
-                                                  nn.Conv2d(c + k * growth, growth, 3, padding=1)) for k in range(layers))
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(c + k * growth), nn.ReLU(), nn.Conv2d(c + k * growth, growth, 3, padding=1))
+            for k in range(layers)
+        )
         self.head = nn.Linear(c + layers * growth, classes)
 
     def forward(self, x):
@@ -130,8 +131,11 @@ class Shuffle(nn.Module):
 
 
 def test_channel_shuffle_is_refused_naming_module_and_operation():
-    with pytest.raises(ConversionError, match=r"module '<root>'.*not independent.*(transpose|reshape|view) at "
-                       r"test_conversion_checks.py"):
+    with pytest.raises(
+        ConversionError,
+        match=r"module '<root>'.*not independent.*(transpose|reshape|view) at "
+        r"test_conversion_checks.py",
+    ):
         PackedEnsemble(Shuffle(), num_members=2)
 
 

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from lightning_ensembles import DeepEnsemble, Ensemble, MLP
+from lightning_ensembles import MLP, DeepEnsemble, Ensemble
 from lightning_ensembles.ensembles.base import aggregate_gaussian, aggregate_probs
 
 
@@ -243,4 +243,3 @@ def test_loop_gradients_equal_vmap_and_accumulate(set_to_none):
     if set_to_none:  # the kept tensors were not overwritten by the buffer reuse
         for k, f in zip(kept, first):
             assert torch.equal(k, f)
-

@@ -11,8 +11,8 @@ from torch import nn
 
 from lightning_ensembles import MLP, DeepEnsemble
 from lightning_ensembles.averaging import SWAG, update_bn
-from lightning_ensembles.averaging.snapshot import snapshot_ensemble
 from lightning_ensembles.averaging._named import member_groups
+from lightning_ensembles.averaging.snapshot import snapshot_ensemble
 from lightning_ensembles.ensembles import deep
 from lightning_ensembles.ensembles.deep import stack_member_keys
 from lightning_ensembles.strategies import MemberShard, slice_members
@@ -117,7 +117,9 @@ def test_state_dicts_load_across_layouts():
     x = torch.randn(4, 5)
     torch.testing.assert_close(other.eval()(x), stacked.eval()(x))
     assert set(per_member.stacked_state_dict()) == set(stacked.state_dict())
-    torch.testing.assert_close(per_member.stacked_state_dict()["params.0-weight"], stacked.state_dict()["params.0-weight"])
+    torch.testing.assert_close(
+        per_member.stacked_state_dict()["params.0-weight"], stacked.state_dict()["params.0-weight"]
+    )
     # Non-ensemble keys pass through; a missing member is named.
     state = {"head.w": torch.zeros(1), "e.params.w.0": torch.ones(2), "e.params.w.1": torch.zeros(2)}
     out = stack_member_keys(state, "e.")
@@ -132,7 +134,8 @@ def test_state_dicts_load_across_layouts():
         DeepEnsemble(MLP(4, 2), 2, storage="per_member").load_state_dict(three.state_dict())
     with pytest.raises(RuntimeError, match="params"):
         DeepEnsemble(MLP(4, 2), 2, storage="stacked").load_state_dict(
-            DeepEnsemble(MLP(4, 2), 3, storage="per_member").state_dict())
+            DeepEnsemble(MLP(4, 2), 3, storage="per_member").state_dict()
+        )
 
 
 def test_load_member_member_and_copies_per_member():
@@ -225,8 +228,12 @@ def test_lightning_checkpoint_resumes_and_loads_into_the_other_layout(tmp_path):
 
     def build(storage):
         torch.manual_seed(0)
-        return EnsembleClassifier(backbone="mlp", num_members=3, backbone_kwargs={"in_features": 5, "out_features": 3},
-                                  ensemble_kwargs={"storage": storage})
+        return EnsembleClassifier(
+            backbone="mlp",
+            num_members=3,
+            backbone_kwargs={"in_features": 5, "out_features": 3},
+            ensemble_kwargs={"storage": storage},
+        )
 
     torch.manual_seed(1)
     data = DataLoader(TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,))), batch_size=8)
@@ -247,7 +254,9 @@ def test_lightning_checkpoint_resumes_and_loads_into_the_other_layout(tmp_path):
     # load_from_checkpoint adopts it too; an explicit storage is kept, with identical predictions.
     loaded = EnsembleClassifier.load_from_checkpoint(tmp_path / "per_member.ckpt", ensemble_kwargs={"storage": "auto"})
     assert loaded.ensemble.storage == "per_member"
-    stacked = EnsembleClassifier.load_from_checkpoint(tmp_path / "per_member.ckpt", ensemble_kwargs={"storage": "stacked"})
+    stacked = EnsembleClassifier.load_from_checkpoint(
+        tmp_path / "per_member.ckpt", ensemble_kwargs={"storage": "stacked"}
+    )
     assert stacked.ensemble.storage == "stacked"
     x = torch.randn(4, 5)
     with torch.no_grad():
@@ -280,7 +289,9 @@ def test_ensembling_callback_resume_takes_the_checkpoints_storage(tmp_path):
     from lightning_ensembles.data import DigitsDataModule
 
     dm = DigitsDataModule(batch_size=256)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2, method_kwargs={"storage": "per_member"})])
+    trainer = quiet_trainer(
+        max_epochs=1, callbacks=[Ensembling(num_members=2, method_kwargs={"storage": "per_member"})]
+    )
     trainer.fit(LitClassifier(), dm)
     trainer.save_checkpoint(tmp_path / "ens.ckpt")
     fresh = LitClassifier()

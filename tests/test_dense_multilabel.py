@@ -11,7 +11,7 @@ from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibr
 
 from lightning_ensembles import DeepEnsemble
 from lightning_ensembles.metrics import BrierScore, NegativeLogLikelihood
-from lightning_ensembles.metrics.dense import DenseMetrics, DenseMeanIoU, aggregate_dense_probs, pixels
+from lightning_ensembles.metrics.dense import DenseMeanIoU, DenseMetrics, aggregate_dense_probs, pixels
 from lightning_ensembles.metrics.multilabel import MultilabelCalibrationError, MultilabelMetrics, aggregate_sigmoid
 
 
@@ -86,9 +86,9 @@ def test_pixels_refuses_mismatched_targets():
         pixels(torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
 
 
-def _multilabel(m=4, b=300, l=5, seed=0):
+def _multilabel(m=4, b=300, n_labels=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return 2 * torch.randn(m, b, l, generator=g), torch.randint(0, 2, (b, l), generator=g)
+    return 2 * torch.randn(m, b, n_labels, generator=g), torch.randint(0, 2, (b, n_labels), generator=g)
 
 
 def test_multilabel_ece_per_label_matches_torchmetrics_binary_ece():
@@ -108,7 +108,9 @@ def test_multilabel_metrics():
     m.update(logits, target)
     out = m.compute()
     p = aggregate_sigmoid(logits)
-    assert float(out["nll"]) == pytest.approx(float(F.binary_cross_entropy(p, target.float(), reduction="sum") / 300), rel=1e-5)
+    assert float(out["nll"]) == pytest.approx(
+        float(F.binary_cross_entropy(p, target.float(), reduction="sum") / 300), rel=1e-5
+    )
     assert float(out["brier"]) == pytest.approx(float(((p - target) ** 2).sum(-1).mean()), rel=1e-5)
     assert float(out["label_acc"]) == pytest.approx(float(((p >= 0.5) == target.bool()).float().mean()))
     assert float(out["exact_match"]) == pytest.approx(float(((p >= 0.5) == target.bool()).all(-1).float().mean()))
@@ -141,8 +143,15 @@ def test_dense_task_trains_logs_pixel_metrics_and_feeds_calibration_callbacks():
     x, y = _seg_data()
     y[:, -1, -1] = 255  # an ignored pixel per image
     train = DataLoader(TensorDataset(x, y), batch_size=16)
-    model = EnsembleClassifier(backbone=_fcn(), num_members=2, method="packed", ensemble_kwargs={"alpha": 2},
-                               task="dense", ignore_index=255, lr=1e-2)
+    model = EnsembleClassifier(
+        backbone=_fcn(),
+        num_members=2,
+        method="packed",
+        ensemble_kwargs={"alpha": 2},
+        task="dense",
+        ignore_index=255,
+        lr=1e-2,
+    )
     ts = TemperatureScaling(min_samples=10)
     trainer = quiet_trainer(max_epochs=8, num_sanity_val_steps=0, callbacks=[ts])
     trainer.fit(model, train, train)
@@ -172,11 +181,19 @@ def test_multilabel_task_on_digit_pairs():
     y = torch.zeros(1200, 10, dtype=torch.long)
     y[torch.arange(1200), yd[a]] = 1
     y[torch.arange(1200), yd[b]] = 1
-    model = EnsembleClassifier(backbone="mlp", num_members=2, task="multilabel", lr=3e-3,
-                               backbone_kwargs={"in_features": 128, "out_features": 10})
+    model = EnsembleClassifier(
+        backbone="mlp",
+        num_members=2,
+        task="multilabel",
+        lr=3e-3,
+        backbone_kwargs={"in_features": 128, "out_features": 10},
+    )
     trainer = quiet_trainer(max_epochs=6, num_sanity_val_steps=0)
-    trainer.fit(model, DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=64, shuffle=True),
-                DataLoader(TensorDataset(x[1000:], y[1000:]), batch_size=100))
+    trainer.fit(
+        model,
+        DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=64, shuffle=True),
+        DataLoader(TensorDataset(x[1000:], y[1000:]), batch_size=100),
+    )
     m = trainer.callback_metrics
     assert float(m["val/label_acc"]) > 0.9 and "val/ece/9" in m
     out = trainer.predict(model, DataLoader(TensorDataset(x[:5]), batch_size=5))[0]

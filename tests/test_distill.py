@@ -86,15 +86,20 @@ def test_hinton_matches_mean_and_hydra_matches_members():
 
 
 def test_distil_from_checkpoint_with_weights_only(tmp_path):
-    teacher_module = EnsembleClassifier(backbone="mlp", num_members=2,
-                                        backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    teacher_module = EnsembleClassifier(
+        backbone="mlp", num_members=2, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}
+    )
     trainer = quiet_trainer(max_epochs=8)
     trainer.fit(teacher_module, DigitsDataModule(batch_size=64))
     ckpt = tmp_path / "teacher.ckpt"
     trainer.save_checkpoint(ckpt)
 
-    student = DistillationModule(teacher_checkpoint=str(ckpt), student="mlp", mode="hydra",
-                                 student_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    student = DistillationModule(
+        teacher_checkpoint=str(ckpt),
+        student="mlp",
+        mode="hydra",
+        student_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)},
+    )
     assert student.hparams.num_heads == 2  # read from the checkpoint with weights_only=True
     trainer = quiet_trainer(max_epochs=8)
     trainer.fit(student, DigitsDataModule(batch_size=64))

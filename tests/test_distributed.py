@@ -27,7 +27,12 @@ def run_script(name: str, out: Path, *args: str) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / name), str(out), *args],
-        capture_output=True, text=True, timeout=TIMEOUT, cwd=SCRIPTS, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=SCRIPTS,
+        env=env,
+        check=False,
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 

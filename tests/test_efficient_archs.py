@@ -16,8 +16,9 @@ ARCHS = {
     "mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),  # depthwise + SE
     "convnext": lambda: timm.create_model("convnext_atto", num_classes=5, depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)),
     "regnetx_002": lambda: timm.create_model("regnetx_002", num_classes=5),  # grouped convs
-    "vit": lambda: timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=16, patch_size=8, depth=2,
-                                     embed_dim=16, num_heads=2),
+    "vit": lambda: timm.create_model(
+        "vit_tiny_patch16_224", num_classes=5, img_size=16, patch_size=8, depth=2, embed_dim=16, num_heads=2
+    ),
     "tinynet_e": lambda: timm.create_model("tinynet_e", num_classes=5),  # EfficientNet family
     "tv_resnet18": lambda: torchvision.models.resnet18(num_classes=5),
     "mlp": lambda: MLP(3 * 16 * 16, 5, hidden=(16, 16)),
@@ -50,7 +51,9 @@ def _perturb_packed_member0(ens: PackedEnsemble) -> None:
         for name, p in ens.model.named_parameters():
             axis = ens._member_axes.get(name)
             if axis is not None:
-                p.unflatten(axis, (M, -1)).select(axis, 0).add_(torch.randn_like(p.unflatten(axis, (M, -1)).select(axis, 0)))
+                p.unflatten(axis, (M, -1)).select(axis, 0).add_(
+                    torch.randn_like(p.unflatten(axis, (M, -1)).select(axis, 0))
+                )
 
 
 def _perturb_batch_member0(ens: BatchEnsemble) -> None:
@@ -95,8 +98,11 @@ def _packed_grad(ens, i):
 
 
 def _batch_grad(ens, i):
-    return sum(mod.s.grad[i].abs().sum().item() for mod in ens.model.modules()
-               if isinstance(mod, BatchEnsembleLayer) and mod.s.grad is not None)
+    return sum(
+        mod.s.grad[i].abs().sum().item()
+        for mod in ens.model.modules()
+        if isinstance(mod, BatchEnsembleLayer) and mod.s.grad is not None
+    )
 
 
 def test_packed_conversion(arch):

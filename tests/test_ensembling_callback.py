@@ -2,12 +2,12 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI
-
 from conftest import quiet_trainer
+from lightning.pytorch.cli import LightningCLI
+from user_project.classifier import LitClassifier, TupleClassifier
+
 from lightning_ensembles.callbacks import EnsembledModel, Ensembling
 from lightning_ensembles.data import DigitsDataModule
-from user_project.classifier import LitClassifier, TupleClassifier
 
 
 def _member_weights(module):
@@ -114,7 +114,10 @@ def test_users_own_lightning_cli_with_callbacks_from_yaml(tmp_path):
     config = {
         "seed_everything": 0,
         "trainer": {
-            "max_epochs": 2, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
+            "max_epochs": 2,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
             "default_root_dir": str(tmp_path),
             "callbacks": [{"class_path": "lightning_ensembles.callbacks.Ensembling", "init_args": {"num_members": 3}}],
         },
@@ -140,12 +143,23 @@ def test_works_with_averaging_calibration_checkpointing_early_stopping_accumulat
     swa = MemberWeightAveraging("swa", attribute="model", start_epoch=1)
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_last=True)
     callbacks = [
-        Ensembling(num_members=3), swa, CalibrationMetrics(), ts, ReliabilityDiagram(),
-        EarlyStopping(monitor="val_loss", patience=5), ckpt,
+        Ensembling(num_members=3),
+        swa,
+        CalibrationMetrics(),
+        ts,
+        ReliabilityDiagram(),
+        EarlyStopping(monitor="val_loss", patience=5),
+        ckpt,
     ]
     trainer = L.Trainer(
-        max_epochs=3, accelerator="cpu", precision="bf16-mixed", accumulate_grad_batches=2,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+        max_epochs=3,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
     )
     trainer.fit(module, dm)
@@ -160,16 +174,24 @@ def test_works_with_averaging_calibration_checkpointing_early_stopping_accumulat
     expected = torch.cat(trainer.predict(module, dm.predict_dataloader()))
     fresh = LitClassifier()
     got = torch.cat(
-        quiet_trainer(precision="bf16-mixed", callbacks=[Ensembling(num_members=3), MemberWeightAveraging("swa", attribute="model")])
-        .predict(fresh, dm.predict_dataloader(), ckpt_path=ckpt.last_model_path)
+        quiet_trainer(
+            precision="bf16-mixed",
+            callbacks=[Ensembling(num_members=3), MemberWeightAveraging("swa", attribute="model")],
+        ).predict(fresh, dm.predict_dataloader(), ckpt_path=ckpt.last_model_path)
     )
     torch.testing.assert_close(got, expected)
 
 
 def test_an_ensemble_with_one_training_output_is_refused_with_the_fix():
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-                            callbacks=[Ensembling(num_members=3, method="mc_dropout",
-                                                  method_kwargs={"train_samples": 1, "p": 0.2,
-                                                                 "insert_before": ["3"]})])
+    trainer = quiet_trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        callbacks=[
+            Ensembling(
+                num_members=3, method="mc_dropout", method_kwargs={"train_samples": 1, "p": 0.2, "insert_before": ["3"]}
+            )
+        ],
+    )
     with pytest.raises(ValueError, match="train_samples=None"):
         trainer.fit(LitClassifier(), DigitsDataModule(batch_size=32))

@@ -14,16 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos import BoringModel, DemoModel, LightningTransformer
 from lightning.pytorch.demos.boring_classes import ManualOptimBoringModel, RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from conftest import quiet_trainer
-from lightning_ensembles.callbacks import CalibrationMetrics, EnsembledModel, Ensembling
-from lightning_ensembles.data import DigitsDataModule
-from lightning_ensembles.metrics import ClassificationMetrics
 from user_project.classifier import LitClassifier
 from user_project.seq2seq import (
     DictOutputClassifier,
@@ -32,6 +28,10 @@ from user_project.seq2seq import (
     Seq2SeqTagger,
     seq2seq_data,
 )
+
+from lightning_ensembles.callbacks import CalibrationMetrics, EnsembledModel, Ensembling
+from lightning_ensembles.data import DigitsDataModule
+from lightning_ensembles.metrics import ClassificationMetrics
 
 
 class _Record(Callback):
@@ -60,7 +60,9 @@ def _members(module, attribute):
 
 
 def _all_differ(stacked):
-    return all(not torch.allclose(stacked[i], stacked[j]) for i in range(len(stacked)) for j in range(i + 1, len(stacked)))
+    return all(
+        not torch.allclose(stacked[i], stacked[j]) for i in range(len(stacked)) for j in range(i + 1, len(stacked))
+    )
 
 
 def test_boring_model_trains_on_bare_tensor_batches_and_evaluates_the_member_mean():
@@ -68,7 +70,9 @@ def test_boring_model_trains_on_bare_tensor_batches_and_evaluates_the_member_mea
     module = BoringModel()
     record = _Record("layer")
     trainer = quiet_trainer(
-        max_epochs=2, limit_val_batches=4, limit_test_batches=4,
+        max_epochs=2,
+        limit_val_batches=4,
+        limit_test_batches=4,
         callbacks=[Ensembling(num_members=3, attribute="layer", task="regression"), record],
     )
     trainer.fit(module)  # batches are bare (1, 32) tensors; the loss makes its own targets
@@ -145,8 +149,13 @@ def test_transformer_with_two_inputs_trains_and_evaluates_the_ensemble():
     nll = lambda m, a, b: F.nll_loss(m(a, b), b.reshape(-1))  # noqa: E731
     inputs, target = data.tensors
     start = {}
-    trainer = quiet_trainer(max_epochs=3, callbacks=[cb, _OnTrainStart(lambda pl: start.update(
-        nll=[nll(m, inputs, target) for m in _members(pl, "model")]))])
+    trainer = quiet_trainer(
+        max_epochs=3,
+        callbacks=[
+            cb,
+            _OnTrainStart(lambda pl: start.update(nll=[nll(m, inputs, target) for m in _members(pl, "model")])),
+        ],
+    )
     trainer.fit(module, DataLoader(data, batch_size=8))
     assert cb.probed_call == "model(Tensor[2, 8], Tensor[2, 8])"  # how training_step really calls it
     assert module.model.num_members == 2
@@ -190,8 +199,13 @@ def test_an_inner_decoder_is_ensembled_where_it_is_called():
 
 @pytest.mark.parametrize(
     ("method", "attribute", "user_module"),
-    [("deep", "model", Seq2SeqTagger), ("deep", "model.head", Seq2SeqTagger), ("batch", "model", Seq2SeqTagger),
-     ("deep", "model", KeywordSeq2SeqTagger), ("batch", "model", KeywordSeq2SeqTagger)],
+    [
+        ("deep", "model", Seq2SeqTagger),
+        ("deep", "model.head", Seq2SeqTagger),
+        ("batch", "model", Seq2SeqTagger),
+        ("deep", "model", KeywordSeq2SeqTagger),
+        ("batch", "model", KeywordSeq2SeqTagger),
+    ],
 )
 def test_decoder_input_stays_aligned_and_the_users_metric_measures_the_ensemble(method, attribute, user_module):
     L.seed_everything(0)
@@ -232,8 +246,8 @@ def test_split_mode_gives_each_sample_to_one_member_also_for_flattened_token_out
     owner = [0, 0, 0, 1, 1]  # chunk i -> member i
     with torch.no_grad():
         for b in range(5):
-            expected = ens.member(owner[b]).train()(inputs[b:b + 1], target[b:b + 1])
-            torch.testing.assert_close(out[b * length:(b + 1) * length], expected, atol=1e-5, rtol=1e-5)
+            expected = ens.member(owner[b]).train()(inputs[b : b + 1], target[b : b + 1])
+            torch.testing.assert_close(out[b * length : (b + 1) * length], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_randomness_before_the_forward_is_replayed_for_every_member():
@@ -253,12 +267,16 @@ def test_randomness_before_the_forward_is_replayed_for_every_member():
         np.random.seed(step)
         perm, lam = torch.randperm(16), float(np.random.beta(0.4, 0.4))
         members = module.model.ensemble(lam * x + (1 - lam) * x[perm])
-        expected = torch.stack([lam * F.cross_entropy(m, y) + (1 - lam) * F.cross_entropy(m, y[perm]) for m in members]).mean()
+        expected = torch.stack(
+            [lam * F.cross_entropy(m, y) + (1 - lam) * F.cross_entropy(m, y[perm]) for m in members]
+        ).mean()
         torch.testing.assert_close(loss, expected)
     with pytest.raises(RuntimeError, match="same calls for every member"):
+
         def twice_for_member_0(batch, batch_idx):
             n = 2 if module.model._passes.member == 0 else 1
             return sum(F.cross_entropy(module(batch[0]), batch[1]) for _ in range(n))
+
         _patched_with(module, cb, twice_for_member_0).training_step((x, y), 0)
 
 
@@ -280,8 +298,9 @@ class _LoggedLoss(Callback):
 def test_a_logged_value_is_logged_once_as_the_member_mean():
     L.seed_everything(0)
     logged = _LoggedLoss()
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0,
-                            callbacks=[Ensembling(num_members=3), logged])
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[Ensembling(num_members=3), logged]
+    )
     trainer.fit(MixupClassifier(), DigitsDataModule(batch_size=32))
     assert len(logged.pairs) == 3
     for returned, shown in logged.pairs:  # the step returned the member mean, and logged the same
@@ -289,9 +308,12 @@ def test_a_logged_value_is_logged_once_as_the_member_mean():
 
 
 def test_setup_errors_name_the_problem_and_the_fix():
-    with pytest.raises(ValueError, match=r"returned a dict of 2 items \(keys \['logits', 'hidden'\]\).*Point `attribute`"):
+    with pytest.raises(
+        ValueError, match=r"returned a dict of 2 items \(keys \['logits', 'hidden'\]\).*Point `attribute`"
+    ):
         quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2)]).fit(
-            DictOutputClassifier(), DigitsDataModule(batch_size=32))
+            DictOutputClassifier(), DigitsDataModule(batch_size=32)
+        )
 
     class Unused(BoringModel):
         def __init__(self):
@@ -303,14 +325,19 @@ def test_setup_errors_name_the_problem_and_the_fix():
 
     # An ensemble that builds its own training batches predicts targets the user's loss does not have.
     with pytest.raises(ValueError, match=r"MIMO predicts 128 targets per member for a batch of 64.*batch_repetition=1"):
-        quiet_trainer(max_epochs=1, callbacks=[Ensembling(method="mimo", num_members=2, method_kwargs={"batch_repetition": 2})]).fit(
-            LitClassifier(), DigitsDataModule(batch_size=64))
+        quiet_trainer(
+            max_epochs=1, callbacks=[Ensembling(method="mimo", num_members=2, method_kwargs={"batch_repetition": 2})]
+        ).fit(LitClassifier(), DigitsDataModule(batch_size=64))
 
     loader = DataLoader(RandomDataset(32, 32), batch_size=8)
     with pytest.raises(ValueError, match=r"manual optimisation.*batch='split'"):
-        quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2, attribute="layer")]).fit(ManualOptimBoringModel(), loader)
+        quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2, attribute="layer")]).fit(
+            ManualOptimBoringModel(), loader
+        )
     module = ManualOptimBoringModel()
-    quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2, attribute="layer", batch="split")]).fit(module, loader)
+    quiet_trainer(max_epochs=1, callbacks=[Ensembling(num_members=2, attribute="layer", batch="split")]).fit(
+        module, loader
+    )
     assert module.layer.num_members == 2
 
 
@@ -338,7 +365,9 @@ def test_one_member_through_the_callback_keeps_the_member_axis_and_index():
     one.apply(fresh)
     one._patch_training_step(fresh)
     fresh.train()
-    torch.testing.assert_close(fresh.training_step((x[:8], y[:8]), 0), F.cross_entropy(fresh.model.ensemble(x[:8])[0], y[:8]))
+    torch.testing.assert_close(
+        fresh.training_step((x[:8], y[:8]), 0), F.cross_entropy(fresh.model.ensemble(x[:8])[0], y[:8])
+    )
 
 
 class _RandomStateAtSetup(Callback):
@@ -355,7 +384,8 @@ def test_the_setup_probe_leaves_the_random_state_as_it_found_it(monkeypatch):
         if not probe:
             monkeypatch.setattr(cb, "_probe", lambda *args: None)
         quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[cb, after]).fit(
-            MixupClassifier(), DigitsDataModule(batch_size=32))
+            MixupClassifier(), DigitsDataModule(batch_size=32)
+        )
         return cb.probed_call, after.state
 
     (call, probed), (_, unprobed) = setup_state(True), setup_state(False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -33,7 +31,9 @@ def test_kl_to_uniform_dirichlet_matches_torch_distributions():
     alpha, _ = _alpha()
     ref = kl_divergence(Dirichlet(alpha), Dirichlet(torch.ones_like(alpha)))
     assert torch.allclose(dirichlet_kl_uniform(alpha), ref)
-    assert torch.allclose(dirichlet_kl_uniform(torch.ones(3, 5, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(
+        dirichlet_kl_uniform(torch.ones(3, 5, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64)
+    )
 
 
 def test_mse_risk_is_expected_squared_error_under_the_dirichlet():
@@ -75,7 +75,10 @@ def test_annealed_kl_on_misleading_evidence():
 def test_nig_nll_is_the_student_t_marginal():
     g = torch.Generator().manual_seed(0)
     gamma, y = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
-    nu, beta = 0.1 + torch.rand(50, generator=g, dtype=torch.float64), 0.1 + torch.rand(50, generator=g, dtype=torch.float64)
+    nu, beta = (
+        0.1 + torch.rand(50, generator=g, dtype=torch.float64),
+        0.1 + torch.rand(50, generator=g, dtype=torch.float64),
+    )
     alpha = 1.1 + 3 * torch.rand(50, generator=g, dtype=torch.float64)
     ref = -StudentT(2 * alpha, gamma, torch.sqrt(beta * (1 + nu) / (nu * alpha))).log_prob(y)
     assert torch.allclose(nig_nll(y, gamma, nu, alpha, beta), ref)
@@ -95,10 +98,14 @@ def test_uncertainty_outputs():
 
 
 def _net(out):
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, out))
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, out)
+    )
 
 
-@pytest.mark.parametrize("method,kwargs", [("deep", {}), ("packed", {"alpha": 2}), ("batch", {}), ("mc_dropout", {}), ("mimo", {})])
+@pytest.mark.parametrize(
+    "method,kwargs", [("deep", {}), ("packed", {"alpha": 2}), ("batch", {}), ("mc_dropout", {}), ("mimo", {})]
+)
 def test_heads_work_with_every_ensemble_method(method, kwargs):
     x = torch.randn(5, 16)
     for kind, out in (("dirichlet", 3), ("nig", 1)):
@@ -156,7 +163,6 @@ def test_evidential_training_learns_and_flags_unseen_inputs_by_vacuity():
 
 # ---------------------------------------------------------------- through the modules
 def test_evidential_classifier_trains_reports_vacuity_and_reloads(tmp_path):
-    import lightning as L
     from conftest import quiet_trainer
 
     from lightning_ensembles import EnsembleClassifier
@@ -164,8 +170,13 @@ def test_evidential_classifier_trains_reports_vacuity_and_reloads(tmp_path):
 
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=64)
-    model = EnsembleClassifier(backbone="mlp", num_members=2, loss="evidential", lr=3e-3,
-                               backbone_kwargs={"in_features": 64, "out_features": 10})
+    model = EnsembleClassifier(
+        backbone="mlp",
+        num_members=2,
+        loss="evidential",
+        lr=3e-3,
+        backbone_kwargs={"in_features": 64, "out_features": 10},
+    )
     assert isinstance(model.ensemble.member(0), DirichletHead)
     trainer = quiet_trainer(max_epochs=4, num_sanity_val_steps=0)
     trainer.fit(model, dm)
@@ -180,7 +191,9 @@ def test_evidential_classifier_trains_reports_vacuity_and_reloads(tmp_path):
     x = next(iter(dm.test_dataloader()))[0]
     assert torch.allclose(again.eval()(x), model.eval()(x))
     with pytest.raises(ValueError, match="needs task='multiclass'"):
-        EnsembleClassifier(backbone="mlp", loss="evidential", task="multilabel", backbone_kwargs={"in_features": 4, "out_features": 3})
+        EnsembleClassifier(
+            backbone="mlp", loss="evidential", task="multilabel", backbone_kwargs={"in_features": 4, "out_features": 3}
+        )
 
 
 @pytest.mark.parametrize("method", ["deep", "packed"])
@@ -193,8 +206,15 @@ def test_evidential_regressor_trains_and_reports_aleatoric_and_epistemic(method)
     torch.manual_seed(0)
     dm = ToyRegressionDataModule()
     kwargs = {"alpha": 2} if method == "packed" else {}
-    model = EnsembleRegressor(backbone="mlp", num_members=3, method=method, loss="evidential", lr=5e-3,
-                              ensemble_kwargs=kwargs, backbone_kwargs={"in_features": 1, "out_features": 1})
+    model = EnsembleRegressor(
+        backbone="mlp",
+        num_members=3,
+        method=method,
+        loss="evidential",
+        lr=5e-3,
+        ensemble_kwargs=kwargs,
+        backbone_kwargs={"in_features": 1, "out_features": 1},
+    )
     trainer = quiet_trainer(max_epochs=15, num_sanity_val_steps=0)
     trainer.fit(model, dm)
     assert torch.isfinite(trainer.callback_metrics["val/nll"]) and "val/coverage90" in trainer.callback_metrics

@@ -27,15 +27,20 @@ def test_every_example_is_covered():
 def test_example_runs(script, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=script.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=script.parent,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert EXPECTED[script.stem] in proc.stdout
     if script.stem == "e_regression_uncertainty":
         assert (tmp_path / "regression_band.png").stat().st_size > 10_000
     if script.stem == "h_torch_uncertainty_interop":  # one ensemble, two evaluators: the same numbers
-        tu_row, ours_row = (next(line.split()[-5:-1] for line in proc.stdout.splitlines() if key in line)
-                            for key in ("in ClassificationRoutine", "same weights"))
+        tu_row, ours_row = (
+            next(line.split()[-5:-1] for line in proc.stdout.splitlines() if key in line)
+            for key in ("in ClassificationRoutine", "same weights")
+        )
         assert tu_row == ours_row
     if script.stem == "d_swa_temperature_reliability":
         assert any(tmp_path.rglob("reliability/test.png"))

@@ -37,8 +37,16 @@ BACKBONES = {
     "mlp": (_mlp, (5, 8)),
     "conv": (lambda: timm.create_model("resnet10t", pretrained=False, num_classes=4), (2, 3, 32, 32)),
     "vit": (
-        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=16,
-                                  patch_size=8, depth=1, embed_dim=32, num_heads=2),
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            num_classes=4,
+            img_size=16,
+            patch_size=8,
+            depth=1,
+            embed_dim=32,
+            num_heads=2,
+        ),
         (2, 3, 16, 16),
     ),
 }
@@ -53,8 +61,18 @@ def _build(method: str, backbone: str):
 
 
 def test_every_registered_method_is_covered():
-    assert set(METHODS) >= {"deep", "packed", "batch", "lora", "symmetry", "mc_dropout", "mimo", "masksembles",
-                            "tta", "asymmetric"}
+    assert set(METHODS) >= {
+        "deep",
+        "packed",
+        "batch",
+        "lora",
+        "symmetry",
+        "mc_dropout",
+        "mimo",
+        "masksembles",
+        "tta",
+        "asymmetric",
+    }
     assert set(METHODS) == set(ENSEMBLE_METHODS)
 
 

@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("torch_uncertainty")
 
+from conftest import quiet_trainer  # noqa: E402
 from torch_uncertainty.methods import batch_ensemble, mc_dropout  # noqa: E402
 from torch_uncertainty.models.mlp import mimo_mlp, packed_mlp  # noqa: E402
 from torch_uncertainty.post_processing import MatrixScaler, TemperatureScaler, VectorScaler  # noqa: E402
 from torch_uncertainty.transforms import MIMOBatchFormat, RepeatTarget  # noqa: E402
 
-from conftest import quiet_trainer  # noqa: E402
 from lightning_ensembles import DeepEnsemble, EnsembleClassifier  # noqa: E402
 from lightning_ensembles.backbones import MLP  # noqa: E402
 from lightning_ensembles.calibration import CalibrationWarning, fit_temperature, temperature_nll  # noqa: E402
@@ -102,8 +102,13 @@ def test_fit_in_routine_then_metrics_agree_with_ensemble_classifier(digits):
 
     tu_res = quiet_trainer().test(routine, digits, verbose=False)[0]
     our_res = quiet_trainer().test(EnsembleClassifier(ensemble=ens), digits, verbose=False)[0]
-    for tu_key, our_key in (("test/cls/Acc", "test/acc"), ("test/cls/NLL", "test/nll"), ("test/cls/Brier", "test/brier"),
-                            ("test/ens_MI", "test/mutual_information"), ("ood/AUROC", "test/ood_auroc_msp")):
+    for tu_key, our_key in (
+        ("test/cls/Acc", "test/acc"),
+        ("test/cls/NLL", "test/nll"),
+        ("test/cls/Brier", "test/brier"),
+        ("test/ens_MI", "test/mutual_information"),
+        ("ood/AUROC", "test/ood_auroc_msp"),
+    ):
         assert tu_res[tu_key] == pytest.approx(our_res[our_key], abs=2e-4), tu_key
 
 
@@ -252,8 +257,11 @@ def _logits_targets(n=1500, c=5, sharp=3.0, seed=0):
     return sharp * logits, target
 
 
-@pytest.mark.parametrize("make", [TemperatureScaler, lambda: VectorScaler(num_classes=5), lambda: MatrixScaler(num_classes=5)],
-                         ids=["temperature", "vector", "matrix"])
+@pytest.mark.parametrize(
+    "make",
+    [TemperatureScaler, lambda: VectorScaler(num_classes=5), lambda: MatrixScaler(num_classes=5)],
+    ids=["temperature", "vector", "matrix"],
+)
 def test_tu_scaler_adapter_equals_tu_own_fit_and_output(make):
     z, y = _logits_targets()
     reference = make()

@@ -52,9 +52,13 @@ def test_one_member_equals_laplace_torch_single_model(structure):
     ens = _trained()
     train, val = _loaders()
     ours = fit_laplace(ens, train, val, hessian_structure=structure, grid_size=11)
-    ref = laplace.Laplace(copy.deepcopy(ens.member(0)), "classification", subset_of_weights="last_layer", hessian_structure=structure)
+    ref = laplace.Laplace(
+        copy.deepcopy(ens.member(0)), "classification", subset_of_weights="last_layer", hessian_structure=structure
+    )
     ref.fit(train)
-    ref.optimize_prior_precision(pred_type="glm", method="gridsearch", val_loader=val, grid_size=11, link_approx="probit")
+    ref.optimize_prior_precision(
+        pred_type="glm", method="gridsearch", val_loader=val, grid_size=11, link_approx="probit"
+    )
     x, _ = _data(50, seed=2)
     assert float(ours.laplaces[0].prior_precision) == pytest.approx(float(ref.prior_precision))
     assert torch.allclose(ours(x)[0].exp(), ref(x, pred_type="glm", link_approx="probit"), atol=1e-6)
@@ -89,8 +93,13 @@ def test_samples_contract_is_member_major_and_reproducible():
     assert out.shape == (8, 10, 3) and la.num_members == 8
     assert torch.equal(out, la(x))
     assert torch.allclose(la.member(5)(x), out[5])
-    assert torch.allclose(la.laplaces[1].predictive_samples(x, pred_type="glm", n_samples=4,
-                          generator=torch.Generator().manual_seed(1)).log(), out[4:], atol=1e-6)
+    assert torch.allclose(
+        la.laplaces[1]
+        .predictive_samples(x, pred_type="glm", n_samples=4, generator=torch.Generator().manual_seed(1))
+        .log(),
+        out[4:],
+        atol=1e-6,
+    )
 
 
 def test_state_round_trips_through_weights_only_load(tmp_path):
@@ -127,7 +136,9 @@ def test_refusals_name_the_fix():
 def test_callback_fits_after_fit_tests_with_laplace_and_restores_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=64)
-    model = EnsembleClassifier(backbone="mlp", num_members=2, lr=1e-2, backbone_kwargs={"in_features": 64, "out_features": 10})
+    model = EnsembleClassifier(
+        backbone="mlp", num_members=2, lr=1e-2, backbone_kwargs={"in_features": 64, "out_features": 10}
+    )
     cb = LastLayerLaplace(grid_size=9)
     trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=[cb])
     trainer.fit(model, dm)

@@ -19,8 +19,16 @@ EMBED, DEPTH, HEADS, CLASSES = 32, 2, 2, 10
 
 
 def tiny_vit(**kw) -> nn.Module:
-    cfg = dict(pretrained=False, img_size=8, patch_size=2, in_chans=1, embed_dim=EMBED, depth=DEPTH,
-               num_heads=HEADS, num_classes=CLASSES)
+    cfg = dict(
+        pretrained=False,
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        embed_dim=EMBED,
+        depth=DEPTH,
+        num_heads=HEADS,
+        num_classes=CLASSES,
+    )
     cfg.update(kw)
     return timm.create_model("vit_tiny_patch16_224", **cfg)
 
@@ -107,8 +115,9 @@ def test_vit_shapes_step0_equivalence_and_frozen_after_step():
     for n, p in ens.named_parameters():
         if p.requires_grad and (".B" in n or "head" in n):
             assert not torch.equal(lora_before[n], p), f"trainable {n} did not change"
-    assert torch.equal(dict(vit.named_parameters())["blocks.0.attn.qkv.weight"],
-                       ens.backbone.blocks[0].attn.qkv.base.weight)  # the given module was not modified
+    assert torch.equal(
+        dict(vit.named_parameters())["blocks.0.attn.qkv.weight"], ens.backbone.blocks[0].attn.qkv.base.weight
+    )  # the given module was not modified
 
 
 def test_vit_member_reproduces_member_after_training():
@@ -138,8 +147,9 @@ def test_vit_trainable_parameter_formula():
 
 
 def test_unfused_qkv_and_pattern_selection():
-    ens = LoRAEnsemble(tiny_vit(), num_members=2, rank=2, target_modules=["blocks.1.mlp.fc1"], fused_qkv=False,
-                       head=None)
+    ens = LoRAEnsemble(
+        tiny_vit(), num_members=2, rank=2, target_modules=["blocks.1.mlp.fc1"], fused_qkv=False, head=None
+    )
     assert ens.adapted_modules == ["blocks.1.mlp.fc1"]
     assert ens.trainable_parameters() == 2 * 2 * (EMBED + 4 * EMBED)  # no per-member head
     one = LoRAEnsemble(tiny_vit(), num_members=2, rank=2, target_modules=["*qkv"], fused_qkv=False, head=None)
@@ -147,9 +157,13 @@ def test_unfused_qkv_and_pattern_selection():
 
 
 def test_build_from_registry_with_timm_name():
-    ens = build_ensemble("lora", "vit_tiny_patch16_224", num_members=2,
-                         backbone_kwargs=dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1,
-                                              num_heads=2, num_classes=3), rank=2)
+    ens = build_ensemble(
+        "lora",
+        "vit_tiny_patch16_224",
+        num_members=2,
+        backbone_kwargs=dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2, num_classes=3),
+        rank=2,
+    )
     assert isinstance(ens, LoRAEnsemble)
     assert ens(torch.randn(4, 1, 8, 8)).shape == (2, 4, 3)
 
@@ -162,11 +176,11 @@ def test_factors_match_per_member_loop_reference():
     x = torch.randn(3 * 4, 7, 5)  # (M * B, tokens, in)
     got = f.delta(x)
     for m in range(3):
-        xm = x[m * 4:(m + 1) * 4]
+        xm = x[m * 4 : (m + 1) * 4]
         ref = torch.cat([xm @ f.A[m, s].T @ f.B[m, s].T for s in range(3)], dim=-1) * 0.5
-        torch.testing.assert_close(got[m * 4:(m + 1) * 4], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[m * 4 : (m + 1) * 4], ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(xm @ f.delta_weight(m).T, ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(f.delta(x, block=1)[m * 4:(m + 1) * 4], ref[..., 2:4], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f.delta(x, block=1)[m * 4 : (m + 1) * 4], ref[..., 2:4], atol=1e-5, rtol=1e-5)
 
 
 def test_xavier_init_per_member_and_gain():

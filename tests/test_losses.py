@@ -52,10 +52,14 @@ M, B, C = P.shape
 
 # ------------------------------------------------------------------------------------- output-space diversity
 def test_pairwise_kl_matches_numpy_loop():
-    ref = np.mean([
-        np.mean([(P[i, b] * np.log(P[i, b] / P[j, b])).sum() for b in range(B)])
-        for i in range(M) for j in range(M) if i != j
-    ])
+    ref = np.mean(
+        [
+            np.mean([(P[i, b] * np.log(P[i, b] / P[j, b])).sum() for b in range(B)])
+            for i in range(M)
+            for j in range(M)
+            if i != j
+        ]
+    )
     assert PairwiseKL(weight=1.0)(LOGITS, TARGET).item() == pytest.approx(-ref, rel=1e-10)
 
 
@@ -81,20 +85,33 @@ def test_jensen_shannon_two_members_pairwise_equals_generalised_and_is_finite_fo
 
 
 def test_soft_disagreement_is_half_squared_distance_and_sampling_disagreement_beyond_chance():
-    ref = np.mean([
-        np.mean([0.5 * ((P[i, b] - P[j, b]) ** 2).sum() for b in range(B)])
-        for i in range(M) for j in range(M) if i != j
-    ])
+    ref = np.mean(
+        [
+            np.mean([0.5 * ((P[i, b] - P[j, b]) ** 2).sum() for b in range(B)])
+            for i in range(M)
+            for j in range(M)
+            if i != j
+        ]
+    )
+
     # Same number from its other reading: the chance two members' sampled classes differ, minus the chance
     # each member disagrees with itself (enumerating class pairs, independent of the formula above).
     def differ(p, q):
         return sum(p[c] * q[d] for c in range(C) for d in range(C) if c != d)
 
-    beyond_chance = np.mean([
-        np.mean([differ(P[i, b], P[j, b]) - 0.5 * differ(P[i, b], P[i, b]) - 0.5 * differ(P[j, b], P[j, b])
-                 for b in range(B)])
-        for i in range(M) for j in range(M) if i != j
-    ])
+    beyond_chance = np.mean(
+        [
+            np.mean(
+                [
+                    differ(P[i, b], P[j, b]) - 0.5 * differ(P[i, b], P[i, b]) - 0.5 * differ(P[j, b], P[j, b])
+                    for b in range(B)
+                ]
+            )
+            for i in range(M)
+            for j in range(M)
+            if i != j
+        ]
+    )
     assert ref == pytest.approx(beyond_chance, rel=1e-12)
     assert SoftDisagreement(weight=1.0)(LOGITS, TARGET).item() == pytest.approx(-ref, rel=1e-10)
 
@@ -238,16 +255,32 @@ def test_forde_on_a_linear_ensemble_equals_the_closed_form_and_its_second_order_
 
 
 def test_regularizers_are_regularizers_with_default_weight_zero():
-    for cls in (PairwiseKL, JensenShannon, SoftDisagreement, NegativeCorrelation, JensenGap,
-                WeightSpaceRepulsion, FunctionSpaceRepulsion, InputGradientRepulsion):
+    for cls in (
+        PairwiseKL,
+        JensenShannon,
+        SoftDisagreement,
+        NegativeCorrelation,
+        JensenGap,
+        WeightSpaceRepulsion,
+        FunctionSpaceRepulsion,
+        InputGradientRepulsion,
+    ):
         reg = cls()
         assert isinstance(reg, Regularizer) and reg.weight == 0.0 and reg.name
 
 
 # ------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
-    "reg", [PairwiseKL(), JensenShannon(), JensenShannon(pairwise=True), SoftDisagreement(), JensenGap(),
-            FunctionSpaceRepulsion(), NegativeCorrelation()],
+    "reg",
+    [
+        PairwiseKL(),
+        JensenShannon(),
+        JensenShannon(pairwise=True),
+        SoftDisagreement(),
+        JensenGap(),
+        FunctionSpaceRepulsion(),
+        NegativeCorrelation(),
+    ],
     ids=lambda r: type(r).__name__,
 )
 def test_pairwise_terms_refuse_a_single_member(reg):
@@ -255,8 +288,9 @@ def test_pairwise_terms_refuse_a_single_member(reg):
         reg(torch.randn(1, 4, 3), torch.zeros(4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("reg", [PairwiseKL(), JensenShannon(), SoftDisagreement(), JensenGap()],
-                         ids=lambda r: type(r).__name__)
+@pytest.mark.parametrize(
+    "reg", [PairwiseKL(), JensenShannon(), SoftDisagreement(), JensenGap()], ids=lambda r: type(r).__name__
+)
 def test_classification_terms_refuse_outputs_without_member_and_class_axes(reg):
     with pytest.raises(ValueError, match=r"\(M, B"):
         reg(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
@@ -276,8 +310,9 @@ def test_mismatched_targets_are_refused():
         NegativeCorrelation()(torch.randn(3, 4, 2), torch.randn(4, 1))
     with pytest.raises(ValueError, match="the batch `inputs` has 5"):
         ens = DeepEnsemble(nn.Linear(2, 3), num_members=2)
-        InputGradientRepulsion()(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long),
-                                 inputs=torch.randn(5, 2), ensemble=ens)
+        InputGradientRepulsion()(
+            torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long), inputs=torch.randn(5, 2), ensemble=ens
+        )
 
 
 def test_other_bad_arguments_are_refused_with_the_fix():
@@ -306,7 +341,9 @@ def test_stacked_parameters_of_converted_ensembles_are_the_members_own_weights(m
     from lightning_ensembles import build_ensemble
 
     torch.manual_seed(0)
-    ens = build_ensemble(method, "mlp", num_members=3, backbone_kwargs={"in_features": 6, "out_features": 4, "hidden": (8,)})
+    ens = build_ensemble(
+        method, "mlp", num_members=3, backbone_kwargs={"in_features": 6, "out_features": 4, "hidden": (8,)}
+    )
     stacked = ens.stacked_parameters()
     assert stacked and all(t.shape[0] == 3 for t in stacked.values())
     if method == "packed":

@@ -130,9 +130,15 @@ def test_negative_correlation_weight_moves_regression_spread():
 
 # ------------------------------------------------------------------------------------- every ensemble type
 ALL_TERMS = [
-    PairwiseKL(weight=1.0), JensenShannon(weight=1.0), JensenShannon(weight=1.0, pairwise=True),
-    SoftDisagreement(weight=1.0), JensenGap(gamma=0.5), NegativeCorrelation(weight=1.0),
-    FunctionSpaceRepulsion(weight=1.0), WeightSpaceRepulsion(weight=1.0), InputGradientRepulsion(weight=1.0),
+    PairwiseKL(weight=1.0),
+    JensenShannon(weight=1.0),
+    JensenShannon(weight=1.0, pairwise=True),
+    SoftDisagreement(weight=1.0),
+    JensenGap(gamma=0.5),
+    NegativeCorrelation(weight=1.0),
+    FunctionSpaceRepulsion(weight=1.0),
+    WeightSpaceRepulsion(weight=1.0),
+    InputGradientRepulsion(weight=1.0),
 ]
 
 
@@ -144,8 +150,9 @@ def _term_id(reg):
 @pytest.mark.parametrize("reg", ALL_TERMS, ids=_term_id)
 def test_every_term_trains_every_ensemble(method, reg, digits):
     torch.manual_seed(0)
-    ens = build_ensemble(method, "mlp", num_members=M, backbone_kwargs={"in_features": 64, "out_features": 10,
-                                                                        "hidden": (32,)})
+    ens = build_ensemble(
+        method, "mlp", num_members=M, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}
+    )
     x, y = digits[0][:16], digits[1][:16]
     out = ens(x)
     assert out.shape == (M, 16, 10)
@@ -157,8 +164,13 @@ def test_every_term_trains_every_ensemble(method, reg, digits):
 
 @pytest.mark.parametrize("reg", [r for r in ALL_TERMS if not isinstance(r, WeightSpaceRepulsion)], ids=_term_id)
 def test_terms_refuse_an_ensemble_that_splits_the_batch_among_members(reg, digits):
-    ens = build_ensemble("batch", "mlp", num_members=M, batch_mode="split",
-                         backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    ens = build_ensemble(
+        "batch",
+        "mlp",
+        num_members=M,
+        batch_mode="split",
+        backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)},
+    )
     x, y = digits[0][:16], digits[1][:16]
     out = ens(x)  # (M, 16 // M, 10): member i saw the i-th quarter of the batch
     with pytest.raises(ValueError, match="batch_mode='repeat'"):

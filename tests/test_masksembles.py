@@ -1,10 +1,15 @@
 import pytest
 import torch
+from _family_checks import (
+    checkpoint_round_trip,
+    classifier_from_yaml,
+    cli_fit_with_diversity_averaging_and_calibration,
+    ensembling_callback_fit,
+)
 from torch import nn
 
-from _family_checks import checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit, cli_fit_with_diversity_averaging_and_calibration
 from lightning_ensembles.backbones import MLP
-from lightning_ensembles.ensembles.masksembles import Masksembles, MaskedOutput, generate_masks
+from lightning_ensembles.ensembles.masksembles import MaskedOutput, Masksembles, generate_masks
 from lightning_ensembles.ensembles.surgery import ConversionError
 
 
@@ -63,8 +68,16 @@ def test_shapes_member_equality_and_weights_kept():
 
 
 def test_conv_backbone_masks_after_batchnorm_and_whole_channels():
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 24, 3),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 2))
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 24, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 2),
+    )
     ens = Masksembles(net, num_members=3, scale=2.0, seed=0).eval()
     assert ens.converted == ["1", "3"]  # after the BatchNorm that follows conv 0, after conv 3
     captured = {}
@@ -126,8 +139,9 @@ def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
 
 def test_timm_vit_tokens_masked_on_the_channel_axis():
     timm = pytest.importorskip("timm")
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                            num_classes=3).eval()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3
+    ).eval()
     ens = Masksembles(vit, num_members=2, scale=2.0, seed=0).eval()
     assert "blocks.0.mlp.fc1" in ens.converted and "head" not in ens.converted and ens.verification.passed
     captured = {}

@@ -1,9 +1,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _family_checks import (
+    DIGITS_MLP,
+    checkpoint_round_trip,
+    classifier_from_yaml,
+    cli_fit_with_diversity_averaging_and_calibration,
+    ensembling_callback_fit,
+)
 from torch import nn
 
-from _family_checks import DIGITS_MLP, checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit, cli_fit_with_diversity_averaging_and_calibration
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.ensembles.mc_dropout import MCDropout, seeded_uniform
 from lightning_ensembles.ensembles.registry import build_ensemble
@@ -64,7 +70,9 @@ def test_functional_dropout_is_sampled_torch_uncertainty_issue_152():
     torch.testing.assert_close(ens.member(1)(x), out[1])
     torch.testing.assert_close(backbone(x), backbone(x))  # the user's model is untouched (still deterministic)
     # Channel dropout keeps the Conv1d's channels whole: per member, a channel is all dropped or all kept.
-    ch = MCDropout(nn.Sequential(nn.Dropout2d(0.5)), num_members=3, input_shape=[8, 5, 5]).eval()(torch.ones(2, 8, 5, 5))
+    ch = MCDropout(nn.Sequential(nn.Dropout2d(0.5)), num_members=3, input_shape=[8, 5, 5]).eval()(
+        torch.ones(2, 8, 5, 5)
+    )
     per_channel = (ch > 0).float().mean((-1, -2))
     assert set(per_channel.unique().tolist()) <= {0.0, 1.0} and torch.equal(per_channel[:, 0], per_channel[:, 1])
 
@@ -125,8 +133,9 @@ def test_timm_models_functional_head_dropout_and_attention_dropout():
         torch.testing.assert_close(ens.member(2)(x), out[2], rtol=1e-4, atol=1e-5)
     for k, v in resnet.state_dict().items():  # pretrained weights survive
         assert torch.equal(ens.model.state_dict()[k], v)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                            num_classes=3, attn_drop_rate=0.2).eval()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3, attn_drop_rate=0.2
+    ).eval()
     ens = MCDropout(vit, 3).eval()  # only attention dropout: the fused kernel is switched to the unfused path
     with torch.no_grad():
         out = ens(x)
@@ -165,5 +174,7 @@ def test_ensembling_callback_and_calibration_metrics():
 
 
 def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
-    cli = cli_fit_with_diversity_averaging_and_calibration(tmp_path, "mc_dropout", {"p": 0.2, "insert_before": ["net.3"]})
+    cli = cli_fit_with_diversity_averaging_and_calibration(
+        tmp_path, "mc_dropout", {"p": 0.2, "insert_before": ["net.3"]}
+    )
     assert type(cli.model.ensemble).__name__ == "MCDropout"

@@ -25,7 +25,9 @@ N, M, C, BATCH = 300, 3, 5, 25
 def fixed_predictions():
     g = torch.Generator().manual_seed(11)
     member_logits = torch.randn(M, N, C, generator=g) * 2
-    target = torch.where(torch.rand(N, generator=g) < 0.6, member_logits.mean(0).argmax(-1), torch.randint(0, C, (N,), generator=g))
+    target = torch.where(
+        torch.rand(N, generator=g) < 0.6, member_logits.mean(0).argmax(-1), torch.randint(0, C, (N,), generator=g)
+    )
     mean = torch.randn(M, N, 1, generator=g)
     var = torch.rand(M, N, 1, generator=g) + 0.2
     y_reg = torch.randn(N, generator=g)
@@ -117,8 +119,16 @@ def run_ddp(out_path: str) -> None:
     loader = DataLoader(TensorDataset(torch.arange(N)), batch_size=BATCH)
     ts = TemperatureScaling()
     cal = CalibrationMetrics(metrics=["ece", "ace", "classwise_ece", "nll", "brier", "aurc", "mutual_information"])
-    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, callbacks=[ts, cal], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy="ddp",
+        devices=2,
+        callbacks=[ts, cal],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     model = Replay()
     trainer.validate(model, loader, verbose=False)
     for m in model.metrics.values():
@@ -127,8 +137,12 @@ def run_ddp(out_path: str) -> None:
     with open(f"{out_path}.rank{trainer.global_rank}", "w") as f:
         json.dump(model.no_data, f)
     if trainer.global_rank == 0:
-        payload = {"metrics": model.results, "callback": cal.last_results["test"], "temperature": ts.temperature,
-                   "world_size": trainer.world_size}
+        payload = {
+            "metrics": model.results,
+            "callback": cal.last_results["test"],
+            "temperature": ts.temperature,
+            "world_size": trainer.world_size,
+        }
         with open(out_path, "w") as f:
             json.dump(payload, f)
 
@@ -152,9 +166,13 @@ def no_data_checks(rank, data):
 
 def test_metrics_split_across_two_processes_equal_one_pass(tmp_path):
     out = tmp_path / "ddp.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
     try:
-        proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=120
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the DDP script did not finish in 120 s")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -131,7 +131,11 @@ TIE_METRICS = {
 def test_issue_example_three_orders_one_value():
     """All samples share one confidence: only the order of hits and misses differed (0.052 / 0.658 / 0.375)."""
     errors_last = torch.tensor([0] * 16 + [1] * 4)
-    orders = [errors_last, errors_last.flip(0), errors_last[torch.randperm(20, generator=torch.Generator().manual_seed(1))]]
+    orders = [
+        errors_last,
+        errors_last.flip(0),
+        errors_last[torch.randperm(20, generator=torch.Generator().manual_seed(1))],
+    ]
     values = {name: [] for name in TIE_METRICS}
     for err in orders:
         probs = torch.tensor([[0.8, 0.2]]).repeat(20, 1)
@@ -196,7 +200,9 @@ def test_tie_free_values_agree_with_torch_uncertainty():
 
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(1500, 10, generator=g, dtype=torch.float64) * 3
-    target = torch.where(torch.rand(1500, generator=g) < 0.6, logits.argmax(-1), torch.randint(0, 10, (1500,), generator=g))
+    target = torch.where(
+        torch.rand(1500, generator=g) < 0.6, logits.argmax(-1), torch.randint(0, 10, (1500,), generator=g)
+    )
     probs = logits.softmax(-1)
     conf = probs.max(-1).values
     assert conf.unique().numel() == conf.numel()
@@ -214,7 +220,9 @@ def test_tie_free_values_agree_with_torch_uncertainty():
         assert run(CoverageAtRisk(level), probs, target, batches=3) == pytest.approx(float(cov.compute()), abs=1e-6)
     ace = TUACE(task="multiclass", num_classes=10, num_bins=15)
     ace.update(probs, target)
-    assert run(AdaptiveCalibrationError(n_bins=15), probs, target, batches=5) == pytest.approx(float(ace.compute()), abs=1e-6)
+    assert run(AdaptiveCalibrationError(n_bins=15), probs, target, batches=5) == pytest.approx(
+        float(ace.compute()), abs=1e-6
+    )
 
 
 # ================================================================== no data
@@ -261,17 +269,24 @@ EVERY_METRIC = {
     "SetCoverage": (SetCoverage, _sets),
     "SetSize": (SetSize, _sets),
     "DenseMeanIoU": (lambda: DenseMeanIoU(num_classes=3), lambda: (torch.zeros(0, 4, dtype=torch.long),) * 2),
-    "MultilabelCalibrationError": (lambda: MultilabelCalibrationError(num_labels=3),
-                                   lambda: (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long))),
-    "ClassificationMetrics": (lambda: ClassificationMetrics(3), lambda: (torch.randn(2, 0, 3), torch.zeros(0, dtype=torch.long))),
+    "MultilabelCalibrationError": (
+        lambda: MultilabelCalibrationError(num_labels=3),
+        lambda: (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)),
+    ),
+    "ClassificationMetrics": (
+        lambda: ClassificationMetrics(3),
+        lambda: (torch.randn(2, 0, 3), torch.zeros(0, dtype=torch.long)),
+    ),
     "RegressionMetrics": (RegressionMetrics, lambda: (torch.zeros(2, 0, 1), torch.ones(2, 0, 1), torch.zeros(0))),
 }
 
 
 def test_every_exported_metric_is_covered():
     exported = {
-        name for name in metrics_pkg.__all__
-        if inspect.isclass(getattr(metrics_pkg, name)) and issubclass(getattr(metrics_pkg, name), (Metric, MetricCollection))
+        name
+        for name in metrics_pkg.__all__
+        if inspect.isclass(getattr(metrics_pkg, name))
+        and issubclass(getattr(metrics_pkg, name), (Metric, MetricCollection))
     }
     assert exported == set(EVERY_METRIC)
 
@@ -386,7 +401,9 @@ def test_bf16_member_probs_are_accepted():
     member_probs = (torch.randn(4, 1000, 10, generator=g) * 3).bfloat16().softmax(-1)
     assert float((member_probs.double().sum(-1) - 1).abs().max()) > 1e-3
     for factory in (MutualInformation, Disagreement, PredictiveEntropy):
-        assert run(factory(), member_probs) == pytest.approx(run(factory(validate_args=False), member_probs.float()), abs=1e-6)
+        assert run(factory(), member_probs) == pytest.approx(
+            run(factory(validate_args=False), member_probs.float()), abs=1e-6
+        )
 
 
 def test_rows_off_by_more_than_the_dtype_allows_are_still_rejected():
@@ -442,7 +459,9 @@ def test_calibration_metrics_callback_accepts_bf16_mixed_softmax(key):
     x = torch.randn(512, 16, generator=g)
     y = torch.randint(0, 10, (512,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=128)
-    names = ["ece", "ace", "classwise_ece", "nll", "brier", "aurc"] + (["mutual_information"] if key == "member_probs" else [])
+    names = ["ece", "ace", "classwise_ece", "nll", "brier", "aurc"] + (
+        ["mutual_information"] if key == "member_probs" else []
+    )
     results = {}
     for precision in ("bf16-mixed", "32-true"):
         cb = CalibrationMetrics(metrics=names)
@@ -459,7 +478,9 @@ def test_calibration_metrics_callback_accepts_bf16_mixed_softmax(key):
 def _member_logits(m=3, b=200, c=5, seed=7):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(m, b, c, generator=g) * 3
-    target = torch.where(torch.rand(b, generator=g) < 0.8, logits.mean(0).argmax(-1), torch.randint(0, c, (b,), generator=g))
+    target = torch.where(
+        torch.rand(b, generator=g) < 0.8, logits.mean(0).argmax(-1), torch.randint(0, c, (b,), generator=g)
+    )
     return logits, target
 
 

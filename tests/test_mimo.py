@@ -1,9 +1,14 @@
 import pytest
 import torch
+from _family_checks import (
+    checkpoint_round_trip,
+    classifier_from_yaml,
+    cli_fit_with_diversity_averaging_and_calibration,
+    ensembling_callback_fit,
+)
+from conftest import quiet_trainer
 from torch import nn
 
-from _family_checks import checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit, cli_fit_with_diversity_averaging_and_calibration
-from conftest import quiet_trainer
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.ensembles.mimo import MIMO, MIMOInput, MIMOOutput
 from lightning_ensembles.ensembles.surgery import ConversionError
@@ -35,7 +40,10 @@ def test_stacked_parameters_are_the_member_blocks_and_take_weight_space_repulsio
     ens = MIMO(MLP(10, 4, hidden=(16,)), num_members=3, init="reinit")
     blocks = ens.stacked_parameters()
     assert {k: tuple(v.shape) for k, v in blocks.items()} == {
-        "net.1.layer.weight": (3, 16, 10), "net.3.layer.weight": (3, 4, 16), "net.3.layer.bias": (3, 4)}
+        "net.1.layer.weight": (3, 16, 10),
+        "net.3.layer.weight": (3, 4, 16),
+        "net.3.layer.bias": (3, 4),
+    }
     w_in = ens.model.net[1].layer.weight
     assert torch.equal(blocks["net.1.layer.weight"][2], w_in[:, 20:30])  # slot 2's input columns
     value = WeightSpaceRepulsion(weight=1.0)(ens(torch.randn(5, 10)), None, ensemble=ens)
@@ -81,8 +89,8 @@ def test_training_outputs_are_put_back_in_batch_order():
         for i in range(m):
             for j in range(m):
                 if i != j:
-                    w_in[i * h:(i + 1) * h, j * 5:(j + 1) * 5] = 0
-                    w_out[i * 2:(i + 1) * 2, j * h:(j + 1) * h] = 0
+                    w_in[i * h : (i + 1) * h, j * 5 : (j + 1) * 5] = 0
+                    w_out[i * 2 : (i + 1) * 2, j * h : (j + 1) * h] = 0
     x, y = torch.randn(8, 5), torch.arange(8)
     ens.eval()
     expected = ens(x).repeat(1, 2, 1)
@@ -127,6 +135,7 @@ def test_refusals_name_the_module():
         MIMO(MLP(3, 2), 2, first_layer="nope")
     with pytest.raises(ConversionError, match="no nn.Linear or nn.Conv"):
         MIMO(nn.Sequential(nn.ReLU()), 2)
+
     class Reordered(nn.Module):  # registers its output layer first: the registration-order guess is wrong
         def __init__(self) -> None:
             super().__init__()
@@ -176,8 +185,9 @@ def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
 
 def test_timm_vit_patch_embedding_and_head():
     timm = pytest.importorskip("timm")
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                            num_classes=3).eval()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3
+    ).eval()
     ens = MIMO(vit, num_members=2).eval()
     assert ens.converted == ["patch_embed.proj", "head"] and ens.verification.passed
     x = torch.randn(2, 3, 32, 32)

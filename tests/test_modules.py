@@ -5,10 +5,10 @@ import textwrap
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import quiet_trainer
-from lightning_ensembles import DeepEnsemble, EnsembleClassifier, EnsembleRegressor, MLP
+from lightning_ensembles import MLP, DeepEnsemble, EnsembleClassifier, EnsembleRegressor
 from lightning_ensembles.data import DigitsDataModule, ToyRegressionDataModule
 
 MLP_KW = {"in_features": 64, "out_features": 10, "hidden": [64]}
@@ -113,10 +113,10 @@ def test_checkpoint_restores_in_a_fresh_process(tmp_path):
         f"""
         import torch
         from lightning_ensembles import EnsembleClassifier
-        m = EnsembleClassifier.load_from_checkpoint(r"{tmp_path / 'last.ckpt'}", map_location="cpu").eval()
+        m = EnsembleClassifier.load_from_checkpoint(r"{tmp_path / "last.ckpt"}", map_location="cpu").eval()
         with torch.no_grad():
-            out = m(torch.load(r"{tmp_path / 'x.pt'}"))
-        assert torch.equal(out, torch.load(r"{tmp_path / 'expected.pt'}")), (out - torch.load(r"{tmp_path / 'expected.pt'}")).abs().max()
+            out = m(torch.load(r"{tmp_path / "x.pt"}"))
+        assert torch.equal(out, torch.load(r"{tmp_path / "expected.pt"}")), (out - torch.load(r"{tmp_path / "expected.pt"}")).abs().max()
         print("IDENTICAL")
         """
     )
@@ -134,15 +134,18 @@ def test_module_backbone_checkpoint_needs_the_module_again(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         EnsembleClassifier.load_from_checkpoint(tmp_path / "m.ckpt")
     again = EnsembleClassifier.load_from_checkpoint(tmp_path / "m.ckpt", backbone=MLP(64, 10))
-    torch.testing.assert_close(again.ensemble.stacked_parameters()["net.1.weight"],
-                               model.ensemble.stacked_parameters()["net.1.weight"])
+    torch.testing.assert_close(
+        again.ensemble.stacked_parameters()["net.1.weight"], model.ensemble.stacked_parameters()["net.1.weight"]
+    )
 
 
 def test_regressor_epistemic_variance_rises_in_the_gap():
     L.seed_everything(0)
     dm = ToyRegressionDataModule(num_train=512, batch_size=64)
     model = EnsembleRegressor(
-        backbone="mlp", num_members=5, backbone_kwargs={"in_features": 1, "out_features": 2, "hidden": [64, 64]},
+        backbone="mlp",
+        num_members=5,
+        backbone_kwargs={"in_features": 1, "out_features": 2, "hidden": [64, 64]},
         lr=5e-3,
     )
     trainer = quiet_trainer(max_epochs=40, limit_val_batches=0)

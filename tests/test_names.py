@@ -47,8 +47,12 @@ def _classes(package, base):
     found: dict[str, set[str]] = {}
     for mod in _modules(package):
         for name, obj in vars(mod).items():
-            if (inspect.isclass(obj) and issubclass(obj, base) and not name.startswith("_")
-                    and obj.__module__.startswith(package.__name__)):
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, base)
+                and not name.startswith("_")
+                and obj.__module__.startswith(package.__name__)
+            ):
                 found.setdefault(name, set()).add(obj.__module__)
     return found
 
@@ -127,8 +131,14 @@ def test_configs_name_our_classes_by_full_path():
 _REQUIRED = {"PredictionWriter": ["path=preds.pt"]}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in lightning_ensembles.callbacks.__all__
-                                        if issubclass(getattr(lightning_ensembles.callbacks, n), Callback)))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        n
+        for n in lightning_ensembles.callbacks.__all__
+        if issubclass(getattr(lightning_ensembles.callbacks, n), Callback)
+    ),
+)
 def test_cli_resolves_every_callback_by_short_name(name, tmp_path):
     args = ["--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks+={name}"]
     args += [f"--trainer.callbacks.{a}" for a in _REQUIRED.get(name, [])]
@@ -139,13 +149,24 @@ def test_cli_resolves_every_callback_by_short_name(name, tmp_path):
 def test_cli_trains_with_member_weight_averaging_by_short_name(tmp_path):
     # Lightning's own WeightAveraging is imported alongside: the short names must not collide.
     assert "WeightAveraging" in pl_callbacks.__all__
-    cli = run_cli([
-        "fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2",
-        "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
-        "--model.init_args.num_members=2", "--test_after_fit=false",
-        "--trainer.callbacks+=MemberWeightAveraging", "--trainer.callbacks.method=ema",
-        "--trainer.callbacks.attribute=ensemble", "--trainer.callbacks.interval=step",
-    ])
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            "--model.init_args.num_members=2",
+            "--test_after_fit=false",
+            "--trainer.callbacks+=MemberWeightAveraging",
+            "--trainer.callbacks.method=ema",
+            "--trainer.callbacks.attribute=ensemble",
+            "--trainer.callbacks.interval=step",
+        ]
+    )
     avg = [cb for cb in cli.trainer.callbacks if isinstance(cb, MemberWeightAveraging)]
     assert len(avg) == 1 and avg[0].method == "ema"
     assert avg[0].averager.n_averaged == 8  # one EMA update per optimiser step: 2 epochs x 4 batches
@@ -153,13 +174,15 @@ def test_cli_trains_with_member_weight_averaging_by_short_name(tmp_path):
 
 def test_checkpoint_written_under_the_old_name_still_resumes(tmp_path):
     """A checkpoint from before the rename keeps the averages under 'WeightAveraging{...}'."""
+    from conftest import quiet_trainer
+
     from lightning_ensembles import EnsembleClassifier
     from lightning_ensembles.data import DigitsDataModule
 
-    from conftest import quiet_trainer
-
     def run(max_epochs, ckpt_path=None):
-        model = EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs={"in_features": 64, "out_features": 10})
+        model = EnsembleClassifier(
+            backbone="mlp", num_members=2, backbone_kwargs={"in_features": 64, "out_features": 10}
+        )
         cb = MemberWeightAveraging("swa", attribute="ensemble", start_epoch=0, update_bn=False)
         trainer = quiet_trainer(max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1, callbacks=[cb])
         trainer.fit(model, DigitsDataModule(), ckpt_path=ckpt_path)
@@ -170,7 +193,9 @@ def test_checkpoint_written_under_the_old_name_still_resumes(tmp_path):
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)
     assert cb.state_key in state["callbacks"] and cb.state_key.startswith("MemberWeightAveraging{")
-    state["callbacks"] = {k.replace("MemberWeightAveraging", "WeightAveraging", 1): v for k, v in state["callbacks"].items()}
+    state["callbacks"] = {
+        k.replace("MemberWeightAveraging", "WeightAveraging", 1): v for k, v in state["callbacks"].items()
+    }
     torch.save(state, ckpt)
     with pytest.warns(UserWarning, match="callbacks used to create the checkpoint"):
         _, resumed = run(3, ckpt_path=str(ckpt))

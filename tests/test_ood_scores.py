@@ -70,7 +70,9 @@ def test_metric_set_logs_every_selected_score_and_ranks():
     assert set(out) == {f"ood_{k}_{s}" for s in OOD_SCORES for k in ("auroc", "aupr", "fpr95")}
     for s in OOD_SCORES:
         ref = OODAUROC()
-        ref.update(torch.cat([ood_score(s, ind), ood_score(s, ood)]), torch.cat([torch.zeros(300), torch.ones(300)]).long())
+        ref.update(
+            torch.cat([ood_score(s, ind), ood_score(s, ood)]), torch.cat([torch.zeros(300), torch.ones(300)]).long()
+        )
         assert float(out[f"ood_auroc_{s}"]) == pytest.approx(float(ref.compute()))
     # flat logits have a high energy and a low max logit: both separate well
     assert float(out["ood_auroc_energy"]) > 0.9 and float(out["ood_auroc_max_logit"]) > 0.9
@@ -84,8 +86,13 @@ def test_classifier_logs_the_selected_scores_per_score():
 
     torch.manual_seed(0)
     dm = DigitsDataModule(ood_classes=(8, 9))
-    model = EnsembleClassifier(backbone="mlp", num_members=3, lr=3e-3, ood_scores=["energy", "max_logit", "variation_ratio"],
-                               backbone_kwargs={"in_features": 64, "out_features": 10})
+    model = EnsembleClassifier(
+        backbone="mlp",
+        num_members=3,
+        lr=3e-3,
+        ood_scores=["energy", "max_logit", "variation_ratio"],
+        backbone_kwargs={"in_features": 64, "out_features": 10},
+    )
     trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=0)
     trainer.fit(model, dm)
     res = trainer.test(model, dm, verbose=False)[0]
@@ -96,7 +103,10 @@ def test_classifier_logs_the_selected_scores_per_score():
         ind = torch.cat([model(x) for x, _ in dm.test_dataloader()[0]], 1)
         ood = torch.cat([model(x) for x, _ in dm.test_dataloader()[1]], 1)
     ref = OODAUROC()
-    ref.update(torch.cat([energy_score(ind), energy_score(ood)]), torch.cat([torch.zeros(ind.shape[1]), torch.ones(ood.shape[1])]).long())
+    ref.update(
+        torch.cat([energy_score(ind), energy_score(ood)]),
+        torch.cat([torch.zeros(ind.shape[1]), torch.ones(ood.shape[1])]).long(),
+    )
     assert res["test/ood_auroc_energy"] == pytest.approx(float(ref.compute()), abs=1e-5)
     with pytest.raises(ValueError, match="unknown OOD score"):
         EnsembleClassifier(backbone="mlp", ood_scores=["odin"], backbone_kwargs={"in_features": 4, "out_features": 3})

@@ -5,16 +5,24 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).parents[1]
 # matplotlib and rich are extras too, but torchmetrics / Lightning import them whenever their distribution
 # metadata is present, so they cannot be hidden from an environment that has them installed.
 EXTRAS_ONLY = ("sklearn", "mnist1d", "torch_uncertainty", "laplace")
 # Import names of the core distributions.
-CORE = {"torch": "torch", "lightning": "lightning", "lightning_utilities": "lightning", "torchmetrics": "torchmetrics",
-        "timm": "timm", "numpy": "numpy", "jsonargparse": "jsonargparse"}
+CORE = {
+    "torch": "torch",
+    "lightning": "lightning",
+    "lightning_utilities": "lightning",
+    "torchmetrics": "torchmetrics",
+    "timm": "timm",
+    "numpy": "numpy",
+    "jsonargparse": "jsonargparse",
+}
 
 
 def _module_level_imports() -> set[str]:

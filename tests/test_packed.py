@@ -16,7 +16,9 @@ def test_param_count_matches_torch_uncertainty_packed_resnet18():
     single = resnet(in_channels=3, num_classes=10, arch=18, style="cifar")
     reference = packed_resnet(in_channels=3, num_classes=10, arch=18, num_estimators=4, alpha=2, gamma=2, style="cifar")
     with pytest.warns(UserWarning, match="lowered gamma"):
-        ours = PackedEnsemble(single, 4, alpha=2, gamma=2, min_channels_per_group=64, no_gamma_layers=["*.conv1", "linear"])
+        ours = PackedEnsemble(
+            single, 4, alpha=2, gamma=2, min_channels_per_group=64, no_gamma_layers=["*.conv1", "linear"]
+        )
     assert abs(_count(ours) / _count(reference) - 1) < 0.02
     assert abs(_count(reference) - 8.18e6) < 0.01e6
     # alpha = M, gamma = 1 is exactly M independent backbones.

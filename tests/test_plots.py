@@ -38,8 +38,11 @@ def _save(fig, tmp_path, name):
 
 
 def _bars(container):
-    return (np.array([r.get_x() + r.get_width() / 2 for r in container]), np.array([r.get_height() for r in container]),
-            np.array([r.get_y() for r in container]))
+    return (
+        np.array([r.get_x() + r.get_width() / 2 for r in container]),
+        np.array([r.get_height() for r in container]),
+        np.array([r.get_y() for r in container]),
+    )
 
 
 def _expected_bins(p, hit, n_bins=N_BINS):
@@ -105,7 +108,7 @@ def test_classwise_and_multilabel_plots_pool_the_per_class_bins(tmp_path):
 
     g = torch.Generator().manual_seed(3)
     p = torch.rand(300, 3, generator=g, dtype=torch.float64)
-    y = (torch.rand(300, 3, generator=g, dtype=torch.float64) < p ** 2).long()
+    y = (torch.rand(300, 3, generator=g, dtype=torch.float64) < p**2).long()
     ml = MultilabelCalibrationError(num_labels=3, n_bins=N_BINS)
     ml.update(p, y)
     fig, ax = ml.plot()
@@ -196,7 +199,9 @@ def test_ood_plots_are_the_roc_and_pr_curves_of_the_stored_scores(tmp_path):
     fig, ax = fpr95.plot()
     point = ax.lines[-1]
     first = np.nonzero(tpr >= 0.95 - 1e-12)[0][0]
-    assert point.get_xdata()[0] == pytest.approx(fpr[first], abs=1e-9) == pytest.approx(float(fpr95.compute()), abs=1e-6)
+    assert (
+        point.get_xdata()[0] == pytest.approx(fpr[first], abs=1e-9) == pytest.approx(float(fpr95.compute()), abs=1e-6)
+    )
     assert point.get_ydata()[0] == pytest.approx(tpr[first], abs=1e-9)
     _save(fig, tmp_path, "fpr95")
 
@@ -224,8 +229,9 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
 def test_member_table_is_an_aligned_markdown_table():
     results = {"acc": 0.975, "nll": 0.0812, "brier": 0.04, "ece": 0.0123}
     for i, acc in enumerate([0.95, 0.9611]):
-        results.update({f"member_acc/{i}": acc, f"member_nll/{i}": 0.15 + i, f"member_brier/{i}": 0.07,
-                        f"member_ece/{i}": 0.02})
+        results.update(
+            {f"member_acc/{i}": acc, f"member_nll/{i}": 0.15 + i, f"member_brier/{i}": 0.07, f"member_ece/{i}": 0.02}
+        )
     text = format_report(results, title="test")
     title, header, rule, *rows = text.splitlines()
     assert title == "test: ensemble vs members"

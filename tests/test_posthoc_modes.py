@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import quiet_trainer
-from torch import nn
+from user_project.classifier import LitClassifier
 
 from lightning_ensembles import EnsembleClassifier
 from lightning_ensembles.calibration import CalibrationWarning, conformal_quantile, fit_temperature
 from lightning_ensembles.callbacks import ConformalPrediction, Ensembling, TemperatureScaling
 from lightning_ensembles.data import DigitsDataModule
-from user_project.classifier import LitClassifier
 
 
 def _x_y(loader):
@@ -214,5 +213,7 @@ def test_conformal_warns_when_too_few_samples_for_alpha(trained_ensemble):
     model, _, _, _ = trained_ensemble
     cp = ConformalPrediction(alpha=0.1, method="thr")
     with pytest.warns(CalibrationWarning, match="needs at least 9"):
-        quiet_trainer(callbacks=[cp], limit_val_batches=1).validate(model, DigitsDataModule(batch_size=5), verbose=False)
+        quiet_trainer(callbacks=[cp], limit_val_batches=1).validate(
+            model, DigitsDataModule(batch_size=5), verbose=False
+        )
     assert cp.threshold == float("inf")

@@ -53,8 +53,9 @@ def test_regression_columns(tmp_path):
     model = EnsembleRegressor(backbone="mlp", num_members=2, backbone_kwargs={"in_features": 1, "out_features": 2})
     x = torch.linspace(-3, 3, 25)[:, None]
     path = tmp_path / "r.csv"
-    quiet_trainer(callbacks=[PredictionWriter(path)]).predict(model, DataLoader(TensorDataset(x), batch_size=8),
-                                                              return_predictions=False)
+    quiet_trainer(callbacks=[PredictionWriter(path)]).predict(
+        model, DataLoader(TensorDataset(x), batch_size=8), return_predictions=False
+    )
     cols, values = read_predictions_file(path)
     ref = model.predict_step((x,), 0)
     get = {c: values[:, k] for k, c in enumerate(cols)}
@@ -66,9 +67,17 @@ def test_cli_predict_writes_the_file(tmp_path):
     from lightning_ensembles.cli import run_cli
 
     out = tmp_path / "preds.csv"
-    run_cli(["predict", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}",
-             "--trainer.callbacks+=lightning_ensembles.callbacks.PredictionWriter", f"--trainer.callbacks.path={out}",
-             "--return_predictions=false"])
+    run_cli(
+        [
+            "predict",
+            "--config",
+            str(CONFIG),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=lightning_ensembles.callbacks.PredictionWriter",
+            f"--trainer.callbacks.path={out}",
+            "--return_predictions=false",
+        ]
+    )
     cols, values = read_predictions_file(out)
     assert values.shape == (360, len(cols)) and "mutual_information" in cols
 
@@ -76,8 +85,9 @@ def test_cli_predict_writes_the_file(tmp_path):
 @pytest.mark.slow
 def test_ddp_writes_one_ordered_file_without_padding_duplicates(tmp_path):
     script = Path(__file__).parent / "_ddp_scripts" / "prediction_writer.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          cwd=script.parent)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=script.parent
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs={"in_features": 8, "out_features": 3})
     model.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))

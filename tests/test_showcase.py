@@ -64,8 +64,11 @@ def test_held_out_classes_are_only_in_the_ood_set():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"ood": "noise"}, "'waves' or 'classes'"), ({"ood": "classes"}, "ood_classes"),
-     ({"shift": {"iid_noise_scale": 0.1}}, "shift_test=True")],
+    [
+        ({"ood": "noise"}, "'waves' or 'classes'"),
+        ({"ood": "classes"}, "ood_classes"),
+        ({"shift": {"iid_noise_scale": 0.1}}, "shift_test=True"),
+    ],
 )
 def test_bad_arguments_name_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -77,11 +80,24 @@ def test_showcase_command_trains_both_and_writes_table_and_diagram(tmp_path, mon
     from lightning_ensembles import cli
 
     root = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", [
-        "lightning-ensembles", "showcase", "--config", str(CONFIG), "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--data.init_args.num_samples", "300",
-        "--trainer.default_root_dir", str(root),
-    ])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "lightning-ensembles",
+            "showcase",
+            "--config",
+            str(CONFIG),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.num_samples",
+            "300",
+            "--trainer.default_root_dir",
+            str(root),
+        ],
+    )
     cli.main()
     out = capsys.readouterr().out
     assert "single model" in out and "deep ensemble (4)" in out and "OOD AUROC" in out

@@ -36,7 +36,10 @@ def test_selected_module_children_are_not_visited_and_shared_modules_convert_onc
     shared = nn.Linear(3, 3)
     net = nn.Sequential(shared, nn.Sequential(nn.Linear(3, 3)), shared)
     calls = []
-    _, paths = convert(net, lambda p, m: isinstance(m, (nn.Linear, nn.Sequential)) and p != "",
-                       lambda p, m: calls.append(p) or nn.Identity())
+    _, paths = convert(
+        net,
+        lambda p, m: isinstance(m, (nn.Linear, nn.Sequential)) and p != "",
+        lambda p, m: calls.append(p) or nn.Identity(),
+    )
     assert paths == ["0", "1", "2"]  # "1.0" is inside a selected module
     assert calls == ["0", "1"]  # the shared Linear (paths "0" and "2") is built once

@@ -43,8 +43,12 @@ def test_transforms_against_hand_written_reference():
 
 
 def test_training_outputs_losses_and_transform_probability():
-    ens = MultiSymmetryEnsemble(MLP(64, 10, hidden=(16,)), num_members=3,
-                                symmetries=["invariant-rot90", "equivariant-hflip", "plain"], p_transform=0.0)
+    ens = MultiSymmetryEnsemble(
+        MLP(64, 10, hidden=(16,)),
+        num_members=3,
+        symmetries=["invariant-rot90", "equivariant-hflip", "plain"],
+        p_transform=0.0,
+    )
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
     logits, extra, logs = ens.training_outputs(x, y)
     assert logits.shape == (3, 8, 10)
@@ -68,8 +72,13 @@ def test_training_outputs_losses_and_transform_probability():
 
 
 def test_consistency_term_is_kl_between_views():
-    ens = MultiSymmetryEnsemble(MLP(64, 10, hidden=(16,)), num_members=1, symmetries=["invariant-hflip"],
-                                consistency_weight=2.0, p_transform=1.0)
+    ens = MultiSymmetryEnsemble(
+        MLP(64, 10, hidden=(16,)),
+        num_members=1,
+        symmetries=["invariant-hflip"],
+        consistency_weight=2.0,
+        p_transform=1.0,
+    )
     x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 10, (5,))
     _, extra, logs = ens.training_outputs(x, y)
     m = ens.members[0]
@@ -86,8 +95,9 @@ def trained():
     dm = DigitsDataModule()
     dm.setup()
     xtr, ytr = dm.splits["train"].tensors
-    ens = MultiSymmetryEnsemble(MLP(64, 10, hidden=(128,)), num_members=2,
-                                symmetries=["invariant-rot90", "equivariant-rot90"])
+    ens = MultiSymmetryEnsemble(
+        MLP(64, 10, hidden=(128,)), num_members=2, symmetries=["invariant-rot90", "equivariant-rot90"]
+    )
     opt = torch.optim.Adam(ens.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
@@ -109,8 +119,9 @@ def test_invariant_member_changes_less_under_rotation(trained):
     with torch.no_grad():
         p0 = ens(x).softmax(-1)
         acc = (p0.argmax(-1) == y).float().mean(-1)
-        tv = torch.stack([0.5 * (p0 - ens(transform(x, "rot90", k)).softmax(-1)).abs().sum(-1).mean(-1)
-                          for k in (1, 2, 3)]).mean(0)  # per member: mean total-variation change
+        tv = torch.stack(
+            [0.5 * (p0 - ens(transform(x, "rot90", k)).softmax(-1)).abs().sum(-1).mean(-1) for k in (1, 2, 3)]
+        ).mean(0)  # per member: mean total-variation change
     assert (acc > 0.85).all(), acc
     assert tv[0] < 0.5 * tv[1], tv  # invariant member (0) vs equivariant member (1)
 
@@ -142,16 +153,20 @@ def test_greedy_selection_against_brute_force_and_pruning():
     torch.manual_seed(3)
     y = torch.randint(0, 5, (200,))
     good = 3 * F.one_hot(y, 5).float()
-    logits = torch.stack([good + torch.randn(200, 5) * s for s in (1.5, 2.0, 2.5)]
-                         + [-8 * F.one_hot(y, 5).float()])  # member 3 is confidently wrong
+    logits = torch.stack(
+        [good + torch.randn(200, 5) * s for s in (1.5, 2.0, 2.5)] + [-8 * F.one_hot(y, 5).float()]
+    )  # member 3 is confidently wrong
     chosen, path = greedy_member_selection(logits, y)
     assert 3 not in chosen
     assert path[0] == pytest.approx(min(mean_prob_nll(logits[[i]], y) for i in range(4)), rel=1e-5)
     assert path[-1] == pytest.approx(mean_prob_nll(logits, y), rel=1e-5)
     assert mean_prob_nll(logits[chosen], y) == pytest.approx(min(path), rel=1e-5)
 
-    ens = MultiSymmetryEnsemble(MLP(64, 10, hidden=(8,)), num_members=4,
-                                symmetries=["plain", "invariant-hflip", "equivariant-rot90", "invariant-d4"])
+    ens = MultiSymmetryEnsemble(
+        MLP(64, 10, hidden=(8,)),
+        num_members=4,
+        symmetries=["plain", "invariant-hflip", "equivariant-rot90", "invariant-d4"],
+    )
     ens.keep_members([2, 0])
     assert ens.num_members == 2 and ens.symmetries == ["equivariant-rot90", "plain"]
     assert ens(torch.rand(3, 1, 8, 8)).shape == (2, 3, 10)
@@ -159,8 +174,9 @@ def test_greedy_selection_against_brute_force_and_pruning():
 
 # ---------------------------------------------------------------------------- construction
 def test_registry_default_symmetries_and_errors():
-    ens = build_ensemble("symmetry", "mlp", num_members=4,
-                         backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": [16]})
+    ens = build_ensemble(
+        "symmetry", "mlp", num_members=4, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": [16]}
+    )
     assert ens.symmetries == ["invariant-rot90", "equivariant-rot90"] * 2
     assert not torch.equal(ens.members[0].head.weight, ens.members[2].head.weight)  # re-initialised members
     with pytest.raises(ValueError, match=r"unknown `symmetries` \['invariant-rot45'\]; available: \['plain'"):

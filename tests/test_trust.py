@@ -54,8 +54,9 @@ def test_cli_test_with_a_crafted_checkpoint_does_not_run_it(tmp_path):
     # `os.abort` takes no argument: had the CLI called it, the test process would be gone.
     path = _crafted_checkpoint(tmp_path, None, backbone="os.abort")
     ckpt = torch.load(path, weights_only=True)  # as the CLI writes its checkpoints
-    ckpt["hyper_parameters"].update(_class_path="lightning_ensembles.EnsembleClassifier",
-                                    _instantiator="lightning.pytorch.cli.instantiate_module")
+    ckpt["hyper_parameters"].update(
+        _class_path="lightning_ensembles.EnsembleClassifier", _instantiator="lightning.pytorch.cli.instantiate_module"
+    )
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r"'os\.abort' is not an allowed backbone"):
         run_cli(["test", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={path}"])
@@ -99,12 +100,15 @@ def test_soup_ingredients_load_as_weights_only(tmp_path):
 
 
 def test_regularizers_are_stored_as_plain_data_and_rebuilt(tmp_path):
-    model = EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs=MLP_KW,
-                               regularizers=[JensenShannon(weight=0.1, pairwise=True)])
-    assert model.hparams.regularizers == [{
-        "class_path": "lightning_ensembles.losses.diversity.JensenShannon",
-        "init_args": {"weight": 0.1, "pairwise": True, "name": "neg_jensen_shannon"},
-    }]
+    model = EnsembleClassifier(
+        backbone="mlp", num_members=2, backbone_kwargs=MLP_KW, regularizers=[JensenShannon(weight=0.1, pairwise=True)]
+    )
+    assert model.hparams.regularizers == [
+        {
+            "class_path": "lightning_ensembles.losses.diversity.JensenShannon",
+            "init_args": {"weight": 0.1, "pairwise": True, "name": "neg_jensen_shannon"},
+        }
+    ]
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     path = tmp_path / "m.ckpt"
@@ -128,8 +132,9 @@ def test_a_killed_run_resumes_bit_identical(tmp_path, data):
     full.mkdir(), part.mkdir()
 
     def run(out: Path, *args: str) -> int:
-        return subprocess.run([sys.executable, str(script), data, str(out), *args], capture_output=True,
-                              timeout=600).returncode
+        return subprocess.run(
+            [sys.executable, str(script), data, str(out), *args], capture_output=True, timeout=600
+        ).returncode
 
     assert run(full, "full") == 0
     assert run(part, "kill", "1") == -9  # SIGKILL mid-epoch, after the epoch-0 checkpoint
@@ -159,23 +164,46 @@ def test_datamodule_order_depends_on_seed_and_epoch_only():
 @pytest.mark.slow
 def test_every_stateful_module_and_callback_reloads_in_a_fresh_process(tmp_path):
     script = SCRIPTS / "state_roundtrip.py"
-    save = subprocess.run([sys.executable, str(script), "save", str(tmp_path)], capture_output=True, text=True,
-                          timeout=900)
+    save = subprocess.run(
+        [sys.executable, str(script), "save", str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
     assert save.returncode == 0, save.stderr[-3000:]
-    load = subprocess.run([sys.executable, str(script), "load", str(tmp_path)], capture_output=True, text=True,
-                          timeout=900)
+    load = subprocess.run(
+        [sys.executable, str(script), "load", str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
     assert load.returncode == 0, load.stderr[-3000:]
-    for case in ("deep", "packed", "batch", "lora", "symmetry", "swa", "ema", "swag", "snapshot", "temperature",
-                 "conformal", "dca"):
+    for case in (
+        "deep",
+        "packed",
+        "batch",
+        "lora",
+        "symmetry",
+        "swa",
+        "ema",
+        "swag",
+        "snapshot",
+        "temperature",
+        "conformal",
+        "dca",
+    ):
         assert f"ok {case}" in load.stdout
 
 
 def test_one_member_end_to_end_in_the_cli(tmp_path, capsys):
     from lightning_ensembles.cli import run_cli
 
-    cli = run_cli(["fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-                   "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
-                   "--model.init_args.num_members=1"])
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.num_members=1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "member 0" in out and "member mean" in out
     assert "test/member_acc/0" in cli.trainer.callback_metrics  # after fit the CLI tests: test/ keys
@@ -184,8 +212,12 @@ def test_one_member_end_to_end_in_the_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("members", [1, 2])
 def test_point_regressor_logs_variance_metrics_only_when_a_variance_exists(members):
-    model = EnsembleRegressor(backbone="mlp", num_members=members, loss="mse",
-                              backbone_kwargs={"in_features": 1, "out_features": 1, "hidden": [8]})
+    model = EnsembleRegressor(
+        backbone="mlp",
+        num_members=members,
+        loss="mse",
+        backbone_kwargs={"in_features": 1, "out_features": 1, "hidden": [8]},
+    )
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(model, ToyRegressionDataModule(num_train=64))
     logged = set(trainer.callback_metrics)

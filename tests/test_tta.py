@@ -2,9 +2,14 @@ import pickle
 
 import pytest
 import torch
+from _family_checks import (
+    checkpoint_round_trip,
+    classifier_from_yaml,
+    cli_fit_with_diversity_averaging_and_calibration,
+    ensembling_callback_fit,
+)
 from torch import nn
 
-from _family_checks import checkpoint_round_trip, classifier_from_yaml, ensembling_callback_fit, cli_fit_with_diversity_averaging_and_calibration
 from lightning_ensembles import DeepEnsemble
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.ensembles.registry import build_ensemble
@@ -22,7 +27,9 @@ def test_named_transforms_against_hand_written_reference():
     assert torch.equal(shifted[..., 0, :3], x[..., 0, 2:]) and torch.equal(shifted[..., 1:, 3], x[..., :4, 4])
     torch.testing.assert_close(Augmentation("rotate_0")(x), x)
     r = Augmentation("rotate_90")(x)
-    assert torch.allclose(r, Augmentation("rot90")(x), atol=1e-5) or torch.allclose(r, Augmentation("rot270")(x), atol=1e-5)
+    assert torch.allclose(r, Augmentation("rot90")(x), atol=1e-5) or torch.allclose(
+        r, Augmentation("rot270")(x), atol=1e-5
+    )
     crop = Augmentation("crop_1_tl")(x)  # top-left 3x3 crop resized back to 5x5
     ref = torch.nn.functional.interpolate(x[..., :3, :3], size=(5, 5), mode="bilinear", align_corners=False)
     torch.testing.assert_close(crop, ref)
@@ -56,13 +63,25 @@ def test_plain_model_and_deep_ensemble_member_order():
         torch.testing.assert_close(tta.member(i)(x), out[i])
 
 
-@pytest.mark.parametrize("method,kwargs", [
-    ("deep", {}), ("packed", {"alpha": 2}), ("batch", {}), ("mc_dropout", {"p": 0.2, "insert_before": ["net.3"]}),
-    ("mimo", {}), ("masksembles", {}),
-])
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [
+        ("deep", {}),
+        ("packed", {"alpha": 2}),
+        ("batch", {}),
+        ("mc_dropout", {"p": 0.2, "insert_before": ["net.3"]}),
+        ("mimo", {}),
+        ("masksembles", {}),
+    ],
+)
 def test_composes_with_every_method(method, kwargs):
-    tta = TTAEnsemble(MLP(8, 3, hidden=(32,)), num_members=2, transforms=["identity", "hflip"],
-                      inner_method=method, inner_kwargs=kwargs).eval()
+    tta = TTAEnsemble(
+        MLP(8, 3, hidden=(32,)),
+        num_members=2,
+        transforms=["identity", "hflip"],
+        inner_method=method,
+        inner_kwargs=kwargs,
+    ).eval()
     x = torch.randn(5, 8)
     out = tta(x)
     assert out.shape == (4, 5, 3) and tta.inner_members == 2
@@ -78,8 +97,14 @@ def test_training_modes_and_member_targets():
     tta.train_augment = True
     assert tta(x).shape == (4, 6, 3) and torch.equal(tta.member_targets(y), y.expand(4, 6))
     # An inner ensemble that tiles its training batch (MIMO, batch_repetition=2): targets follow it.
-    mimo = TTAEnsemble(MLP(8, 3, hidden=(16,)), num_members=2, transforms=["identity", "hflip"], inner_method="mimo",
-                       inner_kwargs={"batch_repetition": 2}, train_augment=True).train()
+    mimo = TTAEnsemble(
+        MLP(8, 3, hidden=(16,)),
+        num_members=2,
+        transforms=["identity", "hflip"],
+        inner_method="mimo",
+        inner_kwargs={"batch_repetition": 2},
+        train_augment=True,
+    ).train()
     out, targets = mimo(x), mimo.member_targets(y)
     assert out.shape[:2] == targets.shape == (2, 24)
 
@@ -106,8 +131,16 @@ def test_yaml_checkpoint_round_trip(tmp_path):
     assert model.ensemble.num_members == 4
     fresh = classifier_from_yaml("tta", kwargs, num_members=2)
     checkpoint_round_trip(tmp_path, model, fresh, torch.randn(6, 1, 8, 8))
-    assert build_ensemble("tta", "mlp", num_members=2, transforms=["identity", "hflip"],
-                          backbone_kwargs={"in_features": 4, "out_features": 2}).num_members == 2
+    assert (
+        build_ensemble(
+            "tta",
+            "mlp",
+            num_members=2,
+            transforms=["identity", "hflip"],
+            backbone_kwargs={"in_features": 4, "out_features": 2},
+        ).num_members
+        == 2
+    )
 
 
 def test_ensembling_callback_and_calibration_metrics():

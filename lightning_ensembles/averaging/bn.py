@@ -27,7 +27,11 @@ def _hidden_batchnorms(model: nn.Module) -> list[tuple[_BatchNorm, list[Tensor]]
         for prefix, bn in ens.template.named_modules():
             if isinstance(bn, _BatchNorm) and bn.track_running_stats:
                 dot = f"{prefix}." if prefix else ""
-                bufs = [stacked[dot + k] for k in ("running_mean", "running_var", "num_batches_tracked") if dot + k in stacked]
+                bufs = [
+                    stacked[dot + k]
+                    for k in ("running_mean", "running_var", "num_batches_tracked")
+                    if dot + k in stacked
+                ]
                 found.append((bn, bufs))
     return found
 

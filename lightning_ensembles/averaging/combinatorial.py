@@ -127,8 +127,10 @@ class CombinatorialEnsemble(Ensemble):
         if eval_mode == "all":
             combos = list(itertools.product(range(num_instances), repeat=len(groups)))
         else:
-            combos = [tuple(torch.randint(num_instances, (len(groups),), generator=gen).tolist())
-                      for _ in range(num_eval_samples)]
+            combos = [
+                tuple(torch.randint(num_instances, (len(groups),), generator=gen).tolist())
+                for _ in range(num_eval_samples)
+            ]
         self._eval_combinations = combos
 
     @property
@@ -158,8 +160,11 @@ class CombinatorialEnsemble(Ensemble):
 
     def forward(self, x: Tensor) -> Tensor:
         """Training: ``(draws_per_step, B, ...)`` random combinations; eval: ``(num_members, B, ...)``."""
-        combos = ([self.random_combination() for _ in range(self.draws_per_step)] if self.training
-                  else self._eval_combinations)
+        combos = (
+            [self.random_combination() for _ in range(self.draws_per_step)]
+            if self.training
+            else self._eval_combinations
+        )
         return torch.stack([self.forward_combination(x, c) for c in combos])
 
     def member_targets(self, target: Tensor) -> Tensor:
@@ -171,8 +176,12 @@ class CombinatorialEnsemble(Ensemble):
         """Combination ``index`` of :meth:`combinations` as a standalone backbone."""
         index = self._check_index(index)
         model = copy.deepcopy(self.backbone)
-        model.load_state_dict({**model.state_dict(), **{k: v.detach() for k, v in self._state_for(
-            self._eval_combinations[index]).items()}})
+        model.load_state_dict(
+            {
+                **model.state_dict(),
+                **{k: v.detach() for k, v in self._state_for(self._eval_combinations[index]).items()},
+            }
+        )
         return model
 
     @torch.no_grad()
@@ -186,8 +195,10 @@ class CombinatorialEnsemble(Ensemble):
         for k, paths in enumerate(self.component_paths):
             for i, path in enumerate(paths):
                 target = model.get_submodule(path)
-                others = [dict(itertools.chain(inst[i].named_parameters(), inst[i].named_buffers()))
-                          for inst in self.instances[k]]
+                others = [
+                    dict(itertools.chain(inst[i].named_parameters(), inst[i].named_buffers()))
+                    for inst in self.instances[k]
+                ]
                 for n, t in itertools.chain(target.named_parameters(), target.named_buffers()):
                     if t.is_floating_point():
                         t.copy_(torch.stack([t] + [o[n] for o in others]).mean(0))
@@ -210,8 +221,9 @@ class DCAConsistency(Regularizer):
         True
     """
 
-    def forward(self, outputs: Tensor, target: Tensor, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self, outputs: Tensor, target: Tensor, inputs: Tensor | None = None, ensemble: nn.Module | None = None
+    ) -> Tensor:
         if not isinstance(ensemble, CombinatorialEnsemble) or inputs is None:
             raise ValueError("DCAConsistency needs `ensemble` (a CombinatorialEnsemble) and `inputs`.")
         with torch.no_grad():

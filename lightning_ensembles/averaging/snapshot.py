@@ -47,8 +47,13 @@ def snapshot_ensemble(template: nn.Module, snapshots: Sequence[dict[str, Tensor]
     if not snapshots:
         raise ValueError("no snapshots yet: a snapshot is taken at the end of every learning-rate cycle.")
     if isinstance(template, DeepEnsemble):
-        ens = DeepEnsemble(template.member(0), num_members=len(snapshots) * template.num_members, init="copy",
-                           execution=template.execution, storage=template.storage)
+        ens = DeepEnsemble(
+            template.member(0),
+            num_members=len(snapshots) * template.num_members,
+            init="copy",
+            execution=template.execution,
+            storage=template.storage,
+        )
         stacked = [stack_member_keys(s) for s in snapshots]  # snapshots of per-member storage
         ens.load_state_dict({k: torch.cat([s[k] for s in stacked]) for k in stacked[0]})
         return ens

@@ -32,9 +32,11 @@ def load_ingredient(ingredient: Ingredient, prefix: str = "") -> dict[str, Tenso
     elif isinstance(ingredient, Mapping):
         state = ingredient
     else:
-        raise ValueError(f"an ingredient must be a state dict, a module or a checkpoint path, got {type(ingredient).__name__}.")
+        raise ValueError(
+            f"an ingredient must be a state dict, a module or a checkpoint path, got {type(ingredient).__name__}."
+        )
     if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise ValueError(f"no tensor of the ingredient starts with `prefix`={prefix!r}.")
     return {k: v.detach() for k, v in state.items()}

@@ -156,7 +156,9 @@ class SWAG(WeightAverager):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
-            sq_mean=dict(self.sq_mean), deviations=dict(self.deviations), groups=dict(self.groups),
+            sq_mean=dict(self.sq_mean),
+            deviations=dict(self.deviations),
+            groups=dict(self.groups),
             max_rank=self.max_rank,
         )
         return state
@@ -192,7 +194,9 @@ class SWAGEnsemble(Ensemble):
         torch.Size([4, 5, 2])
     """
 
-    def __init__(self, module: nn.Module, samples: list[dict[str, Tensor]], loader: Iterable[Any] | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, samples: list[dict[str, Tensor]], loader: Iterable[Any] | None = None
+    ) -> None:
         if not samples:
             raise ValueError("`samples` is empty; draw at least one weight set with `SWAG.sample(n)`.")
         inner = module.num_members if isinstance(module, Ensemble) else 1

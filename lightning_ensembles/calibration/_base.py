@@ -69,7 +69,7 @@ def refuse(owner: str, reason: str, warn: bool = True) -> str:
 def too_few(owner: str, n: int, min_samples: int) -> str | None:
     """The reason to refuse a fit on ``n`` samples, or ``None``."""
     if n == 0:
-        return f"no samples to fit on; kept the current calibration map"
+        return "no samples to fit on; kept the current calibration map"
     if n < min_samples:
         return (
             f"only {n} samples (fewer than min_samples={min_samples}): a calibration map fitted on so few is "

@@ -123,7 +123,12 @@ class HistogramBinning(_OneVsRest):
     values: Tensor
 
     def __init__(
-        self, num_classes: int, kind: Kind = "logits", n_bins: int = 15, clip: float = 1e-4, min_samples: int = MIN_SAMPLES
+        self,
+        num_classes: int,
+        kind: Kind = "logits",
+        n_bins: int = 15,
+        clip: float = 1e-4,
+        min_samples: int = MIN_SAMPLES,
     ) -> None:
         super().__init__(num_classes, kind, clip, min_samples)
         if n_bins < 1:
@@ -166,7 +171,9 @@ class IsotonicCalibration(_OneVsRest):
     y_thresholds: Tensor
     lengths: Tensor
 
-    def __init__(self, num_classes: int, kind: Kind = "logits", clip: float = 1e-4, min_samples: int = MIN_SAMPLES) -> None:
+    def __init__(
+        self, num_classes: int, kind: Kind = "logits", clip: float = 1e-4, min_samples: int = MIN_SAMPLES
+    ) -> None:
         super().__init__(num_classes, kind, clip, min_samples)
         # Breakpoints of each class's step function, padded to a common length (lengths says how many are real).
         self.register_buffer("x_thresholds", torch.zeros(num_classes, 1, dtype=torch.float64))

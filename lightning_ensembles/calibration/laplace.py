@@ -245,7 +245,11 @@ def fit_laplace(
             "prior_method='gridsearch' tunes the prior precision on validation data: pass `val_loader`, or use "
             "prior_method='marglik' (marginal likelihood on the training data)."
         )
-    config = {"likelihood": "classification", "hessian_structure": hessian_structure, "last_layer_name": last_layer_name}
+    config = {
+        "likelihood": "classification",
+        "hessian_structure": hessian_structure,
+        "last_layer_name": last_layer_name,
+    }
     models, laplaces = [], []
     for i, model in enumerate(_members(ensemble)):
         model.eval()

@@ -84,9 +84,7 @@ def member_log_probs(member_probs: Tensor) -> Tensor:
     return member_probs.clamp_min(torch.finfo(member_probs.dtype).tiny).log()
 
 
-def fit_temperature(
-    x: Tensor, target: Tensor, kind: Kind = "logits", init: float = 1.5, max_iter: int = 100
-) -> float:
+def fit_temperature(x: Tensor, target: Tensor, kind: Kind = "logits", init: float = 1.5, max_iter: int = 100) -> float:
     """Temperature ``T > 0`` minimising the mean NLL of ``scaled_log_probs(x, T, kind)`` on ``target``.
 
     Optimises ``log T`` (so ``T`` stays positive) with L-BFGS and a strong-Wolfe line search: unlike
@@ -194,7 +192,9 @@ def safe_fit_temperature(
     n = x.shape[1] if kind == "member_logits" else x.shape[0]
     nan = math.nan
     if n == 0:
-        return _refused(TemperatureFit(fallback, nan, 0, nan, nan, f"no samples to fit on; kept T={fallback:.4g}"), warn)
+        return _refused(
+            TemperatureFit(fallback, nan, 0, nan, nan, f"no samples to fit on; kept T={fallback:.4g}"), warn
+        )
     check_targets(target, n, x.shape[-1])
     if n < min_samples:
         reason = (

@@ -135,7 +135,9 @@ class CalibrationMetrics(Callback):
         self.last_results: dict[str, dict[str, float]] = {}
 
     # ---------------------------------------------------------------- collection
-    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, outputs: Any, dataloader_idx: int) -> None:
+    def _update(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, outputs: Any, dataloader_idx: int
+    ) -> None:
         if stage not in self.stages or trainer.sanity_checking:
             return
         hook = "validation_step" if stage == "val" else "test_step"
@@ -147,7 +149,9 @@ class CalibrationMetrics(Callback):
         self._num_classes[key] = _check(preds, probs, member_probs, self._num_classes.get(key), hook)
         if key not in self._metrics:
             names = [n for n in self.metric_names if n in PROB_METRICS or member_probs is not None]
-            self._metrics[key] = nn.ModuleDict({n: _build(n, probs.shape[-1], self.n_bins) for n in names}).to(probs.device)
+            self._metrics[key] = nn.ModuleDict({n: _build(n, probs.shape[-1], self.n_bins) for n in names}).to(
+                probs.device
+            )
         for name, metric in self._metrics[key].items():
             if name in MEMBER_METRICS:
                 metric.update(member_probs)

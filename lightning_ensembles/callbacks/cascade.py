@@ -111,16 +111,25 @@ class CascadeEvaluation(Callback):
         was_training = ensemble.training
         ensemble.eval()
         cascade = EnsembleCascade(
-            ensemble, self.exit_rule, self.decision, self.target_risk, self.target_tpr,
-            0.0 if self.width == "auto" else float(self.width), "given", self.score,
+            ensemble,
+            self.exit_rule,
+            self.decision,
+            self.target_risk,
+            self.target_tpr,
+            0.0 if self.width == "auto" else float(self.width),
+            "given",
+            self.score,
         )
         ensemble.train(was_training)
         cascade = cascade.to(pl_module.device).eval()
         if self.width == "auto":
             if y_val is None:
-                raise ValueError("width='auto' compares accuracy with the full ensemble: the validation data needs labels.")
-            cascade.fit_width(x_val, y_val, accuracy_tolerance=self.accuracy_tolerance,
-                              coverage_tolerance=self.coverage_tolerance)
+                raise ValueError(
+                    "width='auto' compares accuracy with the full ensemble: the validation data needs labels."
+                )
+            cascade.fit_width(
+                x_val, y_val, accuracy_tolerance=self.accuracy_tolerance, coverage_tolerance=self.coverage_tolerance
+            )
         else:
             cascade.fit(x_val, y_val)
         self.cascade = cascade
@@ -141,7 +150,12 @@ class CascadeEvaluation(Callback):
         return out
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         x, y = _inputs_targets(batch)
@@ -167,7 +181,12 @@ class CascadeEvaluation(Callback):
         pl_module.log_dict({f"test/cascade_{k}": float(v) for k, v in results.items()}, add_dataloader_idx=False)
 
     def on_predict_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         x, _ = _inputs_targets(batch)

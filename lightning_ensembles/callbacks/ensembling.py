@@ -35,7 +35,9 @@ _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 # The inputs of the submodule's call other than the first, while an EnsembledModel runs its ensemble:
 # (rows of the first input, extra positional inputs, keyword inputs, keyword name of the first input or None).
-_EXTRA_INPUTS: ContextVar[tuple[int, tuple, dict, str | None] | None] = ContextVar("_ensembling_extra_inputs", default=None)
+_EXTRA_INPUTS: ContextVar[tuple[int, tuple, dict, str | None] | None] = ContextVar(
+    "_ensembling_extra_inputs", default=None
+)
 
 
 def _inject_extra_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -59,7 +61,11 @@ def _inject_extra_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
             )
 
         def tile(t: Any) -> Any:
-            return t.repeat(got // rows, *([1] * (t.dim() - 1))) if isinstance(t, Tensor) and t.dim() and t.shape[0] == rows else t
+            return (
+                t.repeat(got // rows, *([1] * (t.dim() - 1)))
+                if isinstance(t, Tensor) and t.dim() and t.shape[0] == rows
+                else t
+            )
 
         extra_args = tuple(tile(a) for a in extra_args)
         extra_kwargs = {k: tile(v) for k, v in extra_kwargs.items()}
@@ -93,7 +99,12 @@ def _split_call(args: tuple, kwargs: dict) -> tuple[Any, str | None, tuple, dict
     if args:
         return args[0], None, tuple(args[1:]), dict(kwargs)
     first_name = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
-    return kwargs.get(first_name) if first_name else None, first_name, (), {k: v for k, v in kwargs.items() if k != first_name}
+    return (
+        kwargs.get(first_name) if first_name else None,
+        first_name,
+        (),
+        {k: v for k, v in kwargs.items() if k != first_name},
+    )
 
 
 def _takes_example_input(method: str) -> bool:
@@ -276,7 +287,9 @@ class EnsembledModel(nn.Module):
     def _split_forward(self, outputs: Tensor, rows: int) -> Tensor:
         m = self.num_members
         if rows < m:
-            raise ValueError(f"Ensembling(batch='split') needs a batch of at least num_members={m} samples, got {rows}.")
+            raise ValueError(
+                f"Ensembling(batch='split') needs a batch of at least num_members={m} samples, got {rows}."
+            )
         # Every member ran on every sample; keep member i's chunk (chunk sizes differ by at most 1).
         owner = torch.arange(rows, device=outputs.device) * m // rows
         out_rows = outputs.shape[1]
@@ -522,7 +535,11 @@ class Ensembling(Callback):
         out = seen["output"]
         if not isinstance(out, Tensor):
             keys = f" (keys {list(out)})" if isinstance(out, Mapping) else ""
-            what = f"a {type(out).__name__} of {len(out)} items" if isinstance(out, (tuple, list, Mapping)) else type(out).__name__
+            what = (
+                f"a {type(out).__name__} of {len(out)} items"
+                if isinstance(out, (tuple, list, Mapping))
+                else type(out).__name__
+            )
             raise ValueError(
                 f"Ensembling cannot ensemble `{path}`: its forward returned {what}{keys}, not one tensor. "
                 "Point `attribute` at a submodule whose forward returns the logits (classification) or the "
@@ -653,9 +670,7 @@ def _tensors(batch: Any) -> list[Tensor]:
     return found
 
 
-def _run_member_passes(
-    module: L.LightningModule, model: EnsembledModel, step: Any, args: tuple, kwargs: dict
-) -> Any:
+def _run_member_passes(module: L.LightningModule, model: EnsembledModel, step: Any, args: tuple, kwargs: dict) -> Any:
     """``training_step`` once per member (see :class:`Ensembling`): the mean loss, each logged value logged once."""
     passes = _MemberPasses()
     logged: dict[str, list[tuple[Any, tuple, dict]]] = {}
@@ -717,7 +732,9 @@ def _mean_result(results: list[Any]) -> Any:
         return None
     if isinstance(first, Tensor) and all(isinstance(r, Tensor) for r in results):
         return sum(results) / len(results)
-    if isinstance(first, Mapping) and all(isinstance(r, Mapping) and isinstance(r.get("loss"), Tensor) for r in results):
+    if isinstance(first, Mapping) and all(
+        isinstance(r, Mapping) and isinstance(r.get("loss"), Tensor) for r in results
+    ):
         return {**first, "loss": sum(r["loss"] for r in results) / len(results)}
     raise ValueError(
         "Ensembling(batch='repeat'): training_step returned "

@@ -88,8 +88,15 @@ class LastLayerLaplace(Callback):
                 "`trainer.fit` had no validation dataloader; give one, or use prior_method='marglik'."
             )
         self.laplace = fit_laplace(
-            ensemble, train, val, self.hessian_structure, self.prior_method, self.num_samples,
-            self.link_approx, grid_size=self.grid_size, seed=self.seed,
+            ensemble,
+            train,
+            val,
+            self.hessian_structure,
+            self.prior_method,
+            self.num_samples,
+            self.link_approx,
+            grid_size=self.grid_size,
+            seed=self.seed,
         )
         self._saved = None
 
@@ -97,8 +104,12 @@ class LastLayerLaplace(Callback):
     def _swap_in(self, pl_module: Any, stage: str) -> None:
         if self.laplace is None and self._saved is not None:
             self.laplace = load_laplace_ensemble(
-                self._ensemble(pl_module), self._saved["state"], self._saved["config"],
-                self.num_samples, self.link_approx, self.seed,
+                self._ensemble(pl_module),
+                self._saved["state"],
+                self._saved["config"],
+                self.num_samples,
+                self.link_approx,
+                self.seed,
             )
         if self.laplace is None:
             raise RuntimeError(

@@ -108,7 +108,13 @@ class PosthocCalibration(Callback):
             raise ValueError(f"`apply_to` must be 'ensemble' or 'members', got {apply_to!r}.")
         self.method = method
         self.apply_to = apply_to
-        self.kwargs = {"min_samples": min_samples, "reg_lambda": reg_lambda, "reg_mu": reg_mu, "n_bins": n_bins, "clip": clip}
+        self.kwargs = {
+            "min_samples": min_samples,
+            "reg_lambda": reg_lambda,
+            "reg_mu": reg_mu,
+            "n_bins": n_bins,
+            "clip": clip,
+        }
         self.ece_bins = ece_bins
         self.calibrator: nn.Module | None = None
         self.num_classes: int | None = None
@@ -160,7 +166,9 @@ class PosthocCalibration(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking or dataloader_idx != 0:
             return
-        preds = read_predictions(step_outputs(outputs, trainer, pl_module, batch), type(self).__name__, "validation_step")
+        preds = read_predictions(
+            step_outputs(outputs, trainer, pl_module, batch), type(self).__name__, "validation_step"
+        )
         if preds.target is not None:
             self._buffer.add(self._values(preds, "validation_step"), preds.target, self.kind)
 
@@ -210,7 +218,10 @@ class PosthocCalibration(Callback):
         self._test = {
             f"{name}_{tag}": cls().to(pl_module.device)
             for tag in ("before", "after")
-            for name, cls in (("ece", lambda: ExpectedCalibrationError(n_bins=self.ece_bins)), ("nll", NegativeLogLikelihood))
+            for name, cls in (
+                ("ece", lambda: ExpectedCalibrationError(n_bins=self.ece_bins)),
+                ("nll", NegativeLogLikelihood),
+            )
         }
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

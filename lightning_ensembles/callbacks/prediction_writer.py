@@ -164,8 +164,11 @@ class PredictionWriter(BasePredictionWriter):
         columns_file = self.path.with_name(self.path.name + ".columns.json")
         columns = json.loads(columns_file.read_text())
         width = len(columns) + 1
-        parts = [np.memmap(self._part_path(r), dtype="<f8", mode="r").reshape(-1, width)
-                 for r in range(world_size) if self._part_path(r).stat().st_size]
+        parts = [
+            np.memmap(self._part_path(r), dtype="<f8", mode="r").reshape(-1, width)
+            for r in range(world_size)
+            if self._part_path(r).stat().st_size
+        ]
         index = np.concatenate([p[:, 0] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
         order = np.unique(index)  # sorted; a padded duplicate has the same index and the same values
         where = {int(i): k for k, i in enumerate(order)}

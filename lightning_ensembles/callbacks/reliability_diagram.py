@@ -85,9 +85,18 @@ class ReliabilityDiagram(Callback):
             return
         name = "test" if stage == "test" else f"val_epoch{trainer.current_epoch}"
         # The figure of ExpectedCalibrationError.plot(), at this callback's size and resolution.
-        fig, _ = reliability_figure(count, conf, acc, f"{stage} reliability  ECE = {100 * ece:.2f}%",
-                                    figsize=self.figsize, dpi=self.dpi, feature="ReliabilityDiagram")
-        root = trainer.loggers[0].log_dir if trainer.loggers and trainer.loggers[0].log_dir else trainer.default_root_dir
+        fig, _ = reliability_figure(
+            count,
+            conf,
+            acc,
+            f"{stage} reliability  ECE = {100 * ece:.2f}%",
+            figsize=self.figsize,
+            dpi=self.dpi,
+            feature="ReliabilityDiagram",
+        )
+        root = (
+            trainer.loggers[0].log_dir if trainer.loggers and trainer.loggers[0].log_dir else trainer.default_root_dir
+        )
         folder = os.path.join(root, "reliability")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{name}.png")

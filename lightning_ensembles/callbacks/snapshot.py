@@ -93,11 +93,14 @@ class SnapshotEnsemble(Callback):
         if self._base_lrs is None:
             self._base_lrs = [[self.lr_max or g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
         if trainer.strategy.lr_scheduler_configs:
-            warnings.warn("SnapshotEnsemble replaces the module's learning-rate schedulers with its cyclic cosine.",
-                          stacklevel=2)
+            warnings.warn(
+                "SnapshotEnsemble replaces the module's learning-rate schedulers with its cyclic cosine.", stacklevel=2
+            )
         trainer.strategy.lr_scheduler_configs = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         assert self._base_lrs is not None and self.steps_per_cycle is not None
         step = trainer.global_step
         for opt, bases in zip(trainer.optimizers, self._base_lrs):
@@ -119,7 +122,8 @@ class SnapshotEnsemble(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if len(self.snapshots) < self.num_cycles:  # the run stopped early: keep its last weights too
             warnings.warn(
-                f"SnapshotEnsemble: training ended after {len(self.snapshots)} of {self.num_cycles} cycles.", stacklevel=2
+                f"SnapshotEnsemble: training ended after {len(self.snapshots)} of {self.num_cycles} cycles.",
+                stacklevel=2,
             )
 
     def ensemble(self, pl_module: L.LightningModule | None = None) -> DeepEnsemble:
@@ -164,8 +168,12 @@ class SnapshotEnsemble(Callback):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {"snapshots": self.snapshots, "steps_per_cycle": self.steps_per_cycle, "base_lrs": self._base_lrs,
-                "total_steps": self._total_steps}
+        return {
+            "snapshots": self.snapshots,
+            "steps_per_cycle": self.steps_per_cycle,
+            "base_lrs": self._base_lrs,
+            "total_steps": self._total_steps,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.snapshots = [dict(s) for s in state_dict["snapshots"]]

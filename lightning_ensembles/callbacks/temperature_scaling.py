@@ -253,7 +253,10 @@ class TemperatureScaling(Callback):
         self._test_metrics = {
             f"{name}_{tag}": factory().to(pl_module.device)
             for tag in ("before", "after")
-            for name, factory in (("ece", lambda: ExpectedCalibrationError(n_bins=self.n_bins)), ("nll", NegativeLogLikelihood))
+            for name, factory in (
+                ("ece", lambda: ExpectedCalibrationError(n_bins=self.n_bins)),
+                ("nll", NegativeLogLikelihood),
+            )
         }
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

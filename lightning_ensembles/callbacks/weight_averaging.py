@@ -169,7 +169,9 @@ class MemberWeightAveraging(Callback):
         """The epoch index from which averaging (and the SWA learning rate) starts."""
         if isinstance(self.start_epoch, float):
             if trainer.max_epochs is None or trainer.max_epochs < 0:
-                raise ValueError("a fractional `start_epoch` needs Trainer(max_epochs=...); give an epoch index instead.")
+                raise ValueError(
+                    "a fractional `start_epoch` needs Trainer(max_epochs=...); give an epoch index instead."
+                )
             return int(self.start_epoch * trainer.max_epochs)
         return self.start_epoch
 
@@ -199,8 +201,9 @@ class MemberWeightAveraging(Callback):
         self._swalr = []
         for i, opt in enumerate(trainer.optimizers):
             lrs = [g["lr"] for g in opt.param_groups]
-            sched = SWALR(opt, swa_lr=self.swa_lr, anneal_epochs=self.annealing_epochs,
-                          anneal_strategy=self.annealing_strategy)
+            sched = SWALR(
+                opt, swa_lr=self.swa_lr, anneal_epochs=self.annealing_epochs, anneal_strategy=self.annealing_strategy
+            )
             if self._swalr_state is not None:
                 # Resume: SWALR's constructor already stepped once; restore its counters and the lr.
                 sched.load_state_dict(self._swalr_state[i])
@@ -261,16 +264,19 @@ class MemberWeightAveraging(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.averager.n_averaged == 0:
-            warnings.warn("MemberWeightAveraging: training ended before the first update; the model is left unchanged.",
-                          stacklevel=2)
+            warnings.warn(
+                "MemberWeightAveraging: training ended before the first update; the model is left unchanged.",
+                stacklevel=2,
+            )
             return
         target = resolve_attribute(pl_module, self.attribute)
         self.averager.copy_to(target)
         loader = first_train_loader(trainer)
         if self.update_bn and has_batchnorm(target):
             if loader is None:
-                warnings.warn("MemberWeightAveraging: no training dataloader to recompute BatchNorm statistics.",
-                              stacklevel=2)
+                warnings.warn(
+                    "MemberWeightAveraging: no training dataloader to recompute BatchNorm statistics.", stacklevel=2
+                )
             else:
                 update_bn(loader, target, device=pl_module.device)
                 self._final_buffers = {n: b.detach().clone() for n, b in target.named_buffers()}
@@ -333,7 +339,9 @@ class MemberWeightAveraging(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["method"] != self.method:
-            raise ValueError(f"checkpoint holds a {state_dict['method']!r} average, this callback does {self.method!r}.")
+            raise ValueError(
+                f"checkpoint holds a {state_dict['method']!r} average, this callback does {self.method!r}."
+            )
         self.averager.load_state_dict(state_dict["averager"])
         self._last_step = int(state_dict["last_step"])
         self._swalr, self._swalr_state = None, state_dict["swalr"]

@@ -32,7 +32,6 @@ def wave_templates() -> dict[str, Any]:
     generator turns them into signals that differ from MNIST-1D only in their shape.
     """
     import numpy as np
-
     from mnist1d.data import get_templates
 
     t = get_templates()["t"]

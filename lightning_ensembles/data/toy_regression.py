@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from ._tensor_dm import TensorDataModule
@@ -59,6 +58,8 @@ class ToyRegressionDataModule(TensorDataModule):
         g = torch.Generator().manual_seed(self.seed)
         x_test = torch.linspace(-6, 6, self.num_test).unsqueeze(1)
         y_test = toy_function(x_test) + toy_noise_std(x_test) * torch.randn(self.num_test, 1, generator=g)
-        return {"train": self._sample(self.num_train, g), "val": self._sample(self.num_val, g), "test": (x_test, y_test)}
-
-
+        return {
+            "train": self._sample(self.num_train, g),
+            "val": self._sample(self.num_val, g),
+            "test": (x_test, y_test),
+        }

@@ -47,7 +47,13 @@ class GradBuffers:
     def take(self, index: int, like: Tensor) -> Tensor:
         """A buffer shaped like ``like`` that nothing else references (reused when possible)."""
         buf = self._bufs.get(index)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device or not _unshared(buf):
+        if (
+            buf is None
+            or buf.shape != like.shape
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or not _unshared(buf)
+        ):
             buf = torch.empty_like(like, memory_format=torch.contiguous_format)
             self._bufs[index] = buf
         return buf

@@ -19,9 +19,15 @@ from .verify import VerificationReport, make_probe, run_named
 __all__ = ["verify_shared_members"]
 
 
-def verify_shared_members(ens: nn.Module, backbone: nn.Module, example_input: Tensor | None = None,
-                          input_shape: Sequence[int] | None = None, advice: str = "",
-                          atol: float = 1e-4, rtol: float = 1e-4) -> VerificationReport:
+def verify_shared_members(
+    ens: nn.Module,
+    backbone: nn.Module,
+    example_input: Tensor | None = None,
+    input_shape: Sequence[int] | None = None,
+    advice: str = "",
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> VerificationReport:
     """Run ``ens`` and every ``ens.member(i)`` on a probe (evaluation mode); raise :class:`ConversionError` on a mismatch."""
     probe = make_probe(backbone, example_input, input_shape)
     m = ens.num_members
@@ -32,19 +38,28 @@ def verify_shared_members(ens: nn.Module, backbone: nn.Module, example_input: Te
         with torch.no_grad():
             out = run_named(ens, probe, "the converted ensemble's forward (evaluation mode)", advice)
             if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != m:
-                raise ConversionError("", f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, "
-                                      f"not member outputs (M={m}, B, ...). Does the backbone return one tensor?")
+                raise ConversionError(
+                    "",
+                    f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, "
+                    f"not member outputs (M={m}, B, ...). Does the backbone return one tensor?",
+                )
             tol = atol + rtol * (float(out.abs().max()) if out.numel() else 0.0)
             worst = 0.0
             for i in range(m):
                 y = run_named(ens.member(i).eval(), probe, f"member({i})", "report this as a bug with the model.")
                 if not isinstance(y, Tensor) or y.shape != out[i].shape:
-                    raise ConversionError("", f"member({i}) returns shape {getattr(y, 'shape', None)}, the ensemble's "
-                                          f"output {i} has shape {tuple(out[i].shape)}.")
+                    raise ConversionError(
+                        "",
+                        f"member({i}) returns shape {getattr(y, 'shape', None)}, the ensemble's "
+                        f"output {i} has shape {tuple(out[i].shape)}.",
+                    )
                 diff = float((y - out[i]).abs().max()) if y.numel() else 0.0
                 if not diff <= tol:
-                    raise ConversionError("", f"member({i}) does not reproduce the ensemble's output {i} on the probe "
-                                          f"(max abs difference {diff:.3g} > {tol:.3g}). {advice}")
+                    raise ConversionError(
+                        "",
+                        f"member({i}) does not reproduce the ensemble's output {i} on the probe "
+                        f"(max abs difference {diff:.3g} > {tol:.3g}). {advice}",
+                    )
                 worst = max(worst, diff)
     finally:
         for mod, mode in modes.items():

@@ -45,16 +45,27 @@ class WAsymmetricLayer(nn.Module):
         torch.Size([2, 4])
     """
 
-    def __init__(self, layer: nn.Module, num_fixed: int, scale: float = 1.0, generator: torch.Generator | None = None,
-                 path: str = "") -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        num_fixed: int,
+        scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        path: str = "",
+    ) -> None:
         super().__init__()
         if not isinstance(layer, _LAYERS) or isinstance(layer, nn.modules.conv._ConvTransposeNd):
-            raise ConversionError(path, f"W-Asymmetric converts nn.Linear and nn.Conv1d/2d/3d, got {type(layer).__name__}.")
+            raise ConversionError(
+                path, f"W-Asymmetric converts nn.Linear and nn.Conv1d/2d/3d, got {type(layer).__name__}."
+            )
         w = layer.weight
         rows, fan_in = w.shape[0], w[0].numel()
         if num_fixed >= fan_in:
-            raise ConversionError(path, f"fan-in {fan_in} leaves no trainable weight with num_fixed={num_fixed} per "
-                                  "unit; lower num_fixed or leave this layer out with `layers=[...]`.")
+            raise ConversionError(
+                path,
+                f"fan-in {fan_in} leaves no trainable weight with num_fixed={num_fixed} per "
+                "unit; lower num_fixed or leave this layer out with `layers=[...]`.",
+            )
         gen = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
         cols = torch.stack([torch.randperm(fan_in, generator=gen)[:num_fixed] for _ in range(rows)])
         mask = torch.zeros(rows, fan_in, dtype=torch.bool).scatter_(1, cols, True)
@@ -75,8 +86,13 @@ class WAsymmetricLayer(nn.Module):
         return self.layer._conv_forward(x, w, self.layer.bias)
 
 
-def w_asymmetric(backbone: nn.Module, num_fixed: int = 6, scale: float = 1.0, layers: list[str] | None = None,
-                 seed: int | None = None) -> nn.Module:
+def w_asymmetric(
+    backbone: nn.Module,
+    num_fixed: int = 6,
+    scale: float = 1.0,
+    layers: list[str] | None = None,
+    seed: int | None = None,
+) -> nn.Module:
     """A W-Asymmetric copy of ``backbone``: every ``Linear``/``Conv`` (or those ``layers`` patterns select) converted.
 
     ``num_fixed`` weights per output unit are frozen at ``N(0, scale^2)`` values (the authors' MLP code fixes 6
@@ -101,7 +117,9 @@ def w_asymmetric(backbone: nn.Module, num_fixed: int = 6, scale: float = 1.0, la
         for pattern in layers:
             hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                raise ConversionError(pattern, f"`layers` pattern matches no Linear/Conv layer; those are e.g. {names[:8]}.")
+                raise ConversionError(
+                    pattern, f"`layers` pattern matches no Linear/Conv layer; those are e.g. {names[:8]}."
+                )
             targets += [h for h in hits if h not in targets]
     if not targets:
         raise ConversionError("", "the backbone has no nn.Linear or nn.Conv layer to make W-Asymmetric.")
@@ -137,8 +155,9 @@ def asymmetric_ensemble(
         torch.Size([3, 5, 3])
     """
     seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()))
-    ens = DeepEnsemble(w_asymmetric(backbone, num_fixed, scale, layers, seed), num_members=num_members, init=init,
-                       storage=storage)
+    ens = DeepEnsemble(
+        w_asymmetric(backbone, num_fixed, scale, layers, seed), num_members=num_members, init=init, storage=storage
+    )
     if not shared_masks:
         stacked = ens.stacked_buffers()
         with torch.no_grad():

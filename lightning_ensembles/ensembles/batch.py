@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .base import Ensemble
-from .registry import register_method
 from .dataflow import trace_layers
+from .registry import register_method
 from .surgery import ConversionError, convert, replace_modules
 from .verify import VerificationReport, make_probe, verify_ensemble
 
@@ -70,7 +70,9 @@ class BatchEnsembleLayer(nn.Module):
     def __init__(self, layer: nn.Module, num_members: int, path: str = "") -> None:
         super().__init__()
         if not isinstance(layer, _RANK1):
-            raise ConversionError(path, f"BatchEnsembleLayer supports {[c.__name__ for c in _RANK1]}, got {type(layer).__name__}.")
+            raise ConversionError(
+                path, f"BatchEnsembleLayer supports {[c.__name__ for c in _RANK1]}, got {type(layer).__name__}."
+            )
         self.num_members = num_members
         self.path = path
         self.linear = isinstance(layer, nn.Linear)
@@ -124,10 +126,14 @@ class BatchEnsembleLayer(nn.Module):
         rest = [1] * (w.dim() - 2)
         if not self.transposed:  # weight (C_out, C_in / g, k...): output o reads input channels of its group
             out_pg, in_pg = w.shape[0] // g, w.shape[1]
-            idx = (torch.arange(w.shape[0], device=w.device) // out_pg)[:, None] * in_pg + torch.arange(in_pg, device=w.device)
+            idx = (torch.arange(w.shape[0], device=w.device) // out_pg)[:, None] * in_pg + torch.arange(
+                in_pg, device=w.device
+            )
             return w * s.view(-1, 1, *rest) * r[idx].view(*idx.shape, *rest)
         in_pg, out_pg = w.shape[0] // g, w.shape[1]  # weight (C_in, C_out / g, k...)
-        idx = (torch.arange(w.shape[0], device=w.device) // in_pg)[:, None] * out_pg + torch.arange(out_pg, device=w.device)
+        idx = (torch.arange(w.shape[0], device=w.device) // in_pg)[:, None] * out_pg + torch.arange(
+            out_pg, device=w.device
+        )
         return w * r.view(-1, 1, *rest) * s[idx].view(*idx.shape, *rest)
 
     def member_layer(self, index: int) -> nn.Module:
@@ -229,7 +235,11 @@ class PerMemberLinear(nn.Module):
         super().__init__()
         self.num_members, self.path = num_members, path
         self.weight = nn.Parameter(layer.weight.detach().clone().expand(num_members, -1, -1).contiguous())
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone().expand(num_members, -1).contiguous())
+        self.bias = (
+            None
+            if layer.bias is None
+            else nn.Parameter(layer.bias.detach().clone().expand(num_members, -1).contiguous())
+        )
         self.__dict__["_template"] = _hidden_template(layer)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -251,8 +261,10 @@ class PerMemberLinear(nn.Module):
 
 
 _MEMBER_LAYERS = (BatchEnsembleLayer, PerMemberBatchNorm, PerMemberLinear)
-_ADVICE = ("Exclude it (exclude=[path] keeps a layer plain and shared by all members), or convert it by hand so "
-           "that it acts on each member's rows (the batch holds the members back to back, (M * B, ...)).")
+_ADVICE = (
+    "Exclude it (exclude=[path] keeps a layer plain and shared by all members), or convert it by hand so "
+    "that it acts on each member's rows (the batch holds the members back to back, (M * B, ...))."
+)
 
 
 @register_method("batch")
@@ -340,27 +352,37 @@ class BatchEnsemble(Ensemble):
         rank1 = [p for p, mod in backbone.named_modules() if isinstance(mod, _RANK1) and _not_mha_child(backbone, p)]
         never_called = [p for p in rank1 if flow is not None and p not in flow.called]
         if never_called:
-            warnings.warn(f"BatchEnsemble keeps {never_called[:5]} as plain layers shared by all members: their forward "
-                          "never runs on the probe (their weight is read directly, or they are unused).", stacklevel=2)
+            warnings.warn(
+                f"BatchEnsemble keeps {never_called[:5]} as plain layers shared by all members: their forward "
+                "never runs on the probe (their weight is read directly, or they are unused).",
+                stacklevel=2,
+            )
         # Layers that never see the batch (a relative-position MLP on a coordinate table) stay shared, like W.
         never_called += [p for p in (flow.constant if flow else []) if p in rank1]
-        self.shared_layers = [p for p in rank1 if p in never_called or any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
+        self.shared_layers = [
+            p for p in rank1 if p in never_called or any(fnmatch.fnmatchcase(p, pat) for pat in patterns)
+        ]
         linears = [p for p in rank1 if isinstance(backbone.get_submodule(p), nn.Linear) and p not in self.shared_layers]
         head = None
         if independent_head:
             data_heads = [p for p in (flow.last if flow else []) if p in linears]
             head = data_heads[0] if len(data_heads) == 1 else (linears[-1] if linears and flow is None else None)
             if head is None:
-                raise ValueError("`independent_head=True` needs a backbone with one nn.Linear output layer "
-                                 f"(the data flow gives {flow.last if flow else []}).")
+                raise ValueError(
+                    "`independent_head=True` needs a backbone with one nn.Linear output layer "
+                    f"(the data flow gives {flow.last if flow else []})."
+                )
 
         def select(path: str, mod: nn.Module) -> bool:
             if isinstance(mod, nn.MultiheadAttention) or path in self.shared_layers:
                 return False
             if isinstance(mod, _BatchNorm):
                 if type(mod).forward is not _BatchNorm.forward and type(mod).__name__ != "BatchNormAct2d":
-                    raise ConversionError(path, f"{type(mod).__name__} overrides BatchNorm.forward; per-member "
-                                          "statistics cannot be guaranteed. Replace it by a standard BatchNorm.")
+                    raise ConversionError(
+                        path,
+                        f"{type(mod).__name__} overrides BatchNorm.forward; per-member "
+                        "statistics cannot be guaranteed. Replace it by a standard BatchNorm.",
+                    )
                 return True
             return isinstance(mod, _RANK1)
 
@@ -371,7 +393,9 @@ class BatchEnsemble(Ensemble):
                 return PerMemberLinear(mod, m, path)
             return BatchEnsembleLayer(mod, m, path)
 
-        self.model, self.converted = convert(backbone, lambda p, mod: _not_mha_child(backbone, p) and select(p, mod), build)
+        self.model, self.converted = convert(
+            backbone, lambda p, mod: _not_mha_child(backbone, p) and select(p, mod), build
+        )
         if not any(isinstance(mod, (BatchEnsembleLayer, PerMemberLinear)) for mod in self.model.modules()):
             raise ValueError("`backbone` has no Linear or Conv layer to convert; BatchEnsemble needs at least one.")
         self.reset_fast_weights()
@@ -454,7 +478,9 @@ class BatchEnsemble(Ensemble):
 
 def _inside_mha(model: nn.Module, path: str) -> bool:
     parts = path.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:k])), nn.MultiheadAttention) for k in range(1, len(parts)))
+    return any(
+        isinstance(model.get_submodule(".".join(parts[:k])), nn.MultiheadAttention) for k in range(1, len(parts))
+    )
 
 
 def _not_mha_child(model: nn.Module, path: str) -> bool:
@@ -494,7 +520,8 @@ class TabM(BatchEnsemble):
 
 
 @register_method("tabm")
-def tabm(backbone: nn.Module, num_members: int = 32, batch_mode: Literal["repeat", "split"] = "repeat") -> BatchEnsemble:
+def tabm(
+    backbone: nn.Module, num_members: int = 32, batch_mode: Literal["repeat", "split"] = "repeat"
+) -> BatchEnsemble:
     """TabM-style conversion of a given MLP backbone (TabM init, independent heads)."""
     return BatchEnsemble(backbone, num_members, init="tabm", batch_mode=batch_mode, independent_head=True)
-

@@ -50,6 +50,7 @@ def clear_caches(model: nn.Module) -> None:
         if isinstance(getattr(m, "attention_bias_cache", None), dict):
             m.attention_bias_cache = {}
 
+
 LAYERS = (nn.Linear, _ConvNd)
 
 

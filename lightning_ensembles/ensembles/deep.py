@@ -466,7 +466,7 @@ class DeepEnsemble(Ensemble):
         tensors = self._member_tensors(index)
         for name, t in zip(self._param_names, tensors):
             _set_tensor(module, name, t.detach().clone(), parameter=True)
-        for name, t in zip(self._buffer_names, tensors[len(self._param_names):]):
+        for name, t in zip(self._buffer_names, tensors[len(self._param_names) :]):
             _set_tensor(module, name, t.detach().clone(), parameter=False)
         module.train(self.training)
         return module
@@ -475,7 +475,9 @@ class DeepEnsemble(Ensemble):
         """Copy the weights of ``module`` (same architecture as the backbone) into member ``index``."""
         index = self._check_index(index)
         params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
-        missing = [n for n in self._param_names if n not in params] + [n for n in self._buffer_names if n not in buffers]
+        missing = [n for n in self._param_names if n not in params] + [
+            n for n in self._buffer_names if n not in buffers
+        ]
         if missing:
             raise ValueError(f"`module` does not match the backbone: missing tensors {missing[:5]}.")
         with torch.no_grad():
@@ -522,7 +524,7 @@ def stack_member_keys(state: dict[str, Tensor], prefix: str = "") -> dict[str, T
     out: dict[str, Tensor] = {}
     groups: dict[str, dict[int, Tensor]] = {}
     for key, value in state.items():
-        name, _, index = key[len(head):].rpartition(".")
+        name, _, index = key[len(head) :].rpartition(".")
         if key.startswith(head) and name and "." not in name and index.isdigit():
             groups.setdefault(head + name, {})[int(index)] = value
             out.setdefault(head + name, None)  # keep the key order

@@ -191,7 +191,11 @@ class BatchedLinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, num_members: int, init: Literal["reinit", "copy"] = "reinit", path: str = "",
+        self,
+        base: nn.Linear,
+        num_members: int,
+        init: Literal["reinit", "copy"] = "reinit",
+        path: str = "",
         rows: _Rows | None = None,
     ) -> None:
         super().__init__()
@@ -326,9 +330,9 @@ class BatchedLoRAMultiheadAttention(nn.Module):
         n, lq, e = query.shape
         h, d = self.num_heads, e // self.num_heads
         if query is key and key is value:  # self-attention: one fused projection
-            q, k, v = (F.linear(query, self.base.in_proj_weight, self.base.in_proj_bias) + self.in_lora.delta(query)).chunk(
-                3, dim=-1
-            )
+            q, k, v = (
+                F.linear(query, self.base.in_proj_weight, self.base.in_proj_bias) + self.in_lora.delta(query)
+            ).chunk(3, dim=-1)
         else:
             q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
         q, k, v = (t.reshape(n, -1, h, d).transpose(1, 2) for t in (q, k, v))  # (N, H, L, d)
@@ -385,9 +389,10 @@ def _find_head(backbone: nn.Module, head: str | None, data_last: list[str] | Non
         if isinstance(clf, (tuple, list)) and data_last is not None:  # distilled models: (head, head_dist)
             clf = None
         elif not isinstance(clf, nn.Linear):  # e.g. timm's num_classes=0: the last Linear is not a head
-            raise ConversionError("",
+            raise ConversionError(
+                "",
                 f"`head`='auto': the backbone's classifier is a {type(clf).__name__}, not an nn.Linear. Build it with "
-                "num_classes > 0, name the head module, or pass head=None."
+                "num_classes > 0, name the head module, or pass head=None.",
             )
         for n, m in names.items():
             if m is clf:
@@ -397,8 +402,11 @@ def _find_head(backbone: nn.Module, head: str | None, data_last: list[str] | Non
     if data_last is not None:  # the output layer from the data flow, not registration order
         heads = [n for n in data_last if n in linears]
         if len(heads) != 1:
-            raise ConversionError("", f"`head`='auto': the output layers in the data flow are {data_last}, not one "
-                                  "nn.Linear; name the head module (head='...') or pass head=None for a shared head.")
+            raise ConversionError(
+                "",
+                f"`head`='auto': the output layers in the data flow are {data_last}, not one "
+                "nn.Linear; name the head module (head='...') or pass head=None for a shared head.",
+            )
         return heads[0]
     if not linears:
         raise ValueError("`head`='auto' found no nn.Linear head in the backbone; pass `head=None` for a shared head.")
@@ -513,7 +521,9 @@ class LoRAEnsemble(Ensemble):
         flow = trace_layers(backbone, probe, (nn.Linear, nn.MultiheadAttention)) if probe is not None else None
         names = dict(backbone.named_modules())
         head_path = _find_head(backbone, head, flow.last if flow is not None else None)
-        mha_children = {f"{n}.{c}" for n, m in names.items() if isinstance(m, nn.MultiheadAttention) for c in ("out_proj",)}
+        mha_children = {
+            f"{n}.{c}" for n, m in names.items() if isinstance(m, nn.MultiheadAttention) for c in ("out_proj",)
+        }
         patterns = list(target_modules) if target_modules is not None else list(DEFAULT_TARGETS)
         targets: list[str] = []
         for n, m in names.items():
@@ -534,22 +544,26 @@ class LoRAEnsemble(Ensemble):
                 targets.append(n)
         if not targets:
             available = [n for n, m in names.items() if isinstance(m, (nn.Linear, nn.MultiheadAttention)) and n]
-            raise ConversionError("",
+            raise ConversionError(
+                "",
                 f"`target_modules`={patterns} matched no nn.Linear or nn.MultiheadAttention in the backbone. "
                 f"Available: {available[:20]}{' ...' if len(available) > 20 else ''}. Patterns use fnmatch, "
-                "e.g. '*attn.qkv' or 'layers.*.self_attn'."
+                "e.g. '*attn.qkv' or 'layers.*.self_attn'.",
             )
         nested = [t for t in targets if any(t.startswith(o + ".") for o in targets if o != t)]
         targets = [t for t in targets if t not in nested]  # a MultiheadAttention target covers its children
         self.skipped_targets = [t for t in targets if flow is not None and (t not in flow.called or t in flow.constant)]
         if self.skipped_targets:
-            warnings.warn(f"LoRAEnsemble leaves {self.skipped_targets[:5]} unadapted (frozen, shared): their forward never "
-                          "runs on the probe (their weight is read directly, or they are unused) or never sees the batch.",
-                          stacklevel=2)
+            warnings.warn(
+                f"LoRAEnsemble leaves {self.skipped_targets[:5]} unadapted (frozen, shared): their forward never "
+                "runs on the probe (their weight is read directly, or they are unused) or never sees the batch.",
+                stacklevel=2,
+            )
             targets = [t for t in targets if t not in self.skipped_targets]
             if not targets:
-                raise ValueError("`target_modules` matched only layers whose forward never runs on the probe; "
-                                 "nothing to adapt.")
+                raise ValueError(
+                    "`target_modules` matched only layers whose forward never runs on the probe; nothing to adapt."
+                )
 
         model = copy.deepcopy(backbone).requires_grad_(False)
         self.adapted_modules: list[str] = targets
@@ -562,7 +576,9 @@ class LoRAEnsemble(Ensemble):
                 )
             else:
                 splits = 3 if fused_qkv and path.rsplit(".", 1)[-1] == "qkv" and module.out_features % 3 == 0 else 1
-                new = BatchedLoRALinear(module, num_members, rank, splits, self.scaling, init, init_gain, path, self._rows)
+                new = BatchedLoRALinear(
+                    module, num_members, rank, splits, self.scaling, init, init_gain, path, self._rows
+                )
             model.set_submodule(path, new)
         if head_path is not None:
             model.set_submodule(

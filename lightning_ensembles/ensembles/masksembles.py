@@ -42,8 +42,9 @@ def _masks_once(ones: int, num: int, scale: float, gen: torch.Generator) -> Tens
     return masks[:, masks.any(0)]  # drop positions no mask uses
 
 
-def generate_masks(channels: int, num_masks: int, scale: float, generator: torch.Generator | None = None,
-                   max_tries: int = 2000) -> Tensor:
+def generate_masks(
+    channels: int, num_masks: int, scale: float, generator: torch.Generator | None = None, max_tries: int = 2000
+) -> Tensor:
     """``(num_masks, channels)`` binary masks with the paper's size and overlap for ``scale``.
 
     Raises ``ValueError`` where the paper's procedure does (fewer than 10 channels, ``scale`` above 6)
@@ -80,8 +81,10 @@ def generate_masks(channels: int, num_masks: int, scale: float, generator: torch
             hi = s
         else:
             lo = s
-    raise ValueError(f"could not draw {num_masks} masks over exactly {channels} channels at scale={scale}; "
-                     "try a slightly different scale.")
+    raise ValueError(
+        f"could not draw {num_masks} masks over exactly {channels} channels at scale={scale}; "
+        "try a slightly different scale."
+    )
 
 
 def _channels(module: nn.Module) -> tuple[int, int] | None:
@@ -119,8 +122,10 @@ class MaskedOutput(nn.Module):
         y = self.module(*args, **kwargs)
         m, c = self.masks.shape
         if y.shape[0] % m:
-            raise ValueError(f"Masksembles layer got {y.shape[0]} rows, not a multiple of num_members={m}; call "
-                             "the Masksembles ensemble (it repeats the batch per member), not its inner model.")
+            raise ValueError(
+                f"Masksembles layer got {y.shape[0]} rows, not a multiple of num_members={m}; call "
+                "the Masksembles ensemble (it repeats the batch per member), not its inner model."
+            )
         ym = y.unflatten(0, (m, -1))
         axis = ym.dim() - 1 if self.channel_dim == -1 else self.channel_dim + 1
         shape = [1] * ym.dim()
@@ -130,7 +135,9 @@ class MaskedOutput(nn.Module):
 
 def _default_positions(model: nn.Module) -> list[str]:
     """After every hidden Linear/Conv, or after the norm layer that directly follows it (registration order)."""
-    leaves = [(p, m) for p, m in model.named_modules() if isinstance(m, (*_LAYERS, _BatchNorm, nn.GroupNorm, nn.LayerNorm))]
+    leaves = [
+        (p, m) for p, m in model.named_modules() if isinstance(m, (*_LAYERS, _BatchNorm, nn.GroupNorm, nn.LayerNorm))
+    ]
     layer_idx = [k for k, (_, m) in enumerate(leaves) if isinstance(m, _LAYERS)]
     out = []
     for k in layer_idx[:-1]:  # the output layer is never masked
@@ -203,15 +210,20 @@ class Masksembles(Ensemble):
             for pattern in after:
                 hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
                 if not hits:
-                    raise ConversionError(pattern, f"`after` pattern matches no module; module paths are e.g. {names[:8]}.")
+                    raise ConversionError(
+                        pattern, f"`after` pattern matches no module; module paths are e.g. {names[:8]}."
+                    )
                 targets += [h for h in hits if h not in targets]
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ())))
 
         def build(path: str, mod: nn.Module) -> nn.Module:
             spec = _channels(mod)
             if spec is None:
-                raise ConversionError(path, f"cannot tell the channel count of a {type(mod).__name__}'s output; put "
-                                      "masks after a Linear, Conv, BatchNorm, GroupNorm or LayerNorm layer.")
+                raise ConversionError(
+                    path,
+                    f"cannot tell the channel count of a {type(mod).__name__}'s output; put "
+                    "masks after a Linear, Conv, BatchNorm, GroupNorm or LayerNorm layer.",
+                )
             try:
                 masks = generate_masks(spec[0], num_members, self.scale, gen)
             except ValueError as err:
@@ -221,9 +233,11 @@ class Masksembles(Ensemble):
         self.model = copy.deepcopy(backbone)
         self.converted = replace_modules(self.model, lambda p, mod: p in targets, build)
         self.train(backbone.training)
-        self.verification = (verify_shared_members(self, backbone, example_input, input_shape,
-                                                   "Choose other layers with after=[...].") if verify
-                             else VerificationReport(ran=False))
+        self.verification = (
+            verify_shared_members(self, backbone, example_input, input_shape, "Choose other layers with after=[...].")
+            if verify
+            else VerificationReport(ran=False)
+        )
 
     _inner_prefix = "model."
 
@@ -232,8 +246,10 @@ class Masksembles(Ensemble):
         m = self.num_members
         if self.training and self.batch_mode == "split":
             if x.shape[0] % m:
-                raise ValueError(f"batch_mode='split' needs a batch size divisible by num_members={m}, got "
-                                 f"{x.shape[0]}. Change the batch size or use batch_mode='repeat'.")
+                raise ValueError(
+                    f"batch_mode='split' needs a batch size divisible by num_members={m}, got "
+                    f"{x.shape[0]}. Change the batch size or use batch_mode='repeat'."
+                )
             return self.model(x).unflatten(0, (m, -1))
         xs = x.unsqueeze(0).expand(m, *x.shape).flatten(0, 1)
         return self.model(xs).unflatten(0, (m, -1))
@@ -254,7 +270,7 @@ class Masksembles(Ensemble):
         model = copy.deepcopy(self.model)
         for mod in model.modules():
             if isinstance(mod, MaskedOutput):
-                mod.masks = mod.masks[index:index + 1].clone()
+                mod.masks = mod.masks[index : index + 1].clone()
         return model.train(self.training)
 
     def extra_repr(self) -> str:

@@ -117,9 +117,12 @@ class _Sampler(TorchFunctionMode):
             if func is F.scaled_dot_product_attention and self.seeds is not None:
                 drop = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
                 if drop:
-                    raise ConversionError("", "a fused attention call with dropout_p > 0 ran during an MC-Dropout "
-                                          "evaluation; its mask cannot be seeded per member. Disable that "
-                                          "attention dropout or use an unfused attention module.")
+                    raise ConversionError(
+                        "",
+                        "a fused attention call with dropout_p > 0 ran during an MC-Dropout "
+                        "evaluation; its mask cannot be seeded per member. Disable that "
+                        "attention dropout or use an unfused attention module.",
+                    )
             return func(*args, **kwargs)
         feature, alpha, inplace_fn, train_name = spec
         x, p, inplace = _call_args(func, args, kwargs, train_name)
@@ -137,9 +140,12 @@ class _Sampler(TorchFunctionMode):
     def _masked(self, x: Tensor, p: float, feature: bool, alpha: bool, inplace: bool) -> Tensor:
         m = self.seeds.shape[0]
         if x.dim() == 0 or x.shape[0] % self.rows:
-            raise ConversionError("", f"a dropout input of shape {tuple(x.shape)} does not have the batch "
-                                  f"({self.rows} rows: {m} samples x batch) on axis 0; MC-Dropout needs "
-                                  "batch-first activations.")
+            raise ConversionError(
+                "",
+                f"a dropout input of shape {tuple(x.shape)} does not have the batch "
+                f"({self.rows} rows: {m} samples x batch) on axis 0; MC-Dropout needs "
+                "batch-first activations.",
+            )
         call = self.calls - 1
         per_row = x.shape[1:]
         mask_shape = (per_row[0],) + (1,) * (len(per_row) - 1) if feature and per_row else per_row
@@ -173,16 +179,24 @@ class _DropoutBefore:
         return (F.dropout(args[0], self.p, module.training), *args[1:])
 
 
-def _prepare(backbone: nn.Module, p: float | None, insert_before: list[str] | None) -> tuple[nn.Module, list[str], list[str]]:
+def _prepare(
+    backbone: nn.Module, p: float | None, insert_before: list[str] | None
+) -> tuple[nn.Module, list[str], list[str]]:
     """Copy ``backbone``; refuse what cannot be sampled; insert dropout. Returns (model, dropout paths, inserted)."""
     for path, mod in backbone.named_modules():
         if isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0:
-            raise ConversionError(path, f"nn.MultiheadAttention(dropout={mod.dropout}) drops attention weights inside "
-                                  "a fused kernel, only in training, so MC-Dropout cannot keep it on. Build it with "
-                                  "dropout=0 (MC-Dropout's other dropouts still sample).")
+            raise ConversionError(
+                path,
+                f"nn.MultiheadAttention(dropout={mod.dropout}) drops attention weights inside "
+                "a fused kernel, only in training, so MC-Dropout cannot keep it on. Build it with "
+                "dropout=0 (MC-Dropout's other dropouts still sample).",
+            )
         if isinstance(mod, nn.RNNBase) and mod.dropout > 0:
-            raise ConversionError(path, f"{type(mod).__name__}(dropout={mod.dropout}) drops between layers inside the "
-                                  "RNN kernel, only in training. Build it with dropout=0 and add nn.Dropout modules.")
+            raise ConversionError(
+                path,
+                f"{type(mod).__name__}(dropout={mod.dropout}) drops between layers inside the "
+                "RNN kernel, only in training. Build it with dropout=0 and add nn.Dropout modules.",
+            )
     model = copy.deepcopy(backbone)
     for mod in model.modules():
         drop = getattr(mod, "attn_drop", None)
@@ -196,7 +210,9 @@ def _prepare(backbone: nn.Module, p: float | None, insert_before: list[str] | No
         for pattern in insert_before:
             hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                raise ConversionError(pattern, f"`insert_before` pattern matches no module; module paths are e.g. {names[:8]}.")
+                raise ConversionError(
+                    pattern, f"`insert_before` pattern matches no module; module paths are e.g. {names[:8]}."
+                )
             for n in hits:
                 if n not in inserted:
                     model.get_submodule(n).register_forward_pre_hook(_DropoutBefore(p))
@@ -205,9 +221,12 @@ def _prepare(backbone: nn.Module, p: float | None, insert_before: list[str] | No
     if p is None and not inserted and drops:
         rates = {n: model.get_submodule(n).p for n in drops}
         if all(r == 0 for r in rates.values()):
-            raise ConversionError(drops[0], f"every dropout layer has p=0 ({len(drops)} layers; timm's default "
-                                  "drop_rate is 0), so all samples would be equal. Pass p=0.1, or build the "
-                                  "backbone with a dropout rate.")
+            raise ConversionError(
+                drops[0],
+                f"every dropout layer has p=0 ({len(drops)} layers; timm's default "
+                "drop_rate is 0), so all samples would be equal. Pass p=0.1, or build the "
+                "backbone with a dropout rate.",
+            )
     return model, drops, inserted
 
 
@@ -227,8 +246,11 @@ def _run(model: nn.Module, x: Tensor, seeds: Tensor | None, samples: int, p: flo
         out = model(xs)
     if seeds is not None and sampler.active == 0:
         what = "no dropout ran" if sampler.calls == 0 else f"all {sampler.calls} dropout calls had p=0"
-        raise ConversionError("", f"{what} in the backbone's forward, so every sample is the same model. Pass "
-                              "p=0.1 (with `insert_before=[...]` module paths if the backbone has no dropout).")
+        raise ConversionError(
+            "",
+            f"{what} in the backbone's forward, so every sample is the same model. Pass "
+            "p=0.1 (with `insert_before=[...]` module paths if the backbone has no dropout).",
+        )
     return out.unflatten(0, (samples, b))
 
 
@@ -297,14 +319,19 @@ class MCDropout(Ensemble):
         if p is not None and not (isinstance(p, (int, float)) and 0 <= p < 1):
             raise ValueError(f"`p` must be None or a rate in [0, 1), got {p!r}.")
         if train_samples is not None and not (isinstance(train_samples, int) and 1 <= train_samples <= num_members):
-            raise ValueError(f"`train_samples` must be None or an integer in [1, num_members={num_members}], got {train_samples!r}.")
+            raise ValueError(
+                f"`train_samples` must be None or an integer in [1, num_members={num_members}], got {train_samples!r}."
+            )
         self.p = None if p is None else float(p)
         self.train_samples = train_samples
         self.model, self.dropout_layers, self.inserted = _prepare(backbone, self.p, list(insert_before or []))
         self.register_buffer("seeds", _draw_seeds(num_members, seed))
         self.train(backbone.training)
-        self.verification = (verify_shared_members(self, backbone, example_input, input_shape, _ADVICE) if verify
-                             else VerificationReport(ran=False))
+        self.verification = (
+            verify_shared_members(self, backbone, example_input, input_shape, _ADVICE)
+            if verify
+            else VerificationReport(ran=False)
+        )
 
     _inner_prefix = "model."
 
@@ -337,5 +364,7 @@ class MCDropout(Ensemble):
         return MCDropoutMember(copy.deepcopy(self.model), self.seeds[index], self.p).eval()
 
     def extra_repr(self) -> str:
-        return (f"num_members={self.num_members}, p={self.p}, dropout_layers={len(self.dropout_layers)}, "
-                f"inserted={self.inserted}, train_samples={self.train_samples}")
+        return (
+            f"num_members={self.num_members}, p={self.p}, dropout_layers={len(self.dropout_layers)}, "
+            f"inserted={self.inserted}, train_samples={self.train_samples}"
+        )

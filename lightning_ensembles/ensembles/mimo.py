@@ -44,23 +44,43 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _check_layer(path: str, layer: nn.Module, role: str) -> None:
     if not isinstance(layer, _LAYERS) or isinstance(layer, nn.modules.conv._ConvTransposeNd):
-        raise ConversionError(path, f"MIMO's {role} layer must be nn.Linear or nn.Conv1d/2d/3d, got "
-                              f"{type(layer).__name__}. Name another one with `{role}_layer=`.")
+        raise ConversionError(
+            path,
+            f"MIMO's {role} layer must be nn.Linear or nn.Conv1d/2d/3d, got "
+            f"{type(layer).__name__}. Name another one with `{role}_layer=`.",
+        )
     if isinstance(layer, _ConvNd) and layer.groups != 1:
-        raise ConversionError(path, f"MIMO's {role} layer is a grouped convolution (groups={layer.groups}); "
-                              "its channels cannot be widened per member. Name a dense layer with "
-                              f"`{role}_layer=`.")
+        raise ConversionError(
+            path,
+            f"MIMO's {role} layer is a grouped convolution (groups={layer.groups}); "
+            "its channels cannot be widened per member. Name a dense layer with "
+            f"`{role}_layer=`.",
+        )
 
 
 def _widened(layer: nn.Module, in_mult: int, out_mult: int) -> nn.Module:
     """A fresh layer of ``layer``'s class with ``in_mult`` x the inputs and ``out_mult`` x the outputs."""
     w = layer.weight
     if isinstance(layer, nn.Linear):
-        return nn.Linear(layer.in_features * in_mult, layer.out_features * out_mult, bias=layer.bias is not None,
-                         device=w.device, dtype=w.dtype)
-    return type(layer)(layer.in_channels * in_mult, layer.out_channels * out_mult, layer.kernel_size,
-                       stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                       bias=layer.bias is not None, padding_mode=layer.padding_mode, device=w.device, dtype=w.dtype)
+        return nn.Linear(
+            layer.in_features * in_mult,
+            layer.out_features * out_mult,
+            bias=layer.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+    return type(layer)(
+        layer.in_channels * in_mult,
+        layer.out_channels * out_mult,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+        device=w.device,
+        dtype=w.dtype,
+    )
 
 
 class MIMOInput(nn.Module):
@@ -96,8 +116,10 @@ class MIMOInput(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = self.expected_batch
         if b is not None and x.shape[0] != self.num_members * b:
-            raise ValueError(f"MIMO's input layer got {x.shape[0]} rows, not the {self.num_members} member inputs of "
-                             f"the batch of {b} ({self.num_members * b} rows): it is not where the data enters.")
+            raise ValueError(
+                f"MIMO's input layer got {x.shape[0]} rows, not the {self.num_members} member inputs of "
+                f"the batch of {b} ({self.num_members * b} rows): it is not where the data enters."
+            )
         xm = x.unflatten(0, (self.num_members, -1))  # (M, B, ...)
         if self.linear:  # (M, B, ..., C) -> (B, ..., M * C)
             return self.layer(xm.movedim(0, -2).flatten(-2))
@@ -130,8 +152,10 @@ class MIMOOutput(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = self.expected_batch
         if b is not None and x.shape[0] != b:
-            raise ValueError(f"MIMO's output layer got {x.shape[0]} rows where the shared network carries the batch "
-                             f"of {b}: it is not where the data leaves (or it runs before the input layer).")
+            raise ValueError(
+                f"MIMO's output layer got {x.shape[0]} rows where the shared network carries the batch "
+                f"of {b}: it is not where the data leaves (or it runs before the input layer)."
+            )
         y = self.layer(x)
         if self.linear:  # (B, ..., M * C) -> (M, B, ..., C)
             return y.unflatten(-1, (self.num_members, -1)).movedim(-2, 0).flatten(0, 1)
@@ -212,8 +236,11 @@ class MIMO(Ensemble):
             if path not in names or not path:
                 raise ConversionError(path, f"`{role}` is not a submodule path of the backbone; e.g. {layers[:6]}.")
         if first == last:
-            raise ConversionError(first, "MIMO needs distinct input and output layers, but the backbone's only "
-                                  "Linear/Conv is both. Use a backbone with a hidden layer.")
+            raise ConversionError(
+                first,
+                "MIMO needs distinct input and output layers, but the backbone's only "
+                "Linear/Conv is both. Use a backbone with a hidden layer.",
+            )
         m = num_members
 
         def build(path: str, mod: nn.Module) -> nn.Module:
@@ -222,10 +249,15 @@ class MIMO(Ensemble):
         self.model, self.converted = convert(backbone, lambda p, mod: p in (first, last), build)
         self.converted = [first, last]
         self.train(backbone.training)
-        advice = (f"MIMO widened {first!r} as the input layer and {last!r} as the output layer; name the layers "
-                  "where the data enters and leaves with first_layer=/last_layer=.")
-        self.verification = (verify_shared_members(self, backbone, example_input, input_shape, advice) if verify
-                             else VerificationReport(ran=False))
+        advice = (
+            f"MIMO widened {first!r} as the input layer and {last!r} as the output layer; name the layers "
+            "where the data enters and leaves with first_layer=/last_layer=."
+        )
+        self.verification = (
+            verify_shared_members(self, backbone, example_input, input_shape, advice)
+            if verify
+            else VerificationReport(ran=False)
+        )
 
     _inner_prefix = "model."
 
@@ -239,14 +271,18 @@ class MIMO(Ensemble):
         n = batch_size * self.batch_repetition
         main = torch.randperm(n, device=device)
         shuffled = int(n * (1.0 - self.input_repetition))
-        rows = [torch.cat([main[:shuffled][torch.randperm(shuffled, device=device)], main[shuffled:]])
-                for _ in range(self.num_members)]
+        rows = [
+            torch.cat([main[:shuffled][torch.randperm(shuffled, device=device)], main[shuffled:]])
+            for _ in range(self.num_members)
+        ]
         return torch.stack(rows)
 
     def forward_slots(self, xs: Tensor) -> Tensor:
         """Raw MIMO call: slot ``m`` gets ``xs[m]`` ``(M, B, ...)``; returns head outputs ``(M, B, ...)``."""
         if xs.shape[0] != self.num_members:
-            raise ValueError(f"`xs` must hold one input per member on axis 0 ({self.num_members}), got {tuple(xs.shape)}.")
+            raise ValueError(
+                f"`xs` must hold one input per member on axis 0 ({self.num_members}), got {tuple(xs.shape)}."
+            )
         layers = [m for m in self.model.modules() if isinstance(m, (MIMOInput, MIMOOutput))]
         for layer in layers:
             layer.expected_batch = xs.shape[1]
@@ -301,5 +337,7 @@ class MIMO(Ensemble):
         return _MIMOMember(copy.deepcopy(self.model), self.num_members, index).train(self.training)
 
     def extra_repr(self) -> str:
-        return (f"num_members={self.num_members}, input_repetition={self.input_repetition}, "
-                f"batch_repetition={self.batch_repetition}, converted={self.converted}")
+        return (
+            f"num_members={self.num_members}, input_repetition={self.input_repetition}, "
+            f"batch_repetition={self.batch_repetition}, converted={self.converted}"
+        )

@@ -56,10 +56,19 @@ from .reinit import reinitialize
 from .surgery import ConversionError, leaf_parameter_owners
 from .verify import VerificationReport, call_site, make_probe, run_named, verify_ensemble
 
-_CONVERT_ADVICE = ("If this module reads a converted layer's weight directly (e.g. F.linear(h, self.fc.weight)) or "
-                   "assumes the backbone's channel count, convert it by hand or keep it out of the backbone.")
+_CONVERT_ADVICE = (
+    "If this module reads a converted layer's weight directly (e.g. F.linear(h, self.fc.weight)) or "
+    "assumes the backbone's channel count, convert it by hand or keep it out of the backbone."
+)
 
-__all__ = ["PackedEnsemble", "ChannelOpsModule", "GroupedLinear", "PackedLayerNorm", "PackedMultiheadAttention", "PackedAttention"]
+__all__ = [
+    "PackedEnsemble",
+    "ChannelOpsModule",
+    "GroupedLinear",
+    "PackedLayerNorm",
+    "PackedMultiheadAttention",
+    "PackedAttention",
+]
 
 # Leaf modules owning parameters that are packed along their last axis like free tensors.
 _FREE_PARAM_LEAVES = {"LayerScale", "LayerScale2d"}
@@ -83,7 +92,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True) -> None:
         super().__init__()
         if in_features % groups or out_features % groups:
-            raise ValueError(f"in_features={in_features} and out_features={out_features} must be divisible by groups={groups}.")
+            raise ValueError(
+                f"in_features={in_features} and out_features={out_features} must be divisible by groups={groups}."
+            )
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.weight = nn.Parameter(torch.empty(groups, out_features // groups, in_features // groups))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -124,8 +135,15 @@ class PackedLayerNorm(nn.Module):
         True
     """
 
-    def __init__(self, num_channels: int, num_members: int, eps: float = 1e-5, affine: bool = True,
-                 bias: bool = True, channel_dim: int = -1) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        num_members: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        bias: bool = True,
+        channel_dim: int = -1,
+    ) -> None:
         super().__init__()
         if num_channels % num_members:
             raise ValueError(f"num_channels={num_channels} is not divisible by num_members={num_members}.")
@@ -165,8 +183,15 @@ class PackedMultiheadAttention(nn.Module):
         torch.Size([3, 5, 16])
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, num_members: int, dropout: float = 0.0,
-                 bias: bool = True, batch_first: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_members: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"per-member embed_dim={embed_dim} is not divisible by num_heads={num_heads}.")
@@ -189,9 +214,17 @@ class PackedMultiheadAttention(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         m, e = self.num_members, self.embed_dim
@@ -202,17 +235,28 @@ class PackedMultiheadAttention(nn.Module):
             y = torch.einsum("blmi,moi->blmo", t.unflatten(-1, (m, e)), w)
             return (y if b is None else y + b).flatten(-2)
 
-        q, k, v = (_sdpa_heads(proj(t, w, b), m, self.num_heads) for t, w, b in ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
+        q, k, v = (
+            _sdpa_heads(proj(t, w, b), m, self.num_heads)
+            for t, w, b in ((query, wq, bq), (key, wk, bk), (value, wv, bv))
+        )
         mask = None
         if attn_mask is not None:
             if attn_mask.dim() != 2:
                 raise ValueError("PackedMultiheadAttention supports only 2-D attn_mask (L, S).")
             mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
         if key_padding_mask is not None:
-            kpm = (~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask)[:, None, None, None, :]
+            kpm = (~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask)[
+                :, None, None, None, :
+            ]
             mask = kpm if mask is None else (mask & kpm if mask.dtype == torch.bool else mask + kpm)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=is_causal and mask is None)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )
         out = out.permute(0, 3, 1, 2, 4).flatten(-2)  # (B, L, M, e)
         out = torch.einsum("blmi,moi->blmo", out, self.out_proj_weight)
         if self.out_proj_bias is not None:
@@ -238,8 +282,11 @@ class PackedAttention(nn.Module):
         super().__init__()
         for name in ("q_norm", "k_norm", "norm"):
             if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
-                raise ConversionError(path, f"timm Attention with a non-identity `{name}` (normalises across the head "
-                                      "dimension with shared weights) is not supported by PackedEnsemble.")
+                raise ConversionError(
+                    path,
+                    f"timm Attention with a non-identity `{name}` (normalises across the head "
+                    "dimension with shared weights) is not supported by PackedEnsemble.",
+                )
         if getattr(attn, "gate", None) is not None:
             raise ConversionError(path, "gated timm Attention is not supported by PackedEnsemble.")
         self.num_members, self.num_heads = num_members, attn.num_heads
@@ -256,8 +303,9 @@ class PackedAttention(nn.Module):
             attn_mask = attn_mask.unsqueeze(1)  # broadcast over members
         else:  # members x heads as one head axis: 4-D attention, the only one ONNX export converts
             q, k, v = (t.flatten(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.attn_drop.p if self.training else 0.0
+        )
         out = out.view(b, m, h, n, -1).permute(0, 3, 1, 2, 4).reshape(b, n, -1)
         return self.proj_drop(self.proj(out))
 
@@ -296,8 +344,15 @@ def _is_timm_attention(module: nn.Module) -> bool:
 # running the backbone and the packed model side by side on the probe: a call whose tensor differs from the
 # backbone's on the operated axis operates on the member axis. Sites never seen on the probe run unchanged
 # (and are therefore not covered by the verification either).
-_INTERCEPT = {"cat": "cat", "concat": "cat", "concatenate": "cat", "split": "split", "chunk": "chunk",
-              "narrow": "narrow", "__getitem__": "getitem"}
+_INTERCEPT = {
+    "cat": "cat",
+    "concat": "cat",
+    "concatenate": "cat",
+    "split": "split",
+    "chunk": "chunk",
+    "narrow": "narrow",
+    "__getitem__": "getitem",
+}
 
 
 def _parse(kind: str, args: tuple, kwargs: dict) -> tuple[Any, Any, int]:
@@ -308,7 +363,11 @@ def _parse(kind: str, args: tuple, kwargs: dict) -> tuple[Any, Any, int]:
         return list(tensors), None, dim
     if kind in ("split", "chunk"):
         x = args[0] if args else kwargs.get("tensor", kwargs.get("input", kwargs.get("self")))
-        arg = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks")))
+        arg = (
+            args[1]
+            if len(args) > 1
+            else kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks")))
+        )
         dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
         return x, arg, dim
     if kind == "narrow":
@@ -321,31 +380,40 @@ def _parse(kind: str, args: tuple, kwargs: dict) -> tuple[Any, Any, int]:
 def _basic_index(idx: Any, ndim: int) -> list | None:
     """Index as one entry per dim (slices, ints, integer tensors), or None if it uses anything else."""
     idx = list(idx) if isinstance(idx, tuple) else [idx]
-    if any(not (isinstance(i, (slice, int)) or i is Ellipsis or (isinstance(i, Tensor) and not i.dtype == torch.bool))
-           or isinstance(i, bool) for i in idx):
+    if any(
+        not (isinstance(i, (slice, int)) or i is Ellipsis or (isinstance(i, Tensor) and not i.dtype == torch.bool))
+        or isinstance(i, bool)
+        for i in idx
+    ):
         return None
-    if any(isinstance(i, slice) and not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
-           for i in idx):
+    if any(
+        isinstance(i, slice) and not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+        for i in idx
+    ):
         return None
     if Ellipsis in idx:
         k = idx.index(Ellipsis)
-        idx = idx[:k] + [slice(None)] * (ndim - len(idx) + 1) + idx[k + 1:]
+        idx = idx[:k] + [slice(None)] * (ndim - len(idx) + 1) + idx[k + 1 :]
     return idx + [slice(None)] * (ndim - len(idx))
 
 
 def _scale(v: int, c: int, w: int, where: str) -> int:
     if (v * w) % c:
-        raise ConversionError(where, f"a channel offset/size {v} of the backbone's {c} channels does not scale to a "
-                              f"whole number of the member's {w} channels; choose alpha so that alpha * C / M == C "
-                              "(alpha == num_members) or convert this operation by hand.")
+        raise ConversionError(
+            where,
+            f"a channel offset/size {v} of the backbone's {c} channels does not scale to a "
+            f"whole number of the member's {w} channels; choose alpha so that alpha * C / M == C "
+            "(alpha == num_members) or convert this operation by hand.",
+        )
     return v * w // c
 
 
 class _ChannelOps(TorchFunctionMode):
     """Record (backbone), learn (packed model on the probe) or apply (runtime) per-member channel operations."""
 
-    def __init__(self, num_members: int, rules: dict | None = None, reference: list | None = None,
-                 record: bool = False) -> None:
+    def __init__(
+        self, num_members: int, rules: dict | None = None, reference: list | None = None, record: bool = False
+    ) -> None:
         super().__init__()
         self.m, self.rules = num_members, rules if rules is not None else {}
         self.reference, self.record = reference, record
@@ -376,8 +444,11 @@ class _ChannelOps(TorchFunctionMode):
     def _learn(self, key: tuple, where: str, kind: str, args: tuple, kwargs: dict) -> None:
         k = len(self.log)
         if k >= len(self.reference) or self.reference[k][0] != key:
-            raise ConversionError(where, "the packed model's channel operations do not follow the backbone's (the "
-                                  "control flow depends on the channel widths); convert this model by hand.")
+            raise ConversionError(
+                where,
+                "the packed model's channel operations do not follow the backbone's (the "
+                "control flow depends on the channel widths); convert this model by hand.",
+            )
         ref = self.reference[k][1]
         self.log.append(key)
         x, arg, dim = _parse(kind, args, kwargs)
@@ -387,25 +458,39 @@ class _ChannelOps(TorchFunctionMode):
             if not any(member):
                 rule = ("plain",)
             elif not all(member):
-                raise ConversionError(where, "torch.cat joins packed (per-member) channels with unpacked ones; the "
-                                      "unpacked tensor would have to be copied into each member. Convert by hand.")
+                raise ConversionError(
+                    where,
+                    "torch.cat joins packed (per-member) channels with unpacked ones; the "
+                    "unpacked tensor would have to be copied into each member. Convert by hand.",
+                )
             else:
                 if any(t.shape[d] % self.m for t in x):
-                    raise ConversionError(where, f"torch.cat on a packed axis whose size is not a multiple of M={self.m}.")
+                    raise ConversionError(
+                        where, f"torch.cat on a packed axis whose size is not a multiple of M={self.m}."
+                    )
                 rule = ("cat", d)
         else:
             if x.dim() != len(ref):
-                raise ConversionError(where, f"tensor has {x.dim()} dims in the packed model, {len(ref)} in the backbone.")
+                raise ConversionError(
+                    where, f"tensor has {x.dim()} dims in the packed model, {len(ref)} in the backbone."
+                )
             diff = [i for i in range(x.dim()) if x.shape[i] != ref[i]]
             if kind == "getitem":
                 idx = _basic_index(arg, x.dim())
                 touched = [i for i in diff if idx is None or not (isinstance(idx[i], slice) and idx[i] == slice(None))]
                 if not touched:
                     rule = ("plain",)
-                elif idx is None or len(diff) != 1 or not isinstance(idx[diff[0]], slice) or any(
-                        isinstance(i, Tensor) for i in idx):
-                    raise ConversionError(where, f"indexing {arg!r} selects along the packed channel axis in a way that "
-                                          "cannot be applied per member (only plain slices can). Convert by hand.")
+                elif (
+                    idx is None
+                    or len(diff) != 1
+                    or not isinstance(idx[diff[0]], slice)
+                    or any(isinstance(i, Tensor) for i in idx)
+                ):
+                    raise ConversionError(
+                        where,
+                        f"indexing {arg!r} selects along the packed channel axis in a way that "
+                        "cannot be applied per member (only plain slices can). Convert by hand.",
+                    )
                 else:
                     rule = ("getitem", diff[0], {x.shape[diff[0]] // self.m: ref[diff[0]]})
             else:
@@ -418,8 +503,11 @@ class _ChannelOps(TorchFunctionMode):
                     rule = (kind, d, {x.shape[d] // self.m: ref[d]})
         old = self.rules.get(key)
         if old is not None and old[:2] != rule[:2]:
-            raise ConversionError(where, "this call site operates on the packed channel axis in one call and on another "
-                                  "axis in another; it cannot be rewritten per member. Convert by hand.")
+            raise ConversionError(
+                where,
+                "this call site operates on the packed channel axis in one call and on another "
+                "axis in another; it cannot be rewritten per member. Convert by hand.",
+            )
         if old is not None and len(rule) > 2:
             rule[2].update(old[2])
         self.rules[key] = rule
@@ -427,7 +515,9 @@ class _ChannelOps(TorchFunctionMode):
             self._apply(rule, where, kind, None, args, kwargs, dry=True)
 
     # ---------------------------------------------------------------- per-member rewrite
-    def _apply(self, rule: tuple, where: str, kind: str, func: Any, args: tuple, kwargs: dict, dry: bool = False) -> Any:
+    def _apply(
+        self, rule: tuple, where: str, kind: str, func: Any, args: tuple, kwargs: dict, dry: bool = False
+    ) -> Any:
         if rule[0] == "plain":
             return func(*args, **kwargs)
         m, d = self.m, rule[1]
@@ -439,8 +529,11 @@ class _ChannelOps(TorchFunctionMode):
         w = x.shape[d] // m
         c = rule[2].get(w)
         if c is None or x.shape[d] % m:
-            raise ConversionError(where, f"packed channel axis of size {x.shape[d]} was not seen at conversion for this "
-                                  f"call site (seen member widths: {sorted(rule[2])}).")
+            raise ConversionError(
+                where,
+                f"packed channel axis of size {x.shape[d]} was not seen at conversion for this "
+                f"call site (seen member widths: {sorted(rule[2])}).",
+            )
         xm = x.unflatten(d, (m, w))
         if kind == "split":
             sizes = [arg] * (c // arg) + ([c % arg] if c % arg else []) if isinstance(arg, int) else list(arg)
@@ -448,7 +541,9 @@ class _ChannelOps(TorchFunctionMode):
             return None if dry else tuple(p.flatten(d, d + 1) for p in xm.split(per, d + 1))
         if kind == "chunk":
             if c % arg or w % arg:
-                raise ConversionError(where, f"chunk({arg}) of {c} backbone / {w} member channels is uneven; convert by hand.")
+                raise ConversionError(
+                    where, f"chunk({arg}) of {c} backbone / {w} member channels is uneven; convert by hand."
+                )
             return None if dry else tuple(p.flatten(d, d + 1) for p in xm.chunk(arg, d + 1))
         if kind == "narrow":
             start, length = (_scale(v % c if i == 0 else v, c, w, where) for i, v in enumerate(arg))
@@ -458,7 +553,7 @@ class _ChannelOps(TorchFunctionMode):
         if step != 1:
             raise ConversionError(where, "a strided slice of the packed channel axis cannot be applied per member.")
         per = slice(_scale(a, c, w, where), _scale(max(b, a), c, w, where))
-        new = idx[:d] + [slice(None), per] + idx[d + 1:]
+        new = idx[:d] + [slice(None), per] + idx[d + 1 :]
         d_out = d - sum(isinstance(i, int) for i in idx[:d])
         return None if dry else xm[tuple(new)].flatten(d_out, d_out + 1)
 
@@ -484,8 +579,16 @@ class ChannelOpsModule(nn.Module):
 class _Packer:
     """Builds the packed copy of a backbone for ``num_members`` members of per-member width ``width(C)``."""
 
-    def __init__(self, num_members: int, width: Callable[[int], int], gamma: int, min_channels_per_group: int,
-                 first: Sequence[str], last: Sequence[str], no_gamma_layers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        num_members: int,
+        width: Callable[[int], int],
+        gamma: int,
+        min_channels_per_group: int,
+        first: Sequence[str],
+        last: Sequence[str],
+        no_gamma_layers: list[str] | None = None,
+    ) -> None:
         self.m, self.width, self.gamma, self.min_cpg = num_members, width, gamma, min_channels_per_group
         self.no_gamma = list(no_gamma_layers or [])
         self.first, self.last = set(first), set(last)
@@ -506,9 +609,12 @@ class _Packer:
                 self.gamma_reductions[path] = g
         for w, what in ((w_in, "input"), (w_out, "output")):
             if w % (g * groups):
-                raise ConversionError(path, f"per-member {what} width {w} is not divisible by gamma * groups = "
-                                      f"{g} * {groups}. Choose gamma/alpha so that it divides, or set "
-                                      "min_channels_per_group > 0 to lower gamma where needed.")
+                raise ConversionError(
+                    path,
+                    f"per-member {what} width {w} is not divisible by gamma * groups = "
+                    f"{g} * {groups}. Choose gamma/alpha so that it divides, or set "
+                    "min_channels_per_group > 0 to lower gamma where needed.",
+                )
         return g
 
     # -------------------------------------------------------------- layers
@@ -541,8 +647,11 @@ class _Packer:
             in_p = self.packed(conv.in_channels)
             if conv.groups == conv.in_channels and conv.groups > 1 and not last:  # depthwise stays per channel
                 if out_p % in_p:
-                    raise ConversionError(path, f"depthwise conv: packed output width {out_p} is not a multiple of the "
-                                          f"packed input width {in_p}; use alpha with alpha * C / M an integer.")
+                    raise ConversionError(
+                        path,
+                        f"depthwise conv: packed output width {out_p} is not a multiple of the "
+                        f"packed input width {in_p}; use alpha with alpha * C / M an integer.",
+                    )
                 groups = in_p
             else:
                 groups = self.m * self._gamma(path, in_p // self.m, out_p // self.m, conv.groups) * conv.groups
@@ -568,7 +677,9 @@ class _Packer:
         if isinstance(mod, nn.GroupNorm):
             w = self.width(mod.num_channels)
             if w % mod.num_groups:
-                raise ConversionError(path, f"GroupNorm: per-member width {w} is not divisible by num_groups={mod.num_groups}.")
+                raise ConversionError(
+                    path, f"GroupNorm: per-member width {w} is not divisible by num_groups={mod.num_groups}."
+                )
             new = copy.deepcopy(mod)
             new.num_groups, new.num_channels = self.m * mod.num_groups, self.m * w
             if mod.affine:
@@ -576,20 +687,38 @@ class _Packer:
             return new, {"weight": 0, "bias": 0}
         # LayerNorm (channel-last) or timm LayerNorm2d (channel-first)
         if len(mod.normalized_shape) != 1:
-            raise ConversionError(path, f"LayerNorm over {tuple(mod.normalized_shape)} spans more than the channel "
-                                  "axis; only 1-D normalized_shape can be packed.")
-        if type(mod).forward is not nn.LayerNorm.forward and not _is_layernorm2d(mod) and type(mod).__name__ != "LayerNorm":
+            raise ConversionError(
+                path,
+                f"LayerNorm over {tuple(mod.normalized_shape)} spans more than the channel "
+                "axis; only 1-D normalized_shape can be packed.",
+            )
+        if (
+            type(mod).forward is not nn.LayerNorm.forward
+            and not _is_layernorm2d(mod)
+            and type(mod).__name__ != "LayerNorm"
+        ):
             raise ConversionError(path, f"{type(mod).__name__} overrides LayerNorm.forward; cannot pack it safely.")
-        new = PackedLayerNorm(self.packed(mod.normalized_shape[0]), self.m, mod.eps, mod.weight is not None,
-                              mod.bias is not None, channel_dim=1 if _is_layernorm2d(mod) else -1)
+        new = PackedLayerNorm(
+            self.packed(mod.normalized_shape[0]),
+            self.m,
+            mod.eps,
+            mod.weight is not None,
+            mod.bias is not None,
+            channel_dim=1 if _is_layernorm2d(mod) else -1,
+        )
         return new, {"weight": 0, "bias": 0}
 
     def mha(self, path: str, mod: nn.MultiheadAttention) -> tuple[nn.Module, dict[str, int]]:
         if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
-            raise ConversionError(path, "MultiheadAttention with kdim/vdim != embed_dim, bias_k/v or add_zero_attn "
-                                  "is not supported by PackedEnsemble.")
+            raise ConversionError(
+                path,
+                "MultiheadAttention with kdim/vdim != embed_dim, bias_k/v or add_zero_attn "
+                "is not supported by PackedEnsemble.",
+            )
         w = self.width(mod.embed_dim)
-        new = PackedMultiheadAttention(w, mod.num_heads, self.m, mod.dropout, mod.in_proj_bias is not None, mod.batch_first)
+        new = PackedMultiheadAttention(
+            w, mod.num_heads, self.m, mod.dropout, mod.in_proj_bias is not None, mod.batch_first
+        )
         return new, {"in_proj_weight": 0, "in_proj_bias": 0, "out_proj_weight": 0, "out_proj_bias": 0}
 
     # -------------------------------------------------------------- walk
@@ -646,14 +775,20 @@ class _Packer:
                 continue
             is_leaf = not any(True for _ in module.children())
             if is_leaf and type(module).__name__ not in _FREE_PARAM_LEAVES and not isinstance(module, PackedAttention):
-                raise ConversionError(path, f"{type(module).__name__} owns parameters {names} and has no packed version. "
-                                      "Replace it, or wrap it so its parameters act on the channel (last) axis.")
+                raise ConversionError(
+                    path,
+                    f"{type(module).__name__} owns parameters {names} and has no packed version. "
+                    "Replace it, or wrap it so its parameters act on the channel (last) axis.",
+                )
             for n in names:
                 p = module._parameters[n]
                 full = f"{path}.{n}" if path else n
                 if p.dim() == 0 or p.numel() == 1:
-                    raise ConversionError(full, f"a parameter of shape {tuple(p.shape)} scales every channel alike; "
-                                          "it would be shared by all members. Convert this module by hand.")
+                    raise ConversionError(
+                        full,
+                        f"a parameter of shape {tuple(p.shape)} scales every channel alike; "
+                        "it would be shared by all members. Convert this module by hand.",
+                    )
                 # The channel axis: the last one longer than 1 ((1, N, C) tokens, (C, 1, 1) 2-D layer scales).
                 axis = max(i for i, size in enumerate(p.shape) if size > 1)
                 shape = list(p.shape)
@@ -663,7 +798,9 @@ class _Packer:
         return model
 
 
-def _fill_from_sources(packed: nn.Module, sources: list[nn.Module], axes: dict[str, int | None], width_exact: bool) -> None:
+def _fill_from_sources(
+    packed: nn.Module, sources: list[nn.Module], axes: dict[str, int | None], width_exact: bool
+) -> None:
     """Copy member i's tensors from ``sources[i]`` into the packed model's member blocks.
 
     ``width_exact``: every member has the backbone's shapes (alpha == M, gamma == 1), so every tensor is
@@ -694,14 +831,24 @@ def _fill_from_sources(packed: nn.Module, sources: list[nn.Module], axes: dict[s
                     reps[axis] = math.ceil(block.shape[axis] / src.shape[axis])
                     block.copy_(src.repeat(*reps).narrow(axis, 0, block.shape[axis]))
                 else:
-                    raise RuntimeError(f"internal: shape mismatch for {name}: {tuple(src.shape)} vs {tuple(block.shape)}")
+                    raise RuntimeError(
+                        f"internal: shape mismatch for {name}: {tuple(src.shape)} vs {tuple(block.shape)}"
+                    )
 
 
 def _layer_tensor_names(model: nn.Module, name: str) -> set[str]:
     # Names of tensors that belong to converted layers (the owner is one of the packed layer types).
     owner_path, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
-    layer_types = (nn.Linear, _ConvNd, _BatchNorm, nn.GroupNorm, PackedLayerNorm, GroupedLinear, PackedMultiheadAttention)
+    layer_types = (
+        nn.Linear,
+        _ConvNd,
+        _BatchNorm,
+        nn.GroupNorm,
+        PackedLayerNorm,
+        GroupedLinear,
+        PackedMultiheadAttention,
+    )
     return {name} if isinstance(owner, layer_types) else set()
 
 
@@ -716,9 +863,13 @@ def _source_for_grouped(src: nn.Module, packed_template: nn.Module) -> nn.Module
             mha = src.get_submodule(path)
             holder = nn.Module()
             holder.in_proj_weight = nn.Parameter(mha.in_proj_weight.detach()[None])
-            holder.in_proj_bias = nn.Parameter(mha.in_proj_bias.detach()[None]) if mha.in_proj_bias is not None else None
+            holder.in_proj_bias = (
+                nn.Parameter(mha.in_proj_bias.detach()[None]) if mha.in_proj_bias is not None else None
+            )
             holder.out_proj_weight = nn.Parameter(mha.out_proj.weight.detach()[None])
-            holder.out_proj_bias = nn.Parameter(mha.out_proj.bias.detach()[None]) if mha.out_proj.bias is not None else None
+            holder.out_proj_bias = (
+                nn.Parameter(mha.out_proj.bias.detach()[None]) if mha.out_proj.bias is not None else None
+            )
             _set(src, path, holder)
     return src
 
@@ -818,8 +969,10 @@ class PackedEnsemble(Ensemble):
         m = num_members
         exact = alpha == m and gamma == 1
         if init == "copy" and not exact:
-            raise ValueError(f"init='copy' needs alpha == num_members ({m}) and gamma == 1 so that every member has the "
-                             f"backbone's shapes; got alpha={alpha}, gamma={gamma}. Use init='reinit'.")
+            raise ValueError(
+                f"init='copy' needs alpha == num_members ({m}) and gamma == 1 so that every member has the "
+                f"backbone's shapes; got alpha={alpha}, gamma={gamma}. Use init='reinit'."
+            )
 
         layers = [p for p, mod in backbone.named_modules() if isinstance(mod, (nn.Linear, _ConvNd))]
         if not layers:
@@ -831,7 +984,9 @@ class PackedEnsemble(Ensemble):
             value = [value] if isinstance(value, str) else list(value)
             for v in value:
                 if v not in layers:
-                    raise ValueError(f"`{arg}`={v!r} is not a Linear/Conv module path of the backbone; choose from {layers[:8]}...")
+                    raise ValueError(
+                        f"`{arg}`={v!r} is not a Linear/Conv module path of the backbone; choose from {layers[:8]}..."
+                    )
             given[arg] = value
         probe = None
         if verify or len(given) < 2 or example_input is not None or input_shape is not None:
@@ -840,17 +995,25 @@ class PackedEnsemble(Ensemble):
         if probe is not None:
             flow = trace_layers(backbone, probe)
             if "first_layer" not in given and flow.mixed:
-                raise ConversionError(flow.mixed[0], "this layer reads both the model input (through parameter-free "
-                                      "operations) and another layer's output; the shared input cannot be joined to "
-                                      "packed channels. Convert by hand or pass first_layer=.")
+                raise ConversionError(
+                    flow.mixed[0],
+                    "this layer reads both the model input (through parameter-free "
+                    "operations) and another layer's output; the shared input cannot be joined to "
+                    "packed channels. Convert by hand or pass first_layer=.",
+                )
             if flow.input_reaches_output:
-                raise ConversionError("", "the model output depends on the model input through a path without any "
-                                      "Linear/Conv layer (a global skip connection); members would share it. Convert by hand.")
+                raise ConversionError(
+                    "",
+                    "the model output depends on the model input through a path without any "
+                    "Linear/Conv layer (a global skip connection); members would share it. Convert by hand.",
+                )
         self.first_layer = given.get("first_layer") or (flow.first if flow else [])
         self.last_layer = given.get("last_layer") or (flow.last if flow else [])
         if not self.first_layer or not self.last_layer:
-            raise ValueError(f"PackedEnsemble found no {'input' if not self.first_layer else 'output'} layer in the data flow "
-                             "of the probe forward; pass first_layer=/last_layer= (module paths).")
+            raise ValueError(
+                f"PackedEnsemble found no {'input' if not self.first_layer else 'output'} layer in the data flow "
+                "of the probe forward; pass first_layer=/last_layer= (module paths)."
+            )
         last_mod = backbone.get_submodule(self.last_layer[0])
         self._out_axis = -1 if isinstance(last_mod, nn.Linear) else 1
         self._num_outputs = last_mod.out_features if isinstance(last_mod, nn.Linear) else last_mod.out_channels
@@ -862,18 +1025,24 @@ class PackedEnsemble(Ensemble):
         # The backbone's structure without data (meta device), kept out of the module tree; member() rebuilds
         # a 1-member packed network from it.
         self.__dict__["_backbone_structure"] = copy.deepcopy(backbone).to("meta")
-        packer = _Packer(m, width, gamma, min_channels_per_group, self.first_layer, self.last_layer, self.no_gamma_layers)
+        packer = _Packer(
+            m, width, gamma, min_channels_per_group, self.first_layer, self.last_layer, self.no_gamma_layers
+        )
         self.model = packer.build(backbone)
         self.converted, self.gamma_reductions = packer.converted, packer.gamma_reductions
         self._member_axes = packer.member_axes
         self.__dict__["_rules"] = {}
         if probe is not None:
             self._learn_channel_ops(backbone, probe, flow)
-        self.channel_sites = sorted({f"{os.path.basename(k[0])}:{k[1]} ({r[0]})" for k, r in self._rules.items()
-                                     if r[0] != "plain"})
+        self.channel_sites = sorted(
+            {f"{os.path.basename(k[0])}:{k[1]} ({r[0]})" for k, r in self._rules.items() if r[0] != "plain"}
+        )
         if self.gamma_reductions:
-            warnings.warn(f"PackedEnsemble lowered gamma (min_channels_per_group={min_channels_per_group}) in "
-                          f"{len(self.gamma_reductions)} layers: {dict(list(self.gamma_reductions.items())[:5])}...", stacklevel=2)
+            warnings.warn(
+                f"PackedEnsemble lowered gamma (min_channels_per_group={min_channels_per_group}) in "
+                f"{len(self.gamma_reductions)} layers: {dict(list(self.gamma_reductions.items())[:5])}...",
+                stacklevel=2,
+            )
 
         if init == "copy" or exact:
             sources = [backbone] * m if init == "copy" else [copy.deepcopy(backbone) for _ in range(m)]
@@ -906,13 +1075,18 @@ class PackedEnsemble(Ensemble):
             clear_caches(self.model)
         self.__dict__["_rules"] = learner.rules if any(r[0] != "plain" for r in learner.rules.values()) else {}
         if not isinstance(out, Tensor) or not isinstance(ref_out, Tensor) or out.dim() != ref_out.dim():
-            raise ConversionError("", f"the backbone returns {type(ref_out).__name__}; PackedEnsemble needs one output tensor.")
+            raise ConversionError(
+                "", f"the backbone returns {type(ref_out).__name__}; PackedEnsemble needs one output tensor."
+            )
         axes = [a for a in range(out.dim()) if out.shape[a] != ref_out.shape[a]]
         if len(axes) != 1 or out.shape[axes[0]] != self.num_members * ref_out.shape[axes[0]]:
-            raise ConversionError(",".join(self.last_layer), f"the packed output has shape {tuple(out.shape)} for the "
-                                  f"backbone's {tuple(ref_out.shape)}; expected exactly one axis widened M={self.num_members} "
-                                  "times by the output layers. Something after the output layers changes the channel "
-                                  "count (pass last_layer=) or the model is not a single-output network.")
+            raise ConversionError(
+                ",".join(self.last_layer),
+                f"the packed output has shape {tuple(out.shape)} for the "
+                f"backbone's {tuple(ref_out.shape)}; expected exactly one axis widened M={self.num_members} "
+                "times by the output layers. Something after the output layers changes the channel "
+                "count (pass last_layer=) or the model is not a single-output network.",
+            )
         self._out_axis, self._num_outputs = axes[0], ref_out.shape[axes[0]]
 
     def _ops(self, num_members: int) -> contextlib.AbstractContextManager:
@@ -924,8 +1098,10 @@ class PackedEnsemble(Ensemble):
             out = self.model(x)
         axis = self._out_axis % out.dim()
         if out.shape[axis] != self.num_members * self._num_outputs:
-            raise RuntimeError(f"the packed model's output has {out.shape[axis]} channels on axis {axis}, expected "
-                               f"{self.num_members} * {self._num_outputs}; is `last_layer`={self.last_layer!r} the output layer?")
+            raise RuntimeError(
+                f"the packed model's output has {out.shape[axis]} channels on axis {axis}, expected "
+                f"{self.num_members} * {self._num_outputs}; is `last_layer`={self.last_layer!r} the output layer?"
+            )
         return out.unflatten(axis, (self.num_members, -1)).movedim(axis, 0)
 
     _inner_prefix = "model."
@@ -957,8 +1133,15 @@ class PackedEnsemble(Ensemble):
         if template is None:
             # Per-layer gamma decisions match the ensemble's: the 1-member packer derives them from the
             # same per-member widths with the same rule.
-            packer = _Packer(1, self._width, self.gamma, self.min_channels_per_group, self.first_layer, self.last_layer,
-                             self.no_gamma_layers)
+            packer = _Packer(
+                1,
+                self._width,
+                self.gamma,
+                self.min_channels_per_group,
+                self.first_layer,
+                self.last_layer,
+                self.no_gamma_layers,
+            )
             template = packer.build(self._unpacked_structure())
             self.__dict__["_member_template"] = template
         member = copy.deepcopy(template)
@@ -967,7 +1150,9 @@ class PackedEnsemble(Ensemble):
         with torch.no_grad():
             for name, t in dst.items():
                 axis = self._member_axes.get(name)
-                value = src[name] if axis is None else src[name].unflatten(axis, (self.num_members, -1)).select(axis, index)
+                value = (
+                    src[name] if axis is None else src[name].unflatten(axis, (self.num_members, -1)).select(axis, index)
+                )
                 t.copy_(value.reshape(t.shape))
         member.train(self.training)
         member = member.to(next(self.model.parameters()).device)

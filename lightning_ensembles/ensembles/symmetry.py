@@ -98,11 +98,15 @@ class SymmetryMember(nn.Module):
         self.head_path = head_path
         self.head = backbone.get_submodule(head_path)
         if not isinstance(self.head, nn.Linear):
-            raise ValueError(f"head {head_path!r} is a {type(self.head).__name__}; it must be the classification nn.Linear.")
+            raise ValueError(
+                f"head {head_path!r} is a {type(self.head).__name__}; it must be the classification nn.Linear."
+            )
         body = backbone
         body.set_submodule(head_path, nn.Identity())
         self.body = body
-        self.aux_head = nn.Linear(self.head.in_features, GROUPS[self.group]) if self.hypothesis == "equivariant" else None
+        self.aux_head = (
+            nn.Linear(self.head.in_features, GROUPS[self.group]) if self.hypothesis == "equivariant" else None
+        )
 
     def features(self, x: Tensor) -> Tensor:
         """The head's input for ``x``."""
@@ -271,8 +275,9 @@ class MultiSymmetryEnsemble(Ensemble):
                 if self.consistency_weight > 0:
                     both = m(torch.cat([x, xg]))
                     clean, logits = both.chunk(2)
-                    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(clean, -1), log_target=True,
-                                  reduction="batchmean")
+                    kl = F.kl_div(
+                        F.log_softmax(logits, -1), F.log_softmax(clean, -1), log_target=True, reduction="batchmean"
+                    )
                     extra = extra + self.consistency_weight * kl
                     logs[f"consistency/{i}"] = kl.detach()
                 else:
@@ -305,7 +310,9 @@ class MultiSymmetryEnsemble(Ensemble):
         m = self.members[self._check_index(index)]
         if m.aux_head is None:
             equivariant = [i for i, s in enumerate(self.symmetries) if s.startswith("equivariant")]
-            raise ValueError(f"member {index} is {m.symmetry!r} and has no auxiliary head; equivariant members: {equivariant}.")
+            raise ValueError(
+                f"member {index} is {m.symmetry!r} and has no auxiliary head; equivariant members: {equivariant}."
+            )
         return m.aux_head(m.features(x))
 
     @torch.no_grad()

@@ -31,15 +31,19 @@ from .registry import build_ensemble, register_method
 __all__ = ["TTAEnsemble", "Augmentation"]
 
 _FIXED = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
-_FORMS = ("identity, hflip, vflip, rot90, rot180, rot270, rotate_<degrees>, crop_<k>_<c|tl|tr|bl|br>, shift_<d>, "
-          "shift_<dy>_<dx>")
+_FORMS = (
+    "identity, hflip, vflip, rot90, rot180, rot270, rotate_<degrees>, crop_<k>_<c|tl|tr|bl|br>, shift_<d>, "
+    "shift_<dy>_<dx>"
+)
 
 
 def _shift(x: Tensor, offsets: tuple[int, ...]) -> Tensor:
     """Translate the last ``len(offsets)`` axes by whole pixels (positive: content moves right/down), edges replicated."""
     k = len(offsets)
     if x.dim() < k + 1:
-        raise ValueError(f"shift over {k} axes needs an input with a batch axis and {k} spatial axes, got {tuple(x.shape)}.")
+        raise ValueError(
+            f"shift over {k} axes needs an input with a batch axis and {k} spatial axes, got {tuple(x.shape)}."
+        )
     pad = []
     for d in reversed(offsets):  # F.pad lists the last axis first
         pad += [max(d, 0), max(-d, 0)]
@@ -59,7 +63,7 @@ def _crop(x: Tensor, border: int, where: str) -> Tensor:
         raise ValueError(f"crop_{border}: a border of {border} leaves nothing of a {h}x{w} image.")
     top = {"c": border, "tl": 0, "tr": 0, "bl": 2 * border, "br": 2 * border}[where]
     left = {"c": border, "tl": 0, "tr": 2 * border, "bl": 0, "br": 2 * border}[where]
-    patch = x[..., top:top + h - 2 * border, left:left + w - 2 * border]
+    patch = x[..., top : top + h - 2 * border, left : left + w - 2 * border]
     img = patch.reshape(-1, 1, *patch.shape[-2:])
     return F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False).reshape(x.shape)
 
@@ -69,7 +73,9 @@ def _rotate(x: Tensor, degrees: float) -> Tensor:
         raise ValueError(f"rotate needs images (B, [C,] H, W), got shape {tuple(x.shape)}.")
     img = x.reshape(-1, 1, *x.shape[-2:]) if x.dim() != 4 else x
     t = math.radians(degrees)
-    theta = torch.tensor([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]], dtype=x.dtype, device=x.device)
+    theta = torch.tensor(
+        [[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]], dtype=x.dtype, device=x.device
+    )
     grid = F.affine_grid(theta.expand(img.shape[0], 2, 3), list(img.shape), align_corners=False)
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)
 
@@ -222,8 +228,10 @@ class TTAEnsemble(Ensemble):
         views = [t(x) for t in self.transforms]
         for t, v in zip(self.transforms, views):
             if v.shape != x.shape:
-                raise ValueError(f"transform {t!r} changed the input shape {tuple(x.shape)} to {tuple(v.shape)}; "
-                                 "TTA members must see inputs of the model's shape (rot90/rot270 need square images).")
+                raise ValueError(
+                    f"transform {t!r} changed the input shape {tuple(x.shape)} to {tuple(v.shape)}; "
+                    "TTA members must see inputs of the model's shape (rot90/rot270 need square images)."
+                )
         return torch.cat(views)
 
     def _inner(self, x: Tensor) -> Tensor:

@@ -113,16 +113,20 @@ def module_context(model: nn.Module, strip: str = "") -> Iterator[_Context]:
     def pre(path: str) -> Callable:
         def hook(module: nn.Module, args: Any) -> None:
             ctx.stack.append((path, module))
+
         return hook
 
     def post(path: str) -> Callable:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if ctx.stack and ctx.stack[-1][1] is module:
                 ctx.stack.pop()
+
         return hook
 
     for path, module in model.named_modules(remove_duplicate=False):
-        full = path[len(strip):] if strip and path.startswith(strip) else ("" if strip and path == strip[:-1] else path)
+        full = (
+            path[len(strip) :] if strip and path.startswith(strip) else ("" if strip and path == strip[:-1] else path)
+        )
         handles.append(module.register_forward_pre_hook(pre(full)))
         handles.append(module.register_forward_hook(post(full)))
     try:
@@ -146,7 +150,9 @@ def run_named(model: nn.Module, x: Tensor, what: str, advice: str) -> Any:
         raise
     except Exception as err:  # noqa: BLE001 - every failure is reported with the module it happened in
         path, module = ctx.failed_at or ("", model)
-        raise ConversionError(path, f"{what} fails in {type(module).__name__}: {type(err).__name__}: {err}. {advice}") from err
+        raise ConversionError(
+            path, f"{what} fails in {type(module).__name__}: {type(err).__name__}: {err}. {advice}"
+        ) from err
 
 
 def _shape_candidates(backbone: nn.Module) -> list[tuple[int, ...]]:
@@ -180,8 +186,9 @@ def _shape_candidates(backbone: nn.Module) -> list[tuple[int, ...]]:
     return out[:16]
 
 
-def make_probe(backbone: nn.Module, example_input: Tensor | None = None, input_shape: Sequence[int] | None = None,
-               batch: int = 2) -> Tensor:
+def make_probe(
+    backbone: nn.Module, example_input: Tensor | None = None, input_shape: Sequence[int] | None = None, batch: int = 2
+) -> Tensor:
     """A probe batch for ``backbone``: ``example_input``, else ``randn(batch, *input_shape)``, else inferred.
 
     Inference tries, in order, the first convolution's channels at timm's ``patch_embed.img_size``, at
@@ -253,12 +260,20 @@ def _blocks(t: Tensor, axis: int, m: int) -> Tensor:
     return t.unflatten(axis, (m, -1)).movedim(axis, 0)
 
 
-_ADVICE = ("Exclude it from the conversion (keep it shared), or convert it by hand so that it acts on each member's "
-           "channels separately (e.g. on x.unflatten(1, (M, -1)) for channel-first tensors).")
+_ADVICE = (
+    "Exclude it from the conversion (keep it shared), or convert it by hand so that it acts on each member's "
+    "channels separately (e.g. on x.unflatten(1, (M, -1)) for channel-first tensors)."
+)
 
 
-def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: float = 1e-4, advice: str = _ADVICE,
-                    check_training: bool = True) -> VerificationReport:
+def verify_ensemble(
+    ens: nn.Module,
+    probe: Tensor,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    advice: str = _ADVICE,
+    check_training: bool = True,
+) -> VerificationReport:
     """Run the checks of this module on ``probe``; raise :class:`ConversionError` on the first failure.
 
     ``ens`` needs ``num_members``, ``member(i)`` and ``member_parameter_axes()`` (own tensor name ->
@@ -272,8 +287,11 @@ def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: flo
         with torch.no_grad():
             out = run_named(ens, probe, "the converted ensemble's forward (evaluation mode)", advice)
         if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != m:
-            raise ConversionError("", f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, not "
-                                  f"member outputs (M={m}, B, ...). Does the backbone return one tensor?")
+            raise ConversionError(
+                "",
+                f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, not "
+                f"member outputs (M={m}, B, ...). Does the backbone return one tensor?",
+            )
         own = _own_blocks(ens)
         if not own:
             raise ConversionError("", "the ensemble reports no per-member tensors; independence cannot be checked.")
@@ -291,8 +309,9 @@ def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: flo
                 coupled: list[tuple[int, int, str]] = []
                 for j in range(m):
                     proj = torch.randn(out[j].shape, generator=gen).to(out.device, out.dtype)
-                    grads = torch.autograd.grad((out[j] * proj).sum(), [p for _, p, _ in trainable],
-                                                retain_graph=j < m - 1, allow_unused=True)
+                    grads = torch.autograd.grad(
+                        (out[j] * proj).sum(), [p for _, p, _ in trainable], retain_graph=j < m - 1, allow_unused=True
+                    )
                     for (name, _, axis), g in zip(trainable, grads):
                         if g is None:
                             continue
@@ -304,11 +323,19 @@ def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: flo
             if coupled:
                 i, j, name = coupled[0]
                 where = locate_coupling(ens, probe)
-                raise ConversionError(where[0] if where else "", (
-                    f"members are not independent ({mode_name} mode): output {j} depends on member {i}'s block of "
-                    f"{name!r}" + (f"; the first operation mixing members is {where[1]}" if where else "") + f". {advice}"))
-            report.checks.append(f"members independent in {mode_name} mode (gradient of each output on every other "
-                                 f"member's own tensors is exactly zero; {len(trainable)} tensors)")
+                raise ConversionError(
+                    where[0] if where else "",
+                    (
+                        f"members are not independent ({mode_name} mode): output {j} depends on member {i}'s block of "
+                        f"{name!r}"
+                        + (f"; the first operation mixing members is {where[1]}" if where else "")
+                        + f". {advice}"
+                    ),
+                )
+            report.checks.append(
+                f"members independent in {mode_name} mode (gradient of each output on every other "
+                f"member's own tensors is exactly zero; {len(trainable)} tensors)"
+            )
         ens.eval()
         with torch.no_grad():
             out = run_named(ens, probe, "the converted ensemble's forward (evaluation mode)", advice)
@@ -318,20 +345,33 @@ def verify_ensemble(ens: nn.Module, probe: Tensor, atol: float = 1e-4, rtol: flo
         for i in range(m):
             member = ens.member(i).eval()
             with torch.no_grad():
-                y = run_named(member, probe, f"member({i})", "member() rebuilds the member from its block; "
-                              "report this as a bug with the model.")
+                y = run_named(
+                    member,
+                    probe,
+                    f"member({i})",
+                    "member() rebuilds the member from its block; report this as a bug with the model.",
+                )
             if not isinstance(y, Tensor) or y.shape != out[i].shape:
-                raise ConversionError("", f"member({i}) returns shape {getattr(y, 'shape', None)}, the ensemble's "
-                                      f"output {i} has shape {tuple(out[i].shape)}.")
+                raise ConversionError(
+                    "",
+                    f"member({i}) returns shape {getattr(y, 'shape', None)}, the ensemble's "
+                    f"output {i} has shape {tuple(out[i].shape)}.",
+                )
             finite = torch.isfinite(out[i]) & torch.isfinite(y)
             diff = float((y - out[i])[finite].abs().max()) if finite.any() else 0.0
             if not torch.equal(torch.isfinite(out[i]), torch.isfinite(y)) or diff > tol:
                 where = locate_coupling(ens, probe)
                 nonfinite = "" if diff > tol else ", and one of them has inf/NaN where the other has not"
-                raise ConversionError(where[0] if where else "", (
-                    f"member({i}) does not reproduce the ensemble's output {i} on the probe (max abs difference "
-                    f"{diff:.3g} > tolerance {tol:.3g}{nonfinite}): the ensemble's computation and the member's own computation "
-                    "disagree" + (f"; the first operation mixing members is {where[1]}" if where else "") + f". {advice}"))
+                raise ConversionError(
+                    where[0] if where else "",
+                    (
+                        f"member({i}) does not reproduce the ensemble's output {i} on the probe (max abs difference "
+                        f"{diff:.3g} > tolerance {tol:.3g}{nonfinite}): the ensemble's computation and the member's own computation "
+                        "disagree"
+                        + (f"; the first operation mixing members is {where[1]}" if where else "")
+                        + f". {advice}"
+                    ),
+                )
             worst = max(worst, diff)
         report.max_member_diff = worst
         report.checks.append(f"member(i) reproduces output i for all {m} members (max abs diff {worst:.2g})")
@@ -351,13 +391,20 @@ class _Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in ("__get__", "__set__", "size", "dim", "numel", "__len__"):
             return out
-        tensors = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)] if isinstance(out, (tuple, list)) else []
+        tensors = (
+            [out]
+            if isinstance(out, Tensor)
+            else [t for t in out if isinstance(t, Tensor)]
+            if isinstance(out, (tuple, list))
+            else []
+        )
         if tensors:
             fname, line, _ = call_site(skip_internal=False, skip_torch=True)
             ours = os.path.dirname(os.path.abspath(fname)) == _THIS_DIR  # inside the converters' own layers
             path, module = self.ctx.stack[-1] if self.ctx.stack else ("", None)
             where = f"{name} at {os.path.basename(fname)}:{line} in module {path or '<root>'!r}" + (
-                f" ({type(module).__name__})" if module is not None else "")
+                f" ({type(module).__name__})" if module is not None else ""
+            )
             for t in tensors:
                 if t.is_floating_point() or t.is_complex():
                     self.records.append((path, where, t.detach().clone(), ours))
@@ -437,4 +484,3 @@ def locate_coupling(ens: nn.Module, probe: Tensor, scale: float = 0.5) -> tuple[
         if bool((changed >= 2).any()):
             return path, where
     return None
-

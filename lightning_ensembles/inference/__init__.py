@@ -4,8 +4,8 @@ Each answers the criticism that a deep ensemble costs M forward passes; MACs are
 from real forward passes (:mod:`~lightning_ensembles.inference.macs`), never estimated.
 """
 
-from .cascade import CascadeOutput, EnsembleCascade, evaluate_cascade, prediction_metrics, uncertainty
 from .bridge import BezierCurve, BridgeEnsemble, default_bridge, fit_bezier_curve, fit_bridge
+from .cascade import CascadeOutput, EnsembleCascade, evaluate_cascade, prediction_metrics, uncertainty
 from .distill import DistillationModule, MultiHeadStudent, distillation_loss, mixup_inputs
 from .macs import MacCounter, count_macs, macs_per_sample
 

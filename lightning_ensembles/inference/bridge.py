@@ -57,14 +57,14 @@ class BezierCurve(nn.Module):
         super().__init__()
         pa, pb = dict(start.named_parameters()), dict(end.named_parameters())
         if pa.keys() != pb.keys() or any(pa[k].shape != pb[k].shape for k in pa):
-            raise ValueError("BezierCurve joins two models of the same architecture: their parameter names and shapes differ.")
+            raise ValueError(
+                "BezierCurve joins two models of the same architecture: their parameter names and shapes differ."
+            )
         self.__dict__["_template"] = copy.deepcopy(start).eval()
         self._names = list(pa)
         self.start = nn.ParameterList([nn.Parameter(pa[k].detach().clone(), requires_grad=False) for k in self._names])
         self.end = nn.ParameterList([nn.Parameter(pb[k].detach().clone(), requires_grad=False) for k in self._names])
-        self.bend = nn.ParameterList(
-            [nn.Parameter(((pa[k] + pb[k]) / 2).detach().clone()) for k in self._names]
-        )
+        self.bend = nn.ParameterList([nn.Parameter(((pa[k] + pb[k]) / 2).detach().clone()) for k in self._names])
 
     def parameters_at(self, t: float | Tensor) -> dict[str, Tensor]:
         """``{name: theta(t)}``; differentiable in the bend."""
@@ -142,7 +142,9 @@ def _run_with_features(base: nn.Module, layer: str, x: Tensor) -> tuple[Tensor, 
 
 def default_bridge(features: Tensor, num_classes: int, hidden: int = 64) -> nn.Module:
     """A light bridge for features of the shape of ``features`` ``(B, ...)``: flatten, Linear-ReLU-Linear."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(features[0].numel(), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(features[0].numel(), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
 
 
 class _BridgeMember(nn.Module):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
-from ..metrics import AURC, FPR95, CoverageAtRisk, ExpectedCalibrationError, NegativeLogLikelihood, OODAUROC
+from ..metrics import AURC, FPR95, OODAUROC, CoverageAtRisk, ExpectedCalibrationError, NegativeLogLikelihood
 from .macs import MacCounter, macs_per_sample
 
 __all__ = [
@@ -167,7 +167,9 @@ class EnsembleCascade(nn.Module):
         if score not in ("msp", "entropy"):
             raise ValueError(f"`score` must be 'msp' or 'entropy', got {score!r}.")
         if not 0.0 <= target_risk <= 1.0 or not 0.0 < target_tpr <= 1.0:
-            raise ValueError(f"`target_risk` must be in [0, 1] and `target_tpr` in (0, 1]; got {target_risk}, {target_tpr}.")
+            raise ValueError(
+                f"`target_risk` must be in [0, 1] and `target_tpr` in (0, 1]; got {target_risk}, {target_tpr}."
+            )
         self._check_width(width)
         if isinstance(ensemble, Ensemble):
             members = [ensemble.member(i) for i in range(ensemble.num_members)]
@@ -221,7 +223,9 @@ class EnsembleCascade(nn.Module):
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def fit(self, x: Tensor, y: Tensor | None = None, width: float | None = None, batch_size: int = 1024) -> EnsembleCascade:
+    def fit(
+        self, x: Tensor, y: Tensor | None = None, width: float | None = None, batch_size: int = 1024
+    ) -> EnsembleCascade:
         """Place each stage's window on validation data ``x`` (labels ``y`` for ``decision="selective"``).
 
         Also counts each member's MACs per sample on ``x[:1]`` (and orders members by it for
@@ -322,7 +326,8 @@ class EnsembleCascade(nn.Module):
         full = measure(float("inf"))
         table = [measure(float(w)) for w in widths]
         ok = [
-            r for r in table
+            r
+            for r in table
             if r["accuracy"] >= full["accuracy"] - accuracy_tolerance - 1e-12
             and r["coverage"] >= full["coverage"] - coverage_tolerance - 1e-12
         ]

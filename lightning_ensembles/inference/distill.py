@@ -70,7 +70,9 @@ class MultiHeadStudent(Ensemble):
         True
     """
 
-    def __init__(self, backbone: nn.Module | str, num_heads: int = 4, backbone_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, backbone: nn.Module | str, num_heads: int = 4, backbone_kwargs: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(num_heads)
         body = copy.deepcopy(resolve_backbone(backbone, backbone_kwargs))
         path, last = _last_linear(body)
@@ -220,7 +222,9 @@ class DistillationModule(LightningModule):
         if mode not in ("hinton", "hydra"):
             raise ValueError(f"`mode` must be 'hinton' or 'hydra', got {mode!r}.")
         if (teacher_checkpoint is None) == (teacher is None):
-            raise ValueError("Give exactly one of `teacher_checkpoint` (a trained EnsembleClassifier checkpoint) or `teacher`.")
+            raise ValueError(
+                "Give exactly one of `teacher_checkpoint` (a trained EnsembleClassifier checkpoint) or `teacher`."
+            )
         if teacher is not None and not isinstance(teacher, Ensemble):
             raise ValueError(f"`teacher` must be a lightning_ensembles Ensemble, got {type(teacher).__name__}.")
         if temperature <= 0 or not 0.0 <= alpha <= 1.0 or lr <= 0 or mixup < 0:
@@ -233,7 +237,9 @@ class DistillationModule(LightningModule):
             else:
                 num_heads = 1
         if mode == "hydra" and teacher is not None and num_heads != teacher.num_members:
-            raise ValueError(f"mode='hydra' needs one head per member: num_heads={teacher.num_members}, got {num_heads}.")
+            raise ValueError(
+                f"mode='hydra' needs one head per member: num_heads={teacher.num_members}, got {num_heads}."
+            )
         ignore = _module_args_to_ignore({"student": student}) + ["teacher"]
         self.save_hyperparameters(ignore=ignore)
         self.hparams["num_heads"] = num_heads
@@ -316,7 +322,12 @@ class DistillationModule(LightningModule):
         probs = member_probs.mean(0)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         member_entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(-1).mean(0)
-        return {"probs": probs, "member_probs": member_probs, "entropy": entropy, "mutual_information": entropy - member_entropy}
+        return {
+            "probs": probs,
+            "member_probs": member_probs,
+            "entropy": entropy,
+            "mutual_information": entropy - member_entropy,
+        }
 
 
 def _checkpoint_members(checkpoint: str) -> int:

@@ -12,8 +12,14 @@ import importlib
 from typing import Any
 
 _TU_NAMES = (
-    "DigitsTUDataModule", "TUCalibration", "TUEnsemble", "TUModel", "TUScaler",
-    "as_tu_model", "from_tu_model", "tu_classification_routine",
+    "DigitsTUDataModule",
+    "TUCalibration",
+    "TUEnsemble",
+    "TUModel",
+    "TUScaler",
+    "as_tu_model",
+    "from_tu_model",
+    "tu_classification_routine",
 )
 
 __all__ = list(_TU_NAMES)

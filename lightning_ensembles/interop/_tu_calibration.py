@@ -68,7 +68,9 @@ class TUScaler(nn.Module):
         True
     """
 
-    def __init__(self, scaler: nn.Module, kind: str = "logits", min_samples: int = MIN_SAMPLES, refit: bool = True) -> None:
+    def __init__(
+        self, scaler: nn.Module, kind: str = "logits", min_samples: int = MIN_SAMPLES, refit: bool = True
+    ) -> None:
         super().__init__()
         base = tu("torch_uncertainty.post_processing.calibration.scaler").Scaler
         if not isinstance(scaler, base):
@@ -105,8 +107,10 @@ class TUScaler(nn.Module):
     def _check_classes(self, x: Tensor) -> None:
         want = getattr(self.scaler, "num_classes", None)
         if want is not None and x.shape[-1] != want:
-            raise ValueError(f"the {type(self.scaler).__name__} was built for num_classes={want}, the predictions have "
-                             f"{x.shape[-1]} classes. Build it with num_classes={x.shape[-1]}.")
+            raise ValueError(
+                f"the {type(self.scaler).__name__} was built for num_classes={want}, the predictions have "
+                f"{x.shape[-1]} classes. Build it with num_classes={x.shape[-1]}."
+            )
 
     def _log_probs(self, z: Tensor) -> Tensor:
         return average_members(F.log_softmax(self.scaler._scale(z), dim=-1), self.kind)
@@ -148,8 +152,11 @@ class TUScaler(nn.Module):
                 with torch.no_grad():
                     for p, s in zip(self.params, saved):
                         p.copy_(s)
-                refuse(type(self).__name__, f"the {type(self.scaler).__name__} fit raised the NLL on its {n} samples "
-                       f"from {nll_before:.6g} to {nll_after:.6g} (the optimisation diverged); kept the previous map")
+                refuse(
+                    type(self).__name__,
+                    f"the {type(self.scaler).__name__} fit raised the NLL on its {n} samples "
+                    f"from {nll_before:.6g} to {nll_after:.6g} (the optimisation diverged); kept the previous map",
+                )
         return self
 
     def _fit_members(self, z: Tensor, target: Tensor) -> None:
@@ -206,8 +213,10 @@ class TUCalibration(PosthocCalibration):
         self.refit = refit
         if not refit:
             if not getattr(scaler, "trained", False):
-                raise ValueError(f"refit=False applies a fitted scaler, but this {type(scaler).__name__} was never "
-                                 "fitted (scaler.trained is False). Fit it first, or pass refit=True.")
+                raise ValueError(
+                    f"refit=False applies a fitted scaler, but this {type(scaler).__name__} was never "
+                    "fitted (scaler.trained is False). Fit it first, or pass refit=True."
+                )
             self.calibrator = self._new_calibrator(0)
             # 0: "any number of classes": a checkpoint of this callback restores the map (not None), and a
             # validation run rebuilds it from the same fitted scaler.

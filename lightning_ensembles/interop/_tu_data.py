@@ -51,8 +51,14 @@ class DigitsTUDataModule(_TUDataModule):
         postprocess_set: str = "val",
     ) -> None:
         super().__init__(
-            root=root, batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=split[1],
-            num_workers=num_workers, pin_memory=False, persistent_workers=False, postprocess_set=postprocess_set,
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            val_split=split[1],
+            num_workers=num_workers,
+            pin_memory=False,
+            persistent_workers=False,
+            postprocess_set=postprocess_set,
         )
         self.eval_ood = eval_ood
         self.ood_classes = tuple(ood_classes) if eval_ood else ()

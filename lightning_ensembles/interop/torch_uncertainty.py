@@ -163,8 +163,10 @@ def tu_classification_routine(
     repeat_target = tu("torch_uncertainty.transforms").RepeatTarget
     for key in ("model", "is_ensemble", "format_batch_fn"):
         if key in routine_kwargs:
-            raise ValueError(f"tu_classification_routine sets `{key}` itself; build ClassificationRoutine directly "
-                             "with model=as_tu_model(ensemble) to choose it.")
+            raise ValueError(
+                f"tu_classification_routine sets `{key}` itself; build ClassificationRoutine directly "
+                "with model=as_tu_model(ensemble) to choose it."
+            )
     model = as_tu_model(ensemble)
     m = model.num_estimators
     return routine_cls(
@@ -189,8 +191,10 @@ def _detect_kind(model: nn.Module) -> str:
     if any(c.__name__.startswith("_MIMO") for c in type(model).__mro__):
         return "mimo"
     mods = list(model.modules())
-    if any(isinstance(m, (layers.PackedLinear, layers.PackedConv1d, layers.PackedConv2d, layers.PackedConv3d))
-           for m in mods):
+    if any(
+        isinstance(m, (layers.PackedLinear, layers.PackedConv1d, layers.PackedConv2d, layers.PackedConv3d))
+        for m in mods
+    ):
         return "packed"
     if isinstance(model, methods.BatchEnsemble) or any(
         isinstance(m, (layers.BatchLinear, layers.BatchConv1d, layers.BatchConv2d)) for m in mods
@@ -225,8 +229,10 @@ def mimo_indices(num_members: int, batch: int, input_repetition: float, device: 
     """
     main = torch.randperm(batch, device=device)
     shuffled = int(batch * (1.0 - input_repetition))
-    rows = [torch.cat([main[:shuffled][torch.randperm(shuffled, device=device)], main[shuffled:]])
-            for _ in range(num_members)]
+    rows = [
+        torch.cat([main[:shuffled][torch.randperm(shuffled, device=device)], main[shuffled:]])
+        for _ in range(num_members)
+    ]
     return torch.stack(rows)
 
 
@@ -365,8 +371,10 @@ def from_tu_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_tu_model needs a torch-uncertainty nn.Module, got {type(model).__name__}.")
     if isinstance(model, TUModel):
-        raise TypeError("this model is already a lightning_ensembles ensemble in torch-uncertainty's layout; use its "
-                        "`.ensemble` attribute.")
+        raise TypeError(
+            "this model is already a lightning_ensembles ensemble in torch-uncertainty's layout; use its "
+            "`.ensemble` attribute."
+        )
     kind = _detect_kind(model) if kind is None else kind
     own = _infer_num_estimators(model)
     if num_estimators is None:
@@ -374,6 +382,8 @@ def from_tu_model(
             raise ValueError(f"cannot read the number of estimators of {type(model).__name__}: pass num_estimators=M.")
         num_estimators = own
     elif own is not None and own != num_estimators:
-        raise ValueError(f"num_estimators={num_estimators} but the model was built with num_estimators={own}; pass "
-                         f"{own} (or leave it out).")
+        raise ValueError(
+            f"num_estimators={num_estimators} but the model was built with num_estimators={own}; pass "
+            f"{own} (or leave it out)."
+        )
     return TUEnsemble(model, num_estimators, kind, input_repetition)

@@ -66,7 +66,9 @@ class Regularizer(nn.Module):
         self.weight = float(weight)
         self.name = name or type(self).__name__.lower()
 
-    def forward(self, outputs: Tensor, target: Tensor, inputs: Tensor | None = None, ensemble: nn.Module | None = None) -> Tensor:  # pragma: no cover
+    def forward(
+        self, outputs: Tensor, target: Tensor, inputs: Tensor | None = None, ensemble: nn.Module | None = None
+    ) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:

@@ -138,8 +138,13 @@ class PairwiseKL(Regularizer):
     def __init__(self, weight: float = 0.0, name: str | None = "neg_pairwise_kl") -> None:
         super().__init__(weight, name)
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         check_shared_examples(outputs, inputs, "PairwiseKL")
         return -pairwise_kl(outputs)
 
@@ -160,8 +165,13 @@ class JensenShannon(Regularizer):
         super().__init__(weight, name)
         self.pairwise = pairwise
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         check_shared_examples(outputs, inputs, "JensenShannon")
         return -jensen_shannon(outputs, pairwise=self.pairwise)
 
@@ -181,8 +191,13 @@ class SoftDisagreement(Regularizer):
     def __init__(self, weight: float = 0.0, name: str | None = "neg_disagreement") -> None:
         super().__init__(weight, name)
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         check_shared_examples(outputs, inputs, "SoftDisagreement")
         return -soft_disagreement(outputs)
 
@@ -209,8 +224,13 @@ class NegativeCorrelation(Regularizer):
             raise ValueError(f"`output` must be 'point' or 'gaussian', got {output!r}.")
         self.output = output
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         check_shared_examples(outputs, inputs, "NegativeCorrelation")
         check_pairwise(outputs, "NegativeCorrelation")
         check_same_batch(outputs, target, "target", "NegativeCorrelation")
@@ -256,8 +276,13 @@ class JensenGap(Regularizer):
         """``1 - weight``: the weight of the member-average loss in the Jensen-gap objective."""
         return 1.0 - self.weight
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         check_shared_examples(outputs, inputs, "JensenGap")
         check_logits(outputs, "JensenGap")
         return jensen_gap(outputs, check_class_target(outputs, target, "JensenGap"))

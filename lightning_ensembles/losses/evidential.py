@@ -144,7 +144,9 @@ def nig_constrain(raw: Tensor) -> Tensor:
     of a backbone's own code per member, and this is such code.)
     """
     gamma, nu, alpha, beta = raw.chunk(4, dim=-1)
-    return torch.cat([gamma, F.softplus(nu) + NIG_EPS, F.softplus(alpha) + 1 + NIG_EPS, F.softplus(beta) + NIG_EPS], dim=-1)
+    return torch.cat(
+        [gamma, F.softplus(nu) + NIG_EPS, F.softplus(alpha) + 1 + NIG_EPS, F.softplus(beta) + NIG_EPS], dim=-1
+    )
 
 
 def nig_nll(y: Tensor, gamma: Tensor, nu: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
@@ -180,7 +182,9 @@ def evidential_regression_loss(outputs: Tensor, target: Tensor, coeff: float = 0
             f"{tuple(gamma.shape)} (one value per target; repeat over members with `target.expand(M, ...)`)."
         )
     if bool((nu <= 0).any() | (alpha <= 1).any() | (beta <= 0).any()):
-        raise ValueError("NIG parameters need nu > 0, alpha > 1, beta > 0; use the outputs of an evidential 'nig' head.")
+        raise ValueError(
+            "NIG parameters need nu > 0, alpha > 1, beta > 0; use the outputs of an evidential 'nig' head."
+        )
     target = target.to(gamma.dtype)
     return (nig_nll(target, gamma, nu, alpha, beta) + coeff * nig_regularizer(target, gamma, nu, alpha)).mean()
 

@@ -44,9 +44,7 @@ def member_input_gradients(ensemble: nn.Module, inputs: Tensor, target: Tensor) 
     try:
         (grads,) = torch.autograd.grad(s, x, grad_outputs=eye, is_grads_batched=True, create_graph=True)
     except RuntimeError:  # some ops have no batching rule for their backward; the loop runs anything
-        grads = torch.stack(
-            [torch.autograd.grad(s[i], x, retain_graph=True, create_graph=True)[0] for i in range(m)]
-        )
+        grads = torch.stack([torch.autograd.grad(s[i], x, retain_graph=True, create_graph=True)[0] for i in range(m)])
     return outputs, grads
 
 
@@ -62,8 +60,9 @@ def forde_repulsion(input_grads: Tensor, eps: float = 1e-12) -> Tensor:
     g = g / torch.sqrt(g.pow(2).sum(-1, keepdim=True) + eps)
     g = g.transpose(0, 1)  # (B, M, D): distances between members, per example
     ref = g.detach()
-    sq = ((g * g).sum(-1, keepdim=True) + (ref * ref).sum(-1).unsqueeze(1)
-          - 2.0 * g @ ref.transpose(1, 2)).clamp_min(0.0)  # (B, i, j)
+    sq = ((g * g).sum(-1, keepdim=True) + (ref * ref).sum(-1).unsqueeze(1) - 2.0 * g @ ref.transpose(1, 2)).clamp_min(
+        0.0
+    )  # (B, i, j)
     # Bandwidth per (j, b): median over i of the (stop-gradient) distances, divided by log M.
     # torch.quantile averages the two middle values for an even count, like jnp.median.
     h = torch.quantile(sq.detach(), 0.5, dim=1, keepdim=True) / math.log(m) + 1e-12  # (B, 1, j)
@@ -96,8 +95,13 @@ class InputGradientRepulsion(Regularizer):
         super().__init__(weight, name)
         self.eps = eps
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         if inputs is None or ensemble is None:
             raise ValueError(
                 "InputGradientRepulsion needs `inputs` (the batch) and `ensemble` to take input gradients; "

@@ -84,8 +84,13 @@ class WeightSpaceRepulsion(Regularizer):
             raise ValueError(f"`bandwidth` must be > 0 or None (median heuristic), got {bandwidth}.")
         self.bandwidth = bandwidth
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         weights = member_parameter_matrix(ensemble)
         check_pairwise(weights, "WeightSpaceRepulsion", name="member parameters")
         return log_kde(weights.double(), self.bandwidth).mean().to(weights.dtype)
@@ -107,8 +112,13 @@ class FunctionSpaceRepulsion(Regularizer):
         torch.Size([4, 8, 3])
     """
 
-    def __init__(self, weight: float = 0.0, space: Literal["logits", "probs"] = "logits",
-                 bandwidth: float | None = None, name: str | None = "function_repulsion") -> None:
+    def __init__(
+        self,
+        weight: float = 0.0,
+        space: Literal["logits", "probs"] = "logits",
+        bandwidth: float | None = None,
+        name: str | None = "function_repulsion",
+    ) -> None:
         super().__init__(weight, name)
         if space not in ("logits", "probs"):
             raise ValueError(f"`space` must be 'logits' or 'probs', got {space!r}.")
@@ -117,8 +127,13 @@ class FunctionSpaceRepulsion(Regularizer):
         self.space = space
         self.bandwidth = bandwidth
 
-    def forward(self, outputs: Tensor, target: Tensor | None = None, inputs: Tensor | None = None,
-                ensemble: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
         check_shared_examples(outputs, inputs, "FunctionSpaceRepulsion")
         check_pairwise(outputs, "FunctionSpaceRepulsion")
         f = outputs.softmax(-1) if self.space == "probs" else outputs

@@ -21,18 +21,25 @@ Behaviour shared by every metric here:
 
 from ._empty import NoSamplesWarning
 from .calibration import AdaptiveCalibrationError, ClasswiseCalibrationError, ExpectedCalibrationError
-from .presets import ClassificationMetrics, MemberAccuracy, RegressionMetrics, TopLabelAccuracy
-from .diversity import Disagreement, MutualInformation, PredictiveEntropy, entropy, mutual_information, pairwise_disagreement
+
+# Beyond classification logits (issue 19): OOD scores, dense (segmentation) and multilabel outputs.
+from .dense import DenseMeanIoU, DenseMetrics, aggregate_dense_probs
+from .diversity import (
+    Disagreement,
+    MutualInformation,
+    PredictiveEntropy,
+    entropy,
+    mutual_information,
+    pairwise_disagreement,
+)
+from .multilabel import MultilabelCalibrationError, MultilabelMetrics, aggregate_sigmoid
 from .ood import FPR95, OODAUPR, OODAUROC
+from .ood_scores import OOD_SCORES, OODScoreMetrics, energy_score, max_logit_score, ood_score, variation_ratio
+from .presets import ClassificationMetrics, MemberAccuracy, RegressionMetrics, TopLabelAccuracy
 from .regression import GaussianNLL, IntervalCoverage, QuantileCalibrationError
 from .scoring import BrierScore, NegativeLogLikelihood
 from .selective import AURC, CoverageAtRisk
 from .sets import SetCoverage, SetSize
-
-# Beyond classification logits (issue 19): OOD scores, dense (segmentation) and multilabel outputs.
-from .dense import DenseMeanIoU, DenseMetrics, aggregate_dense_probs
-from .multilabel import MultilabelCalibrationError, MultilabelMetrics, aggregate_sigmoid
-from .ood_scores import OOD_SCORES, OODScoreMetrics, energy_score, max_logit_score, ood_score, variation_ratio
 
 __all__ = [
     "AURC",

@@ -118,7 +118,9 @@ def check_targets(target: Tensor, batch: int, num_classes: int, name: str = "tar
 def check_num_classes(probs: Tensor, num_classes: int | None, name: str = "probs") -> int:
     c = probs.shape[-1]
     if num_classes is not None and c != num_classes:
-        raise ValueError(f"`{name}` has {c} classes on its last axis, but the metric was built with num_classes={num_classes}.")
+        raise ValueError(
+            f"`{name}` has {c} classes on its last axis, but the metric was built with num_classes={num_classes}."
+        )
     return c
 
 

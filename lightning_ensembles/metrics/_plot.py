@@ -91,8 +91,17 @@ def draw_reliability(
     centers = (np.arange(n_bins) + 0.5) * width
     seen = count_ > 0
     ax.bar(centers[seen], acc[seen], width=width, edgecolor="black", color="tab:blue", label=ylabel)
-    ax.bar(centers[seen], np.abs(acc - conf)[seen], bottom=np.minimum(acc, conf)[seen], width=width,
-           edgecolor="tab:red", color="tab:red", alpha=0.35, hatch="//", label="gap to confidence")
+    ax.bar(
+        centers[seen],
+        np.abs(acc - conf)[seen],
+        bottom=np.minimum(acc, conf)[seen],
+        width=width,
+        edgecolor="tab:red",
+        color="tab:red",
+        alpha=0.35,
+        hatch="//",
+        label="gap to confidence",
+    )
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -121,8 +130,13 @@ def reliability_figure(
     ax.set_xlabel("")
     count_, _, _ = fold_top_bin(count, confidence, accuracy)
     n_bins = len(count_)
-    hist.bar((np.arange(n_bins) + 0.5) / n_bins, count_ / max(count_.sum(), 1), width=1.0 / n_bins,
-             edgecolor="black", color="tab:gray")
+    hist.bar(
+        (np.arange(n_bins) + 0.5) / n_bins,
+        count_ / max(count_.sum(), 1),
+        width=1.0 / n_bins,
+        edgecolor="black",
+        color="tab:gray",
+    )
     hist.set_xlabel(xlabel)
     hist.set_ylabel("fraction of samples")
     fig.tight_layout()
@@ -174,7 +188,8 @@ def plot_bins(
     value = scalar(metric.compute() if val is None else val)
     title = f"{name} = {100 * value:.2f}%"
     if ax is None:
-        return reliability_figure(count, conf, acc, title, xlabel=xlabel, ylabel=ylabel,
-                                  feature=f"{type(metric).__name__}.plot()")
+        return reliability_figure(
+            count, conf, acc, title, xlabel=xlabel, ylabel=ylabel, feature=f"{type(metric).__name__}.plot()"
+        )
     draw_reliability(ax, count, conf, acc, title, xlabel, ylabel)
     return ax.figure, ax

@@ -48,7 +48,13 @@ class _BinnedCalibration(NaNWhenEmpty, Metric):
     full_state_update = False
 
     def __init__(
-        self, num_classes: int | None, n_bins: int, norm: Norm, shape: tuple[int, ...], validate_args: bool = True, **kwargs: Any
+        self,
+        num_classes: int | None,
+        n_bins: int,
+        norm: Norm,
+        shape: tuple[int, ...],
+        validate_args: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.validate_args = validate_args
@@ -122,7 +128,12 @@ class ExpectedCalibrationError(_BinnedCalibration):
     """
 
     def __init__(
-        self, num_classes: int | None = None, n_bins: int = 15, norm: Norm = "l1", validate_args: bool = True, **kwargs: Any
+        self,
+        num_classes: int | None = None,
+        n_bins: int = 15,
+        norm: Norm = "l1",
+        validate_args: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(num_classes, n_bins, norm, (), validate_args, **kwargs)
 

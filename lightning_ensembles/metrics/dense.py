@@ -100,7 +100,9 @@ class DenseMeanIoU(NaNWhenEmpty, Metric):
         if preds.is_floating_point():
             preds = preds.argmax(1)
         if preds.shape != target.shape:
-            raise ValueError(f"predictions {tuple(preds.shape)} and targets {tuple(target.shape)} must have the same shape.")
+            raise ValueError(
+                f"predictions {tuple(preds.shape)} and targets {tuple(target.shape)} must have the same shape."
+            )
         p, t = preds.reshape(-1), target.reshape(-1)
         if self.ignore_index is not None:
             keep = t != self.ignore_index

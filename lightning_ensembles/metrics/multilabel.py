@@ -50,11 +50,15 @@ def _check(probs: Tensor, target: Tensor, num_labels: int) -> Tensor:
     if probs.dim() != 2 or probs.shape[-1] != num_labels:
         raise ValueError(f"multilabel probabilities must be (B, {num_labels}), got {tuple(probs.shape)}.")
     if target.shape != probs.shape:
-        raise ValueError(f"multilabel targets must be (B, L) 0/1 of shape {tuple(probs.shape)}, got {tuple(target.shape)}.")
+        raise ValueError(
+            f"multilabel targets must be (B, L) 0/1 of shape {tuple(probs.shape)}, got {tuple(target.shape)}."
+        )
     check_finite(probs, "probs")
     if probs.numel() and (float(probs.min()) < 0 or float(probs.max()) > 1):
-        raise ValueError("multilabel probabilities must lie in [0, 1]: pass `logits.sigmoid()` (or member logits to "
-                         "MultilabelMetrics.update).")
+        raise ValueError(
+            "multilabel probabilities must lie in [0, 1]: pass `logits.sigmoid()` (or member logits to "
+            "MultilabelMetrics.update)."
+        )
     if target.numel() and not bool(((target == 0) | (target == 1)).all()):
         raise ValueError("multilabel targets must be 0/1 per label.")
     return target.double()
@@ -92,8 +96,12 @@ class MultilabelCalibrationError(NaNWhenEmpty, Metric):
         idx = bin_index(p, self.n_bins) + size * torch.arange(self.num_labels, device=p.device)  # (B, L) flat bins
         total = self.num_labels * size
         self.count += torch.bincount(idx.flatten(), minlength=total).reshape(self.num_labels, size).double()
-        self.conf_sum += torch.bincount(idx.flatten(), weights=p.flatten(), minlength=total).reshape(self.num_labels, size)
-        self.acc_sum += torch.bincount(idx.flatten(), weights=y.flatten(), minlength=total).reshape(self.num_labels, size)
+        self.conf_sum += torch.bincount(idx.flatten(), weights=p.flatten(), minlength=total).reshape(
+            self.num_labels, size
+        )
+        self.acc_sum += torch.bincount(idx.flatten(), weights=y.flatten(), minlength=total).reshape(
+            self.num_labels, size
+        )
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Reliability diagram of the stored bins pooled over labels: ``(fig, ax)``.
@@ -106,8 +114,15 @@ class MultilabelCalibrationError(NaNWhenEmpty, Metric):
         with synced(self):
             count, conf_sum, acc_sum = (t.detach().sum(0) for t in (self.count, self.conf_sum, self.acc_sum))
         safe = count.clamp_min(1)
-        return plot_bins(self, val, ax, (count, conf_sum / safe, acc_sum / safe), "label-wise ECE",
-                         "predicted probability p_l (every label l)", "frequency of y_l = 1")
+        return plot_bins(
+            self,
+            val,
+            ax,
+            (count, conf_sum / safe, acc_sum / safe),
+            "label-wise ECE",
+            "predicted probability p_l (every label l)",
+            "frequency of y_l = 1",
+        )
 
     def compute(self) -> Tensor:
         if not bool(self.count.sum() > 0):

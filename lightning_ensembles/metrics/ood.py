@@ -84,8 +84,17 @@ class _StoredScores(NaNWhenEmpty, Metric):
 
     def _draw_roc(self, ax: Any, fpr: Tensor, tpr: Tensor, title: str) -> tuple[Any, Any]:
         fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
-        draw_curve(ax, fpr, tpr, title, "false-positive rate (in-distribution flagged)", "true-positive rate (OOD caught)",
-                   "ROC", diagonal="chance", marker="")
+        draw_curve(
+            ax,
+            fpr,
+            tpr,
+            title,
+            "false-positive rate (in-distribution flagged)",
+            "true-positive rate (OOD caught)",
+            "ROC",
+            diagonal="chance",
+            marker="",
+        )
         return fig, ax
 
 
@@ -183,8 +192,18 @@ class OODAUPR(_StoredScores):
         fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
         x = torch.cat([recall.new_zeros(1), recall])
         y = torch.cat([precision[:1], precision])
-        draw_curve(ax, x, y, f"OOD AUPR = {100 * value:.2f}%", "recall (OOD caught)", "precision (flagged that are OOD)",
-                   "precision-recall", diagonal=None, marker="", drawstyle="steps-pre")
+        draw_curve(
+            ax,
+            x,
+            y,
+            f"OOD AUPR = {100 * value:.2f}%",
+            "recall (OOD caught)",
+            "precision (flagged that are OOD)",
+            "precision-recall",
+            diagonal=None,
+            marker="",
+            drawstyle="steps-pre",
+        )
         with synced(self):
             rate = float(cat_state(self.labels, torch.long).double().mean())
         ax.axhline(rate, ls="--", color="gray", label="chance")
@@ -235,7 +254,13 @@ class FPR95(_StoredScores):
         tpr = torch.cat([tp.new_zeros(1), tp / n_pos])
         fig, ax = self._draw_roc(ax, fpr, tpr, f"FPR at {100 * self.recall:g}% TPR = {100 * value:.2f}%")
         first = torch.nonzero(tp >= self.recall * n_pos - 1e-9).flatten()[0]
-        ax.plot([float(fp[first] / n_neg)], [float(tp[first] / n_pos)], "o", color="tab:red", ms=7,
-                label=f"first threshold with TPR >= {100 * self.recall:g}%")
+        ax.plot(
+            [float(fp[first] / n_neg)],
+            [float(tp[first] / n_pos)],
+            "o",
+            color="tab:red",
+            ms=7,
+            label=f"first threshold with TPR >= {100 * self.recall:g}%",
+        )
         ax.legend(loc="lower right")
         return fig, ax

@@ -244,7 +244,9 @@ class RegressionMetrics(MetricCollection):
         if target.dim() == 1 and mean.dim() == 3 and mean.shape[-1] == 1:
             target = target[:, None]
         if target.shape != mean.shape[1:]:
-            raise ValueError(f"`target` {tuple(target.shape)} must have shape {tuple(mean.shape[1:])} (member means without M).")
+            raise ValueError(
+                f"`target` {tuple(target.shape)} must have shape {tuple(mean.shape[1:])} (member means without M)."
+            )
         mix = aggregate_gaussian(mean.detach().double(), None if var is None else var.detach().double())
         total = mix.variance.clamp_min(1e-12)
         target = target.double()

@@ -104,8 +104,16 @@ class IntervalCoverage(_GaussianMetric):
         check_plottable(self, count > 0)
         coverage = scalar(self.compute() if val is None else val)
         fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
-        draw_curve(ax, [self.level], [coverage], f"coverage of the {100 * self.level:g}% interval = {100 * coverage:.1f}%",
-                   "expected coverage (nominal level)", "observed coverage", "central interval", marker="o")
+        draw_curve(
+            ax,
+            [self.level],
+            [coverage],
+            f"coverage of the {100 * self.level:g}% interval = {100 * coverage:.1f}%",
+            "expected coverage (nominal level)",
+            "observed coverage",
+            "central interval",
+            marker="o",
+        )
         return fig, ax
 
     def update(self, mean: Tensor, var: Tensor, target: Tensor) -> None:
@@ -169,8 +177,15 @@ class QuantileCalibrationError(NaNWhenEmpty, Metric):
         check_plottable(self, count > 0)
         value = scalar(self.compute() if val is None else val)
         fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
-        draw_curve(ax, levels, observed, f"quantile calibration error = {value:.4f}", "expected coverage (nominal level)",
-                   "observed coverage", "central intervals")
+        draw_curve(
+            ax,
+            levels,
+            observed,
+            f"quantile calibration error = {value:.4f}",
+            "expected coverage (nominal level)",
+            "observed coverage",
+            "central intervals",
+        )
         return fig, ax
 
     def compute(self) -> Tensor:

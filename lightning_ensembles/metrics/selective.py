@@ -78,9 +78,18 @@ class _RiskCoverage(NaNWhenEmpty, Metric):
         fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
         x = torch.cat([coverage.new_zeros(1), coverage])
         y = torch.cat([risk[:1], risk])
-        draw_curve(ax, x, y, self._plot_title(value), "coverage (fraction accepted, most confident first)",
-                   "selective risk (error rate of the accepted)", "risk-coverage", diagonal=None, marker="",
-                   drawstyle="steps-pre")
+        draw_curve(
+            ax,
+            x,
+            y,
+            self._plot_title(value),
+            "coverage (fraction accepted, most confident first)",
+            "selective risk (error rate of the accepted)",
+            "risk-coverage",
+            diagonal=None,
+            marker="",
+            drawstyle="steps-pre",
+        )
         ax.set_ylim(0, max(1e-3, float(risk.max())) * 1.05)
         self._plot_extra(ax, coverage, risk)
         ax.legend(loc="upper left")
@@ -151,7 +160,9 @@ class CoverageAtRisk(_RiskCoverage):
 
     higher_is_better = True
 
-    def __init__(self, risk: float = 0.05, num_classes: int | None = None, validate_args: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, risk: float = 0.05, num_classes: int | None = None, validate_args: bool = True, **kwargs: Any
+    ) -> None:
         if not 0.0 <= risk <= 1.0:
             raise ValueError(f"`risk` must be in [0, 1], got {risk}.")
         super().__init__(num_classes, validate_args, **kwargs)

@@ -16,7 +16,6 @@ from . import _optim
 from ._rng import collect_rng_states, set_rng_states
 
 
-
 def _module_args_to_ignore(values: dict[str, Any]) -> list[str]:
     """Names of ``nn.Module`` arguments that cannot go into checkpoint hyperparameters as plain data.
 

@@ -11,11 +11,18 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from ..metrics import FPR95, OODAUPR, OODAUROC, BrierScore, ClassificationMetrics, ExpectedCalibrationError
-from ..metrics import NegativeLogLikelihood
+from ..metrics import (
+    FPR95,
+    OODAUPR,
+    OODAUROC,
+    BrierScore,
+    ClassificationMetrics,
+    ExpectedCalibrationError,
+    NegativeLogLikelihood,
+)
 from ..metrics._checks import check_not_probs
-from ..metrics.ood_scores import OOD_SCORES, ood_score
 from ..metrics._empty import no_samples, quiet_when_empty
+from ..metrics.ood_scores import OOD_SCORES, ood_score
 
 #: The remedy named when a module's outputs look like probabilities (its backbone ends in a softmax).
 _LOGITS_FIX = (

@@ -107,7 +107,9 @@ def build_scheduler(spec: Any, opt: torch.optim.Optimizer, total_steps: float, m
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total_steps)))
         return {"scheduler": sched, "interval": "step"}
     if spec == CUSTOM:
-        raise ValueError("this module was built with a scheduler callable a checkpoint cannot store; pass `scheduler=`.")
+        raise ValueError(
+            "this module was built with a scheduler callable a checkpoint cannot store; pass `scheduler=`."
+        )
     sched = from_config(spec)(opt)
     config: dict[str, Any] = {"scheduler": sched, "interval": "epoch"}
     if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -9,13 +9,13 @@ from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble, aggregate_probs
 from ..ensembles.evidential import DirichletHead
+from ..losses.base import Regularizer
 from ..losses.evidential import annealing_coefficient, dirichlet_uncertainty, evidential_classification_loss
 from ..metrics.dense import DenseMetrics
 from ..metrics.multilabel import MultilabelMetrics
-from ..losses.base import Regularizer
 from ._base import EnsembleModule, _module_args_to_ignore
-from ._optim import OptimizerSpec, SchedulerSpec
 from ._eval_metrics import EnsembleClassificationMetrics, OODMetrics
+from ._optim import OptimizerSpec, SchedulerSpec
 
 
 def check_class_targets(outputs: Tensor, target: Tensor) -> None:
@@ -111,13 +111,25 @@ class EnsembleClassifier(EnsembleModule):
         if ood_scores is not None:
             OODMetrics(ood_scores)  # refuses unknown score names now, not at test time
         if loss == "evidential" and task != "multiclass":
-            raise ValueError(f"loss='evidential' (a Dirichlet over classes) needs task='multiclass', got task={task!r}.")
+            raise ValueError(
+                f"loss='evidential' (a Dirichlet over classes) needs task='multiclass', got task={task!r}."
+            )
         head, head_kwargs = backbone, backbone_kwargs  # (issue 19) evidential: the backbone's head becomes Dirichlet
         if loss == "evidential" and backbone is not None and not isinstance(backbone, DirichletHead):
             head, head_kwargs = DirichletHead(backbone, backbone_kwargs=backbone_kwargs), None
         super().__init__(
-            ensemble, head, method, num_members, head_kwargs, ensemble_kwargs,
-            optimizer, lr, weight_decay, momentum, scheduler, regularizers,
+            ensemble,
+            head,
+            method,
+            num_members,
+            head_kwargs,
+            ensemble_kwargs,
+            optimizer,
+            lr,
+            weight_decay,
+            momentum,
+            scheduler,
+            regularizers,
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}.")
@@ -145,9 +157,11 @@ class EnsembleClassifier(EnsembleModule):
 
     def _dense_or_multilabel_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         per_member = self.ensemble.member_targets(target)
-        if per_member.shape[:2] != outputs.shape[:2] or (
-            self.hparams.task == "multilabel" and per_member.shape != outputs.shape
-        ) or (self.hparams.task == "dense" and per_member.shape[2:] != outputs.shape[3:]):
+        if (
+            per_member.shape[:2] != outputs.shape[:2]
+            or (self.hparams.task == "multilabel" and per_member.shape != outputs.shape)
+            or (self.hparams.task == "dense" and per_member.shape[2:] != outputs.shape[3:])
+        ):
             want = "(B, L) 0/1 labels" if self.hparams.task == "multilabel" else "(B, *spatial) class indices"
             raise ValueError(
                 f"task={self.hparams.task!r}: targets of shape {tuple(target.shape)} do not fit member outputs "
@@ -157,7 +171,9 @@ class EnsembleClassifier(EnsembleModule):
             return F.binary_cross_entropy_with_logits(outputs, per_member.to(outputs.dtype))
         ignore = -100 if self.hparams.ignore_index is None else self.hparams.ignore_index
         return F.cross_entropy(
-            outputs.flatten(0, 1), per_member.flatten(0, 1), ignore_index=ignore,
+            outputs.flatten(0, 1),
+            per_member.flatten(0, 1),
+            ignore_index=ignore,
             label_smoothing=self.hparams.label_smoothing,
         )
 
@@ -199,7 +215,9 @@ class EnsembleClassifier(EnsembleModule):
             self._ood_metrics().update(logits, is_ood=False)
         return {"member_logits": logits, "probs": aggregate_probs(logits), "target": y}
 
-    def _eval_dense_or_multilabel(self, stage: str, dataloader_idx: int, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _eval_dense_or_multilabel(
+        self, stage: str, dataloader_idx: int, logits: Tensor, y: Tensor
+    ) -> dict[str, Tensor]:
         if self.hparams.task == "multilabel":
             self._metric_set(stage, dataloader_idx, logits.shape[-1], logits.shape[0]).update(logits, y)
             return {"multilabel_probs": logits.detach().sigmoid().mean(0), "target": y}
@@ -306,8 +324,14 @@ def format_report(results: dict[str, float], title: str = "test") -> str:
         rows.append(("member mean", [member_mean(c) for c in cols]))
     cells = [[name] + ["-" if v is None else f"{v:.4f}" for v in vals] for name, vals in rows]
     width = [max(len(h), *(len(r[j]) for r in cells)) for j, h in enumerate(["model", *cols])]
-    header = "| " + " | ".join(h.ljust(width[0]) if j == 0 else h.rjust(width[j]) for j, h in enumerate(["model", *cols])) + " |"
+    header = (
+        "| "
+        + " | ".join(h.ljust(width[0]) if j == 0 else h.rjust(width[j]) for j, h in enumerate(["model", *cols]))
+        + " |"
+    )
     rule = "|:" + "-" * (width[0] + 1) + "|" + "|".join("-" * (w + 1) + ":" for w in width[1:]) + "|"
-    body = ["| " + " | ".join(c.ljust(width[0]) if j == 0 else c.rjust(width[j]) for j, c in enumerate(r)) + " |" for r in cells]
+    body = [
+        "| " + " | ".join(c.ljust(width[0]) if j == 0 else c.rjust(width[j]) for j, c in enumerate(r)) + " |"
+        for r in cells
+    ]
     return "\n".join([f"{title}: ensemble vs members", header, rule, *body])
-

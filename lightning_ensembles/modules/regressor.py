@@ -9,12 +9,11 @@ from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble, GaussianMixture, aggregate_gaussian, split_gaussian
 from ..ensembles.evidential import NIGHead
-from ..losses.evidential import evidential_regression_loss, nig_split, nig_uncertainty
 from ..losses.base import Regularizer
+from ..losses.evidential import evidential_regression_loss, nig_split, nig_uncertainty
 from ..metrics import RegressionMetrics
 from ._base import EnsembleModule, _module_args_to_ignore
 from ._optim import OptimizerSpec, SchedulerSpec
-
 
 
 class EnsembleRegressor(EnsembleModule):
@@ -75,8 +74,18 @@ class EnsembleRegressor(EnsembleModule):
         if loss == "evidential" and backbone is not None and not isinstance(backbone, NIGHead):
             head, head_kwargs = NIGHead(backbone, backbone_kwargs=backbone_kwargs), None
         super().__init__(
-            ensemble, head, method, num_members, head_kwargs, ensemble_kwargs,
-            optimizer, lr, weight_decay, momentum, scheduler, regularizers,
+            ensemble,
+            head,
+            method,
+            num_members,
+            head_kwargs,
+            ensemble_kwargs,
+            optimizer,
+            lr,
+            weight_decay,
+            momentum,
+            scheduler,
+            regularizers,
         )
         if num_targets < 1:
             raise ValueError(f"`num_targets` must be >= 1, got {num_targets}.")

@@ -141,7 +141,7 @@ class MemberParallelStrategy(DDPStrategy):
             state = stack_member_keys(state, f"{path}.")  # a checkpoint of per-member storage
             lo, hi = shard.offset, shard.offset + shard.members_per_rank
             for key in [k for k in state if k.startswith(f"{path}.")]:
-                state[f"{path}.local.{key[len(path) + 1:]}"] = state.pop(key)[lo:hi]
+                state[f"{path}.local.{key[len(path) + 1 :]}"] = state.pop(key)[lo:hi]
         self.lightning_module.load_state_dict(state, strict=strict)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
@@ -170,7 +170,12 @@ class MemberParallelStrategy(DDPStrategy):
                         continue
                     lo, hi = shard.offset, shard.offset + shard.members_per_rank
                     for k, v in opt_state["state"].get(idx, {}).items():
-                        if isinstance(v, Tensor) and v.dim() and v.shape[0] == shard.num_members and v.shape[1:] == param.shape[1:]:
+                        if (
+                            isinstance(v, Tensor)
+                            and v.dim()
+                            and v.shape[0] == shard.num_members
+                            and v.shape[1:] == param.shape[1:]
+                        ):
                             opt_state["state"][idx][k] = v[lo:hi].clone()
             checkpoint = {**checkpoint, "optimizer_states": states}
         super().load_optimizer_state_dict(checkpoint)
@@ -226,7 +231,7 @@ def _split_shard_key(key: str, shards: Mapping[str, MemberShard]) -> tuple[str |
     for path in shards:
         prefix = f"{path}.local."
         if key.startswith(prefix):
-            return path, key[len(prefix):]
+            return path, key[len(prefix) :]
     return None, key
 
 

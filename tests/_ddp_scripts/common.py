@@ -57,8 +57,14 @@ class SmallDigits(L.LightningDataModule):
 
 def trainer(**kwargs) -> L.Trainer:
     defaults = {
-        "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
-        "enable_model_summary": False, "enable_checkpointing": False, "max_epochs": 2, "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "max_epochs": 2,
+        "num_sanity_val_steps": 0,
     }
     defaults.update(kwargs)
     return L.Trainer(**defaults)

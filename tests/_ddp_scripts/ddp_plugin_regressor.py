@@ -40,8 +40,9 @@ class Regression(L.LightningDataModule):
 
 def regressor() -> EnsembleRegressor:
     L.seed_everything(0, verbose=False)
-    return EnsembleRegressor(backbone="mlp", num_members=3, lr=1e-2,
-                             backbone_kwargs={"in_features": 1, "out_features": 2, "hidden": (32,)})
+    return EnsembleRegressor(
+        backbone="mlp", num_members=3, lr=1e-2, backbone_kwargs={"in_features": 1, "out_features": 2, "hidden": (32,)}
+    )
 
 
 def plugin_model() -> LitClassifier:

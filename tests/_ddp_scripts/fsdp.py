@@ -24,8 +24,9 @@ class ShardedClassifier(EnsembleClassifier):
 
 def build(cls):
     L.seed_everything(0, verbose=False)
-    return cls(backbone="mlp", num_members=4, lr=1e-2,
-               backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)})
+    return cls(
+        backbone="mlp", num_members=4, lr=1e-2, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}
+    )
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
@@ -72,7 +73,9 @@ def main(out: str) -> None:
         t.fit(model, dm)
         if name == "fsdp":
             model.ensemble.reshard()  # FSDP2 keeps the root unsharded after its last forward
-        local = {k: v.to_local().shape for k, v in model.ensemble.stacked_parameters().items()} if name == "fsdp" else None
+        local = (
+            {k: v.to_local().shape for k, v in model.ensemble.stacked_parameters().items()} if name == "fsdp" else None
+        )
         result[name] = {"params": full_params(model), "val": floats(t.callback_metrics), "local_shapes": local}
     torch.save(result, f"{out}/rank{t.global_rank}.pt")
 

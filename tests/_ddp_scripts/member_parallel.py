@@ -27,7 +27,10 @@ def build() -> EnsembleClassifier:
     """Per-member storage (ranks train stacked shards and gather back into it); vmap as in the shards."""
     L.seed_everything(SEED, verbose=False)
     return EnsembleClassifier(
-        backbone="mlp", num_members=M, backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)}, lr=1e-2,
+        backbone="mlp",
+        num_members=M,
+        backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": (32,)},
+        lr=1e-2,
         ensemble_kwargs={"storage": "per_member", "execution": "vmap"},
     )
 
@@ -109,8 +112,9 @@ def main(out: str) -> None:
 
     model = build()
     check = NoGradientSync()
-    ckpt = ModelCheckpoint(dirpath=out, filename="epoch{epoch}", save_top_k=-1, save_last=True,
-                           auto_insert_metric_name=False)
+    ckpt = ModelCheckpoint(
+        dirpath=out, filename="epoch{epoch}", save_top_k=-1, save_last=True, auto_insert_metric_name=False
+    )
     t = trainer(devices=2, strategy=MemberParallelStrategy(), callbacks=[check, ckpt], enable_checkpointing=True)
     t.fit(model, dm)
     assert model.ensemble.storage == "per_member", model.ensemble  # gathered back into the full layout

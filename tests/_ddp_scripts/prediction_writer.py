@@ -1,6 +1,6 @@
 """PredictionWriter under DDP (2 CPU processes, gloo): one file, dataset order, no padded duplicates.
 
-    python prediction_writer.py OUT_DIR    # writes OUT_DIR/ddp.csv and OUT_DIR/ddp.npy
+python prediction_writer.py OUT_DIR    # writes OUT_DIR/ddp.csv and OUT_DIR/ddp.npy
 """
 
 from __future__ import annotations
@@ -26,8 +26,15 @@ def main(out: Path) -> None:
     x = torch.randn(N, 8, generator=torch.Generator().manual_seed(1))
     loader = DataLoader(TensorDataset(x), batch_size=16)
     writers = [PredictionWriter(out / "ddp.csv", members=True), PredictionWriter(out / "ddp.npy", members=True)]
-    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, callbacks=writers, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy="ddp",
+        devices=2,
+        callbacks=writers,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.predict(model, loader, return_predictions=False)
 
 

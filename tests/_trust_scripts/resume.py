@@ -1,8 +1,8 @@
 """Train on a shipped datamodule, optionally SIGKILL mid-epoch, optionally resume from last.ckpt.
 
-    python resume.py DATA DIR full            # uninterrupted run, writes DIR/result.pt
-    python resume.py DATA DIR kill EPOCH      # killed at batch 2 of EPOCH (after last.ckpt of EPOCH - 1)
-    python resume.py DATA DIR resume          # fresh process: fit(ckpt_path=DIR/last.ckpt), writes DIR/result.pt
+python resume.py DATA DIR full            # uninterrupted run, writes DIR/result.pt
+python resume.py DATA DIR kill EPOCH      # killed at batch 2 of EPOCH (after last.ckpt of EPOCH - 1)
+python resume.py DATA DIR resume          # fresh process: fit(ckpt_path=DIR/last.ckpt), writes DIR/result.pt
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def build(data: str):
         return EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs=kw), DigitsDataModule(batch_size=64)
     if data == "mnist1d":
         kw = {"in_features": 40, "out_features": 10, "hidden": [32], "dropout": 0.2}
-        return (EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs=kw),
-                MNIST1DDataModule(batch_size=64, num_samples=1200))
+        return (
+            EnsembleClassifier(backbone="mlp", num_members=2, backbone_kwargs=kw),
+            MNIST1DDataModule(batch_size=64, num_samples=1200),
+        )
     kw = {"in_features": 1, "out_features": 2, "hidden": [32], "dropout": 0.2}
     return EnsembleRegressor(backbone="mlp", num_members=2, backbone_kwargs=kw), ToyRegressionDataModule(num_train=256)
 
@@ -51,8 +53,16 @@ def main(data: str, out: Path, mode: str, *rest: str) -> None:
     callbacks = [ModelCheckpoint(dirpath=out, save_last=True)]
     if mode == "kill":
         callbacks.append(KillAt(int(rest[0])))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=MAX_EPOCHS, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, deterministic=True, callbacks=callbacks)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=MAX_EPOCHS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=callbacks,
+    )
     ckpt = str(out / "last.ckpt") if mode == "resume" else None
     trainer.fit(module, dm, ckpt_path=ckpt, weights_only=True)
     metrics = trainer.test(module, dm, verbose=False)[0]

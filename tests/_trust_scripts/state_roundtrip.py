@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ensembles import (
     ConformalPrediction,
     EnsembleClassifier,
+    MemberWeightAveraging,
     SnapshotEnsemble,
     TemperatureScaling,
-    MemberWeightAveraging,
 )
 from lightning_ensembles.averaging import CombinatorialEnsemble, DCAConsistency
 from lightning_ensembles.backbones import MLP
@@ -27,8 +27,7 @@ from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.losses import JensenShannon
 
 MLP_KW = {"in_features": 64, "out_features": 10, "hidden": [16]}
-VIT_KW = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2,
-          "num_classes": 10}
+VIT_KW = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10}
 
 
 def mlp_module(method: str, **kw) -> EnsembleClassifier:
@@ -46,13 +45,33 @@ CASES = {
     "deep": (lambda: mlp_module("deep", regularizers=[JensenShannon(weight=0.1)]), list, 1),
     "packed": (lambda: mlp_module("packed", ensemble_kwargs={"alpha": 2}), list, 1),
     "batch": (lambda: mlp_module("batch"), list, 1),
-    "lora": (lambda: EnsembleClassifier(backbone="vit_tiny_patch16_224", method="lora", num_members=2,
-                                        backbone_kwargs=VIT_KW, ensemble_kwargs={"rank": 2}), list, 1),
+    "lora": (
+        lambda: EnsembleClassifier(
+            backbone="vit_tiny_patch16_224",
+            method="lora",
+            num_members=2,
+            backbone_kwargs=VIT_KW,
+            ensemble_kwargs={"rank": 2},
+        ),
+        list,
+        1,
+    ),
     "symmetry": (lambda: mlp_module("symmetry", ensemble_kwargs={"symmetries": ["invariant-hflip", "plain"]}), list, 1),
-    "swa": (lambda: mlp_module("deep"), lambda: [MemberWeightAveraging("swa", attribute="ensemble", update_bn=False)], 2),
-    "ema": (lambda: mlp_module("deep"), lambda: [MemberWeightAveraging("ema", attribute="ensemble", interval="step")], 1),
-    "swag": (lambda: mlp_module("deep"), lambda: [MemberWeightAveraging("swag", attribute="ensemble", num_samples=3,
-                                                                  update_bn=False)], 3),
+    "swa": (
+        lambda: mlp_module("deep"),
+        lambda: [MemberWeightAveraging("swa", attribute="ensemble", update_bn=False)],
+        2,
+    ),
+    "ema": (
+        lambda: mlp_module("deep"),
+        lambda: [MemberWeightAveraging("ema", attribute="ensemble", interval="step")],
+        1,
+    ),
+    "swag": (
+        lambda: mlp_module("deep"),
+        lambda: [MemberWeightAveraging("swag", attribute="ensemble", num_samples=3, update_bn=False)],
+        3,
+    ),
     "snapshot": (lambda: mlp_module("deep"), lambda: [SnapshotEnsemble(num_cycles=2, attribute="ensemble")], 2),
     "temperature": (lambda: mlp_module("deep"), lambda: [TemperatureScaling()], 1),
     "conformal": (lambda: mlp_module("deep"), lambda: [ConformalPrediction(alpha=0.1)], 1),
@@ -61,9 +80,19 @@ CASES = {
 
 
 def trainer(callbacks, max_epochs: int, root: Path) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
-                     limit_train_batches=4, limit_val_batches=3, num_sanity_val_steps=0)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+        limit_train_batches=4,
+        limit_val_batches=3,
+        num_sanity_val_steps=0,
+    )
 
 
 def predict_loader() -> DataLoader:
@@ -94,8 +123,7 @@ def load(out: Path) -> None:
         torch.load(ckpt, weights_only=True)  # the whole file is plain data
         L.seed_everything(123)  # a fresh process with other random state: only the checkpoint may matter
         if case == "dca":
-            module = EnsembleClassifier.load_from_checkpoint(ckpt, weights_only=True,
-                                                             ensemble=dca_module().ensemble)
+            module = EnsembleClassifier.load_from_checkpoint(ckpt, weights_only=True, ensemble=dca_module().ensemble)
         else:
             module = EnsembleClassifier.load_from_checkpoint(ckpt, weights_only=True)
         got = outputs(trainer(callbacks(), epochs, out), module, ckpt=str(ckpt))
