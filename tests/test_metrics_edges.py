@@ -422,7 +422,7 @@ def test_rows_off_by_more_than_the_dtype_allows_are_still_rejected():
 
 
 def test_sum_tolerance_follows_the_dtype():
-    from lightning_ensembles.metrics._checks import sum_tolerance
+    from lightning_ensembles._checks import sum_tolerance
 
     assert sum_tolerance(torch.float32, 10) == sum_tolerance(torch.float64, 10) == 1e-3
     assert sum_tolerance(torch.bfloat16, 10) == pytest.approx(4 * 2**-7)

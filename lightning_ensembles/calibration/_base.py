@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics._checks import check_finite, check_targets
+from .._checks import check_finite, check_targets
 from .temperature import MIN_SAMPLES, CalibrationWarning
 
 Kind = Literal["logits", "member_logits", "probs"]

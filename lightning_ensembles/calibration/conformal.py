@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..metrics._checks import check_probs, check_targets
+from .._checks import check_probs, check_targets
 from .temperature import CalibrationWarning
 
 Method = Literal["thr", "aps", "raps"]

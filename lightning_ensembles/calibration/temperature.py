@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics._checks import check_finite, check_targets
+from .._checks import check_finite, check_targets
 
 #: Fewer samples than this and :func:`safe_fit_temperature` keeps the previous temperature.
 MIN_SAMPLES = 100

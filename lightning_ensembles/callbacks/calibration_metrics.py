@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from .._checks import check_not_probs, check_num_classes, check_probs, check_targets
 from ..metrics import (
     AURC,
     AdaptiveCalibrationError,
@@ -21,7 +22,6 @@ from ..metrics import (
     NegativeLogLikelihood,
     PredictiveEntropy,
 )
-from ..metrics._checks import check_not_probs, check_num_classes, check_probs, check_targets
 from ._predictions import Predictions, read_predictions, stage_prefix, step_outputs
 
 #: Metrics of the ensemble prediction ``(B, C)`` against targets.

@@ -35,6 +35,7 @@ __all__ = [
     "replace_modules",
     "convert",
     "set_submodule",
+    "set_unregistered",
     "leaf_parameter_owners",
 ]
 
@@ -86,6 +87,17 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     owner = model.get_submodule(".".join(parents)) if parents else model
     # setattr on nn.Module re-registers the child under the same name (also for Sequential "0", "1", ...).
     setattr(owner, leaf, new)
+
+
+def set_unregistered(module: nn.Module, name: str, value: object) -> None:
+    """Store ``value`` as ``module.<name>`` *outside* the module tree.
+
+    ``nn.Module.__setattr__`` registers modules, parameters and tensors it is given, so they would show up
+    in ``parameters()``, ``state_dict()``, ``.to()`` and ``repr``. Templates on the meta device, shared
+    bookkeeping objects and caches must not: writing to the instance ``__dict__`` skips the registration,
+    and attribute lookup still finds the value first.
+    """
+    module.__dict__[name] = value
 
 
 def replace_modules(model: nn.Module, predicate: Predicate, factory: Factory) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import as_float, check_norm, check_num_classes, check_positive_int, check_probs, check_targets
+from .._checks import as_float, check_norm, check_num_classes, check_positive_int, check_probs, check_targets
 from ._empty import NaNWhenEmpty, cat_state, no_samples
 from ._plot import check_plottable, new_axes, plot_bins, scalar, synced
 

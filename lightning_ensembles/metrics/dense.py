@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ._checks import check_finite
+from .._checks import check_finite
 from ._empty import NaNWhenEmpty, no_samples
 from .calibration import ExpectedCalibrationError
 from .scoring import BrierScore, NegativeLogLikelihood

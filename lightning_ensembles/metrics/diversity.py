@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import check_probs
+from .._checks import check_probs
 from ._empty import NaNWhenEmpty, no_samples
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ._checks import check_finite
+from .._checks import check_finite
 from ._empty import NaNWhenEmpty, no_samples
 from ._plot import plot_bins, synced
 from .calibration import bin_index, calibration_error_from_bins

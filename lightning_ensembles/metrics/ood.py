@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import check_finite
+from .._checks import check_finite
 from ._empty import NaNWhenEmpty, cat_state, no_samples
 from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
 

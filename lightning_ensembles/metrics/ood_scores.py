@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from ._checks import check_finite
+from .._checks import check_finite
 from .diversity import entropy
 from .ood import FPR95, OODAUPR, OODAUROC
 

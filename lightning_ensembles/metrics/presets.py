@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+from .._checks import check_finite, check_not_probs, check_num_classes, check_positive_int, check_probs, check_targets
 from ..ensembles.base import aggregate_gaussian
-from ._checks import check_finite, check_not_probs, check_num_classes, check_positive_int, check_probs, check_targets
 from ._empty import NaNWhenEmpty, cat_state, no_samples, quiet_when_empty
 from .calibration import ExpectedCalibrationError
 from .diversity import Disagreement, MutualInformation

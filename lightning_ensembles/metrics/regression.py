@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import check_finite, check_norm, check_positive_int, check_same_shape
+from .._checks import check_finite, check_norm, check_positive_int, check_same_shape
 from ._empty import NaNWhenEmpty, no_samples
 from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
 

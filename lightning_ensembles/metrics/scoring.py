@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import as_float, check_num_classes, check_probs, check_targets
+from .._checks import as_float, check_num_classes, check_probs, check_targets
 from ._empty import NaNWhenEmpty, no_samples
 
 #: Probabilities are clamped here before the log so that a confident mistake costs ~27.6 nats, not inf.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import as_float, check_num_classes, check_probs, check_targets
+from .._checks import as_float, check_num_classes, check_probs, check_targets
 from ._empty import NaNWhenEmpty, cat_state, no_samples
 from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import check_targets
+from .._checks import check_targets
 from ._empty import NaNWhenEmpty, no_samples
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from .._checks import check_not_probs
 from ..metrics import (
     FPR95,
     OODAUPR,
@@ -20,7 +21,6 @@ from ..metrics import (
     ExpectedCalibrationError,
     NegativeLogLikelihood,
 )
-from ..metrics._checks import check_not_probs
 from ..metrics._empty import no_samples, quiet_when_empty
 from ..metrics.ood_scores import OOD_SCORES, ood_score
 

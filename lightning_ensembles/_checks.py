@@ -1,9 +1,43 @@
-"""Input validation shared by the metrics: every bad input is a ``ValueError`` that says what was wrong."""
+"""The package's input checks: every bad input is a ``ValueError`` that names the argument and the fix.
+
+One home for validation (issue 22): the metrics, losses, calibration and modules all check through here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+_T = TypeVar("_T")
+
+
+def _spoken(choices: Iterable[object]) -> str:
+    """``'a', 'b' or 'c'``: the choices as a reader says them."""
+    names = [repr(c) for c in choices]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_choice(name: str, value: _T, choices: Iterable[object], hint: str = "") -> _T:
+    """Return ``value`` if it is one of ``choices``; otherwise a ``ValueError`` naming ``name`` and the choices.
+
+    ``hint`` is appended to the message (the fix, when it is more than "pick one of these").
+
+    Example:
+        >>> check_choice("reduction", "mean", ("mean", "sum"))
+        'mean'
+        >>> check_choice("reduction", "avg", ("mean", "sum"))
+        Traceback (most recent call last):
+        ...
+        ValueError: `reduction` must be 'mean' or 'sum', got 'avg'.
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"`{name}` must be {_spoken(choices)}, got {value!r}.{' ' + hint if hint else ''}")
+    return value
+
 
 #: Smallest tolerance on ``probs.sum(-1) == 1`` (float32 and float64 inputs): it also lets through
 #: probabilities written with a few decimals. Lower-precision inputs get more, see :func:`sum_tolerance`.
@@ -135,5 +169,4 @@ def check_positive_int(value: int, name: str) -> None:
 
 
 def check_norm(norm: str) -> None:
-    if norm not in ("l1", "l2", "max"):
-        raise ValueError(f"`norm` must be 'l1', 'l2' or 'max', got {norm!r}.")
+    check_choice("norm", norm, ("l1", "l2", "max"))
