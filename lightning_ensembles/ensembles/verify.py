@@ -54,6 +54,13 @@ __all__ = ["VerificationReport", "verify_ensemble", "make_probe", "module_contex
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: not torch_uncertainty/
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _in_this_package(fname: str) -> bool:
+    """Whether ``fname`` is one of the ensemble methods' or their layers' (``layers/``) source files."""
+    return os.path.abspath(fname).startswith(_THIS_DIR + os.sep)
+
+
 #: torch's Python wrappers that forward a call to ``__torch_function__``; the caller is above them.
 _WRAPPER_FILES = tuple(os.path.join(_TORCH_DIR, f) for f in ("overrides.py", "functional.py", "_tensor.py"))
 _MODE_FRAMES = {"__torch_function__", "_apply", "_learn"}
@@ -93,7 +100,7 @@ def call_site(skip_internal: bool = True, skip_torch: bool = False) -> tuple[str
     if frame is None:
         return ("<unknown>", 0, True)
     fname = frame.f_code.co_filename
-    internal = skip_internal and (fname.startswith(_TORCH_DIR) or os.path.dirname(os.path.abspath(fname)) == _THIS_DIR)
+    internal = skip_internal and (fname.startswith(_TORCH_DIR) or _in_this_package(fname))
     return fname, frame.f_lineno, internal
 
 
@@ -400,7 +407,7 @@ class _Recorder(TorchFunctionMode):
         )
         if tensors:
             fname, line, _ = call_site(skip_internal=False, skip_torch=True)
-            ours = os.path.dirname(os.path.abspath(fname)) == _THIS_DIR  # inside the converters' own layers
+            ours = _in_this_package(fname)  # inside the converters' own layers
             path, module = self.ctx.stack[-1] if self.ctx.stack else ("", None)
             where = f"{name} at {os.path.basename(fname)}:{line} in module {path or '<root>'!r}" + (
                 f" ({type(module).__name__})" if module is not None else ""
