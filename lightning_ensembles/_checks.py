@@ -130,31 +130,55 @@ def check_probs(probs: Tensor, name: str = "probs", members: bool = False) -> No
         )
 
 
-def check_targets(target: Tensor, batch: int, num_classes: int, name: str = "target") -> None:
-    """``target`` must be ``(B,)`` integer class indices in ``[0, num_classes)``."""
+def check_targets(
+    target: Tensor, batch: int, num_classes: int, name: str = "target", prefix: str = "", hint: str = ""
+) -> None:
+    """``target`` must be ``(B,)`` integer class indices in ``[0, num_classes)``.
+
+    ``prefix`` starts every message (e.g. ``"JensenGap: "``, the caller's name); ``hint`` ends the
+    out-of-range message (the fix when the classes do not match, e.g. the model's number of outputs).
+
+    Example:
+        >>> check_targets(torch.tensor([0, 2]), batch=2, num_classes=3)
+        >>> check_targets(torch.tensor([0, 3]), batch=2, num_classes=3, prefix="JensenGap: ")
+        Traceback (most recent call last):
+        ...
+        ValueError: JensenGap: `target` values must lie in [0, 2] for 3 classes; got values in [0, 3].
+    """
     if not isinstance(target, Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(target).__name__}.")
+        raise ValueError(f"{prefix}`{name}` must be a torch.Tensor, got {type(target).__name__}.")
     if target.dim() != 1 or target.shape[0] != batch:
         raise ValueError(
-            f"`{name}` must be class indices of shape ({batch},) to match the predictions; got shape "
-            f"{tuple(target.shape)}. One-hot targets: pass `target.argmax(-1)`."
+            f"{prefix}`{name}` and the predictions do not fit: expected class indices of shape ({batch},), got "
+            f"shape {tuple(target.shape)}. One-hot targets: pass `target.argmax(-1)`."
         )
     if target.is_floating_point() or target.dtype == torch.bool:
-        raise ValueError(f"`{name}` must hold integer class indices (torch.long), got dtype {target.dtype}.")
+        raise ValueError(f"{prefix}`{name}` must hold integer class indices (torch.long), got dtype {target.dtype}.")
     if target.numel():
         lo, hi = int(target.min()), int(target.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
-                f"`{name}` values must lie in [0, {num_classes - 1}] for {num_classes} classes; got values in [{lo}, {hi}]."
+                f"{prefix}`{name}` values must lie in [0, {num_classes - 1}] for {num_classes} classes; got values "
+                f"in [{lo}, {hi}].{' ' + hint if hint else ''}"
             )
 
 
 def check_num_classes(probs: Tensor, num_classes: int | None, name: str = "probs") -> int:
+    """The number of classes on the last axis of ``probs``; a ``ValueError`` when it is not ``num_classes``."""
     c = probs.shape[-1]
     if num_classes is not None and c != num_classes:
         raise ValueError(
             f"`{name}` has {c} classes on its last axis, but the metric was built with num_classes={num_classes}."
         )
+    return c
+
+
+def check_probs_targets(probs: Tensor, target: Tensor, num_classes: int | None = None) -> int:
+    """``(B, C)`` probabilities (:func:`check_probs`) with ``C == num_classes`` when given, and ``(B,)`` class
+    indices in ``[0, C)`` (:func:`check_targets`); returns ``C``."""
+    check_probs(probs)
+    c = check_num_classes(probs, num_classes)
+    check_targets(target, probs.shape[0], c)
     return c
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from ._checks import check_choice
+
 __all__ = ["MLP", "CNN1D", "register_backbone", "resolve_backbone"]
 
 
@@ -33,8 +35,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         acts = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
-        if activation not in acts:
-            raise ValueError(f"`activation` must be one of {sorted(acts)}, got {activation!r}.")
+        check_choice("activation", activation, sorted(acts))
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:

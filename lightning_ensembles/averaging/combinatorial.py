@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._checks import check_choice
 from ..ensembles.base import Ensemble
 from ..ensembles.reinit import reinitialize
 from ..losses.base import Regularizer
@@ -93,10 +94,8 @@ class CombinatorialEnsemble(Ensemble):
                 raise ValueError("`components` must be a positive integer or a non-empty list of module paths.")
         if num_instances < 1 or draws_per_step < 1 or num_eval_samples < 1:
             raise ValueError("`num_instances`, `draws_per_step` and `num_eval_samples` must all be >= 1.")
-        if eval_mode not in ("sample", "all"):
-            raise ValueError(f"`eval_mode` must be 'sample' or 'all', got {eval_mode!r}.")
-        if init not in ("reinit", "copy"):
-            raise ValueError(f"`init` must be 'reinit' or 'copy', got {init!r}.")
+        check_choice("eval_mode", eval_mode, ("sample", "all"))
+        check_choice("init", init, ("reinit", "copy"))
         flat = [p for g in groups for p in g]
         for p in flat:
             try:

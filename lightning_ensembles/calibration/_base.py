@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_finite, check_targets
+from .._checks import check_choice, check_finite, check_targets
 from .temperature import MIN_SAMPLES, CalibrationWarning
 
 Kind = Literal["logits", "member_logits", "probs"]
@@ -28,8 +28,7 @@ KINDS = ("logits", "member_logits", "probs")
 
 
 def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"`kind` must be 'logits', 'member_logits' or 'probs', got {kind!r}.")
+    check_choice("kind", kind, KINDS)
 
 
 def check_inputs(x: Tensor, kind: str, target: Tensor | None = None) -> int:

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_probs, check_targets
+from .._checks import check_choice, check_probs, check_targets
 from .temperature import CalibrationWarning
 
 Method = Literal["thr", "aps", "raps"]
@@ -41,8 +41,7 @@ def conformal_scores(
     check_probs(probs)
     if method == "thr":
         return 1 - probs
-    if method not in ("aps", "raps"):
-        raise ValueError(f"`method` must be 'thr', 'aps' or 'raps', got {method!r}.")
+    check_choice("method", method, ("thr", "aps", "raps"))
     ordered, order = probs.sort(dim=-1, descending=True)
     cumsum = ordered.cumsum(-1)
     if randomized:
@@ -106,8 +105,7 @@ class ConformalClassifier(nn.Module):
         super().__init__()
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"`alpha` (miscoverage) must be in (0, 1), e.g. 0.1 for 90% sets; got {alpha}.")
-        if method not in ("thr", "aps", "raps"):
-            raise ValueError(f"`method` must be 'thr', 'aps' or 'raps', got {method!r}.")
+        check_choice("method", method, ("thr", "aps", "raps"))
         if penalty < 0 or k_reg < 0:
             raise ValueError(f"RAPS needs `penalty` >= 0 and `k_reg` >= 0, got {penalty} and {k_reg}.")
         self.alpha, self.method, self.randomized = alpha, method, randomized

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..ensembles.base import Ensemble
 
 __all__ = ["LaplaceEnsemble", "fit_laplace", "load_laplace_ensemble"]
@@ -238,8 +239,7 @@ def fit_laplace(
         >>> la(x[:5]).shape, la(x[:5]).exp().sum(-1).allclose(torch.ones(2, 5))
         (torch.Size([2, 5, 3]), True)
     """
-    if prior_method not in ("gridsearch", "marglik"):
-        raise ValueError(f"`prior_method` must be 'gridsearch' (on val_loader) or 'marglik', got {prior_method!r}.")
+    check_choice("prior_method", prior_method, ("gridsearch", "marglik"), hint="'gridsearch' tunes on `val_loader`.")
     if prior_method == "gridsearch" and val_loader is None:
         raise ValueError(
             "prior_method='gridsearch' tunes the prior precision on validation data: pass `val_loader`, or use "

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_finite, check_targets
+from .._checks import check_choice, check_finite, check_targets
 
 #: Fewer samples than this and :func:`safe_fit_temperature` keeps the previous temperature.
 MIN_SAMPLES = 100
@@ -46,8 +46,7 @@ Kind = Literal["logits", "member_logits", "probs"]
 
 
 def _check(x: Tensor, kind: str) -> None:
-    if kind not in ("logits", "member_logits", "probs"):
-        raise ValueError(f"`kind` must be 'logits', 'member_logits' or 'probs', got {kind!r}.")
+    check_choice("kind", kind, ("logits", "member_logits", "probs"))
     want = 3 if kind == "member_logits" else 2
     if x.dim() != want:
         shape = "(M, B, C)" if want == 3 else "(B, C)"
@@ -262,8 +261,7 @@ class TemperatureScaler(nn.Module):
         bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
     ) -> None:
         super().__init__()
-        if kind not in ("logits", "member_logits", "probs"):
-            raise ValueError(f"`kind` must be 'logits', 'member_logits' or 'probs', got {kind!r}.")
+        check_choice("kind", kind, ("logits", "member_logits", "probs"))
         self.kind = kind
         self.init = init
         self.max_iter = max_iter

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_choice
 from ._tensor_dm import TensorDataModule, seeded_split
 
 #: Generator knobs of the shifted test set (``shift_test=True``), turned up from the package defaults
@@ -77,8 +78,7 @@ def generate_mnist1d(
     unknown = sorted(set(shift) - set(_SHIFT_KNOBS))
     if unknown:
         raise ValueError(f"`shift` knobs {unknown} are not generator knobs; use some of {list(_SHIFT_KNOBS)}.")
-    if templates not in ("digits", "waves"):
-        raise ValueError(f"`templates` must be 'digits' or 'waves', got {templates!r}.")
+    check_choice("templates", templates, ("digits", "waves"))
     return _generate(num_samples, seed, tuple(sorted(shift.items())), templates == "waves")
 
 
@@ -127,8 +127,7 @@ class MNIST1DDataModule(TensorDataModule):
         self.split = tuple(split)
         self.seed = seed
         self.generator_seed = generator_seed
-        if ood not in (None, "waves", "classes"):
-            raise ValueError(f"`ood` must be None, 'waves' or 'classes', got {ood!r}.")
+        check_choice("ood", ood, (None, "waves", "classes"))
         self.ood = ood
         self.ood_classes = tuple(ood_classes)
         if (ood == "classes") != bool(self.ood_classes):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..ensembles.base import Ensemble
+from ..ensembles.surgery import set_unregistered
 
 __all__ = ["BezierCurve", "BridgeEnsemble", "default_bridge", "fit_bezier_curve", "fit_bridge"]
 
@@ -60,7 +61,7 @@ class BezierCurve(nn.Module):
             raise ValueError(
                 "BezierCurve joins two models of the same architecture: their parameter names and shapes differ."
             )
-        self.__dict__["_template"] = copy.deepcopy(start).eval()
+        set_unregistered(self, "_template", copy.deepcopy(start).eval())
         self._names = list(pa)
         self.start = nn.ParameterList([nn.Parameter(pa[k].detach().clone(), requires_grad=False) for k in self._names])
         self.end = nn.ParameterList([nn.Parameter(pb[k].detach().clone(), requires_grad=False) for k in self._names])

@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..ensembles.base import Ensemble
 from ..metrics import AURC, FPR95, OODAUROC, CoverageAtRisk, ExpectedCalibrationError, NegativeLogLikelihood
 from .macs import MacCounter, macs_per_sample
@@ -57,11 +58,9 @@ class CascadeOutput(NamedTuple):
 
 def uncertainty(probs: Tensor, score: Score = "msp") -> Tensor:
     """Uncertainty of ``(B, C)`` probabilities: ``"msp"`` ``1 - max_k p_k``; ``"entropy"`` ``-sum p log p``."""
-    if score == "msp":
+    if check_choice("score", score, ("msp", "entropy")) == "msp":
         return 1.0 - probs.max(-1).values
-    if score == "entropy":
-        return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-    raise ValueError(f"`score` must be 'msp' or 'entropy', got {score!r}.")
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
 
 
 def _member_probs(member: nn.Module, x: Tensor) -> Tensor:
@@ -160,12 +159,9 @@ class EnsembleCascade(nn.Module):
         score: Score = "msp",
     ) -> None:
         super().__init__()
-        if exit_rule not in ("window", "confidence"):
-            raise ValueError(f"`exit_rule` must be 'window' or 'confidence', got {exit_rule!r}.")
-        if decision not in ("selective", "ood"):
-            raise ValueError(f"`decision` must be 'selective' or 'ood', got {decision!r}.")
-        if score not in ("msp", "entropy"):
-            raise ValueError(f"`score` must be 'msp' or 'entropy', got {score!r}.")
+        check_choice("exit_rule", exit_rule, ("window", "confidence"))
+        check_choice("decision", decision, ("selective", "ood"))
+        check_choice("score", score, ("msp", "entropy"))
         if not 0.0 <= target_risk <= 1.0 or not 0.0 < target_tpr <= 1.0:
             raise ValueError(
                 f"`target_risk` must be in [0, 1] and `target_tpr` in (0, 1]; got {target_risk}, {target_tpr}."
@@ -183,8 +179,7 @@ class EnsembleCascade(nn.Module):
         if not members:
             raise ValueError("`ensemble` has no members; give at least one model.")
         if isinstance(order, str):
-            if order not in ("given", "cost"):
-                raise ValueError(f"`order` must be 'given', 'cost' or a list of member indices, got {order!r}.")
+            check_choice("order", order, ("given", "cost"), hint="Or pass a list of member indices.")
             indices = list(range(len(members)))
         else:
             indices = [int(i) for i in order]

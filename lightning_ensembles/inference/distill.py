@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..backbones import resolve_backbone
 from ..ensembles.base import Ensemble
-from ..modules._base import _module_args_to_ignore
+from ..ensembles.surgery import set_submodule, set_unregistered
 from ..modules._eval_metrics import EnsembleClassificationMetrics
+from ..modules.base import _module_args_to_ignore, renamed_kwarg
 
 __all__ = ["DistillationModule", "MultiHeadStudent", "distillation_loss", "mixup_inputs"]
 
@@ -76,8 +78,7 @@ class MultiHeadStudent(Ensemble):
         super().__init__(num_heads)
         body = copy.deepcopy(resolve_backbone(backbone, backbone_kwargs))
         path, last = _last_linear(body)
-        owner = body.get_submodule(path.rpartition(".")[0]) if "." in path else body
-        setattr(owner, path.rpartition(".")[2], nn.Identity())
+        set_submodule(body, path, nn.Identity())
         self.body = body
         self.in_features, self.num_classes = last.in_features, last.out_features
         self.heads = nn.Linear(last.in_features, num_heads * last.out_features)
@@ -148,17 +149,15 @@ def distillation_loss(
     t = temperature
     log_q = F.log_softmax(student_logits.float() / t, dim=-1)  # (H, B, C)
     teacher = teacher_logits.detach().float()
-    if mode == "hinton":
+    if check_choice("mode", mode, ("hinton", "hydra")) == "hinton":
         p = F.softmax(teacher / t, dim=-1).mean(0, keepdim=True).expand_as(log_q)
-    elif mode == "hydra":
+    else:
         if student_logits.shape[0] != teacher.shape[0]:
             raise ValueError(
                 f"mode='hydra' pairs head i with member i: the student has {student_logits.shape[0]} heads and the "
                 f"teacher {teacher.shape[0]} members. Build the student with num_heads={teacher.shape[0]}."
             )
         p = F.softmax(teacher / t, dim=-1)
-    else:
-        raise ValueError(f"`mode` must be 'hinton' or 'hydra', got {mode!r}.")
     kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()  # mean over heads and samples
     loss = alpha * t * t * kl
     if alpha < 1.0:
@@ -214,13 +213,14 @@ class DistillationModule(LightningModule):
         mixup: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        ece_bins: int = 15,
+        n_bins: int = 15,
         teacher_kwargs: dict[str, Any] | None = None,
         teacher: Ensemble | None = None,
+        ece_bins: int | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("hinton", "hydra"):
-            raise ValueError(f"`mode` must be 'hinton' or 'hydra', got {mode!r}.")
+        n_bins = renamed_kwarg("DistillationModule", "ece_bins", ece_bins, "n_bins", n_bins)
+        check_choice("mode", mode, ("hinton", "hydra"))
         if (teacher_checkpoint is None) == (teacher is None):
             raise ValueError(
                 "Give exactly one of `teacher_checkpoint` (a trained EnsembleClassifier checkpoint) or `teacher`."
@@ -240,12 +240,12 @@ class DistillationModule(LightningModule):
             raise ValueError(
                 f"mode='hydra' needs one head per member: num_heads={teacher.num_members}, got {num_heads}."
             )
-        ignore = _module_args_to_ignore({"student": student}) + ["teacher"]
+        ignore = _module_args_to_ignore({"student": student}) + ["teacher", "ece_bins"]
         self.save_hyperparameters(ignore=ignore)
         self.hparams["num_heads"] = num_heads
         self.student = MultiHeadStudent(student, num_heads, student_kwargs)
         # The teacher is kept out of the module tree: not trained, not saved, not switched to train mode.
-        self.__dict__["_teacher"] = None if teacher is None else teacher.eval()
+        set_unregistered(self, "_teacher", None if teacher is None else teacher.eval())
         self._metrics: dict[str, EnsembleClassificationMetrics] = {}
 
     # ---------------------------------------------------------------- teacher
@@ -253,7 +253,9 @@ class DistillationModule(LightningModule):
     def teacher(self) -> Ensemble:
         """The teacher ensemble, loaded from ``teacher_checkpoint`` on first use."""
         if self.__dict__["_teacher"] is None:
-            self.__dict__["_teacher"] = load_teacher(self.hparams.teacher_checkpoint, self.hparams.teacher_kwargs)
+            set_unregistered(
+                self, "_teacher", load_teacher(self.hparams.teacher_checkpoint, self.hparams.teacher_kwargs)
+            )
         teacher = self.__dict__["_teacher"]
         return teacher.to(self.device).eval()
 
@@ -293,7 +295,7 @@ class DistillationModule(LightningModule):
         logits = self(x)
         if stage not in self._metrics:
             self._metrics[stage] = EnsembleClassificationMetrics(
-                logits.shape[-1], logits.shape[0], self.hparams.ece_bins
+                logits.shape[-1], logits.shape[0], self.hparams.n_bins
             ).to(self.device)
         self._metrics[stage].update(logits, y)
         return {"member_logits": logits, "target": y}

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..calibration._base import MIN_SAMPLES, average_members, check_inputs, check_kind, refuse, too_few
 from ..callbacks.posthoc_calibration import PosthocCalibration
+from ..modules.base import renamed_kwarg
 from ._tu import tu
 
 __all__ = ["TUCalibration", "TUScaler"]
@@ -205,9 +206,11 @@ class TUCalibration(PosthocCalibration):
         apply_to: str = "ensemble",
         refit: bool = True,
         min_samples: int = MIN_SAMPLES,
-        ece_bins: int = 15,
+        n_bins: int = 15,
+        ece_bins: int | None = None,
     ) -> None:
-        super().__init__(method="temperature", apply_to=apply_to, min_samples=min_samples, ece_bins=ece_bins)
+        n_bins = renamed_kwarg("TUCalibration", "ece_bins", ece_bins, "n_bins", n_bins)
+        super().__init__(method="temperature", apply_to=apply_to, min_samples=min_samples, ece_bins=n_bins)
         self._template = TUScaler(scaler, self.kind, min_samples=min_samples, refit=refit)
         self.method = f"tu_{type(scaler).__name__}"
         self.refit = refit

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..ensembles.base import Ensemble, check_member_outputs
 from ._tu import tu
 from ._tu_calibration import TUCalibration, TUScaler
@@ -259,8 +260,7 @@ class TUEnsemble(Ensemble):
 
     def __init__(self, model: nn.Module, num_estimators: int, kind: str, input_repetition: float = 0.0) -> None:
         super().__init__(num_estimators)
-        if kind not in KINDS:
-            raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
+        check_choice("kind", kind, KINDS)
         if not 0.0 <= input_repetition <= 1.0:
             raise ValueError(f"`input_repetition` must be in [0, 1], got {input_repetition!r}.")
         self.model = model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .._checks import check_targets
 from ..ensembles.base import check_member_outputs
 
 
@@ -34,18 +35,7 @@ def check_class_target(outputs: Tensor, target: Tensor | None, term: str) -> Ten
     """Return ``target`` after checking it holds one class index per sample of ``outputs`` ``(M, B, C)``."""
     if target is None:
         raise ValueError(f"{term} needs class targets: pass `target` of shape ({outputs.shape[1]},).")
-    if target.dim() != 1 or target.shape[0] != outputs.shape[1]:
-        raise ValueError(
-            f"{term}: `target` of shape {tuple(target.shape)} does not fit member outputs {tuple(outputs.shape)}; "
-            f"expected class indices of shape ({outputs.shape[1]},) (one-hot targets: pass `target.argmax(-1)`)."
-        )
-    if target.is_floating_point():
-        raise ValueError(f"{term}: `target` must hold integer class indices (torch.long), got {target.dtype}.")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= outputs.shape[-1]):
-        raise ValueError(
-            f"{term}: `target` values must lie in [0, {outputs.shape[-1] - 1}] for {outputs.shape[-1]} classes; "
-            f"got [{int(target.min())}, {int(target.max())}]."
-        )
+    check_targets(target, outputs.shape[1], outputs.shape[-1], prefix=f"{term}: ")
     return target
 
 

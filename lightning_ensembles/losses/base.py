@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..ensembles.surgery import set_unregistered
+
 __all__ = ["Regularizer", "regularizer_from_config"]
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -54,14 +56,14 @@ class Regularizer(nn.Module):
                 bound = inspect.signature(init).bind(self, *args, **kw)
                 bound.apply_defaults()
                 args_ = dict(list(bound.arguments.items())[1:])
-                self.__dict__["_init_args"] = args_
+                set_unregistered(self, "_init_args", args_)
             init(self, *args, **kw)
 
         cls.__init__ = recording_init  # type: ignore[method-assign]
 
     def __init__(self, weight: float = 0.0, name: str | None = None) -> None:
         if "_init_args" not in self.__dict__:
-            self.__dict__["_init_args"] = {"weight": weight, "name": name}
+            set_unregistered(self, "_init_args", {"weight": weight, "name": name})
         super().__init__()
         self.weight = float(weight)
         self.name = name or type(self).__name__.lower()

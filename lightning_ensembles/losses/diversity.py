@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..ensembles.base import aggregate_log_probs, split_gaussian
 from ._checks import check_class_target, check_logits, check_pairwise, check_same_batch, check_shared_examples
 from .base import Regularizer
@@ -220,8 +221,7 @@ class NegativeCorrelation(Regularizer):
 
     def __init__(self, weight: float = 0.0, output: str = "point", name: str | None = "neg_ambiguity") -> None:
         super().__init__(weight, name)
-        if output not in ("point", "gaussian"):
-            raise ValueError(f"`output` must be 'point' or 'gaussian', got {output!r}.")
+        check_choice("output", output, ("point", "gaussian"))
         self.output = output
 
     def forward(

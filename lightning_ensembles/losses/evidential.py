@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice
+
 __all__ = [
     "EvidentialClassificationLoss",
     "EvidentialRegressionLoss",
@@ -100,8 +102,7 @@ def evidential_classification_loss(alpha: Tensor, target: Tensor, kl_weight: flo
         >>> round(float(evidential_classification_loss(alpha, torch.tensor([0]))), 4)  # 2 * 0.1^2 + 2 * 0.09 / 11
         0.0364
     """
-    if risk not in _RISKS:
-        raise ValueError(f"`risk` must be one of {_RISKS}, got {risk!r}.")
+    check_choice("risk", risk, _RISKS)
     y = _check_alpha(alpha, target)
     s = alpha.sum(-1, keepdim=True)
     if risk == "mse":
@@ -211,8 +212,7 @@ class EvidentialClassificationLoss(nn.Module):
 
     def __init__(self, annealing_epochs: int = 10, risk: str = "mse") -> None:
         super().__init__()
-        if risk not in _RISKS:
-            raise ValueError(f"`risk` must be one of {_RISKS}, got {risk!r}.")
+        check_choice("risk", risk, _RISKS)
         annealing_coefficient(0, annealing_epochs)
         self.annealing_epochs = annealing_epochs
         self.risk = risk

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ._checks import check_pairwise, check_shared_examples
 from .base import Regularizer
 from .kernels import log_kde
@@ -120,8 +121,7 @@ class FunctionSpaceRepulsion(Regularizer):
         name: str | None = "function_repulsion",
     ) -> None:
         super().__init__(weight, name)
-        if space not in ("logits", "probs"):
-            raise ValueError(f"`space` must be 'logits' or 'probs', got {space!r}.")
+        check_choice("space", space, ("logits", "probs"))
         if bandwidth is not None and bandwidth <= 0:
             raise ValueError(f"`bandwidth` must be > 0 or None (median heuristic), got {bandwidth}.")
         self.space = space

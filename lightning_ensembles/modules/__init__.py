@@ -1,6 +1,6 @@
 """LightningModules that train and evaluate ensembles."""
 
-from ._base import EnsembleModule
+from .base import EnsembleModule
 from .classifier import EnsembleClassifier, format_report
 from .regressor import EnsembleRegressor
 

@@ -41,15 +41,15 @@ class EnsembleClassificationMetrics(nn.Module):
     with one :class:`~lightning_ensembles.metrics.NoSamplesWarning`.
     """
 
-    def __init__(self, num_classes: int, num_members: int, bins: int = 15) -> None:
+    def __init__(self, num_classes: int, num_members: int, n_bins: int = 15) -> None:
         super().__init__()
-        self.ensemble = ClassificationMetrics(num_classes, n_bins=bins)
+        self.ensemble = ClassificationMetrics(num_classes, n_bins=n_bins)
         self.members = nn.ModuleList(
             MetricCollection(
                 {
                     "nll": NegativeLogLikelihood(num_classes, validate_args=False),
                     "brier": BrierScore(num_classes, validate_args=False),
-                    "ece": ExpectedCalibrationError(num_classes, n_bins=bins, validate_args=False),
+                    "ece": ExpectedCalibrationError(num_classes, n_bins=n_bins, validate_args=False),
                 },
                 compute_groups=False,
             )

@@ -7,15 +7,16 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_targets
 from ..ensembles.base import Ensemble, aggregate_probs
 from ..ensembles.evidential import DirichletHead
 from ..losses.base import Regularizer
 from ..losses.evidential import annealing_coefficient, dirichlet_uncertainty, evidential_classification_loss
 from ..metrics.dense import DenseMetrics
 from ..metrics.multilabel import MultilabelMetrics
-from ._base import EnsembleModule, _module_args_to_ignore
 from ._eval_metrics import EnsembleClassificationMetrics, OODMetrics
 from ._optim import OptimizerSpec, SchedulerSpec
+from .base import EnsembleModule, _module_args_to_ignore, renamed_kwarg
 
 
 def check_class_targets(outputs: Tensor, target: Tensor) -> None:
@@ -23,18 +24,16 @@ def check_class_targets(outputs: Tensor, target: Tensor) -> None:
 
     ``outputs`` is ``(M, B, C)``; ``target`` is ``(B,)`` or, per member, ``(M, B)``.
     """
-    if target.shape not in (outputs.shape[1:2], outputs.shape[:2]):
-        raise ValueError(
-            f"targets of shape {tuple(target.shape)} do not fit member outputs {tuple(outputs.shape)}: expected "
-            f"class indices of shape ({outputs.shape[1]},). One-hot or soft targets: pass `target.argmax(-1)`."
-        )
-    if target.is_floating_point():
-        raise ValueError("targets must be integer class indices (torch.long), got a floating-point tensor.")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= outputs.shape[-1]):
-        raise ValueError(
-            f"targets must lie in [0, {outputs.shape[-1] - 1}] for {outputs.shape[-1]} output classes; got values "
-            f"in [{int(target.min())}, {int(target.max())}]. Set the backbone's number of outputs to the number of classes."
-        )
+    batch = outputs.shape[1]
+    if target.shape == outputs.shape[:2]:  # one row of targets per member: check them as one (M * B,) batch
+        target, batch = target.reshape(-1), target.numel()
+    check_targets(
+        target,
+        batch,
+        outputs.shape[-1],
+        name="targets",
+        hint="Set the backbone's number of outputs to the number of classes.",
+    )
 
 
 class EnsembleClassifier(EnsembleModule):
@@ -96,18 +95,18 @@ class EnsembleClassifier(EnsembleModule):
         scheduler: SchedulerSpec = "none",
         regularizers: list[Regularizer] | None = None,
         label_smoothing: float = 0.0,
-        ece_bins: int = 15,
+        n_bins: int = 15,
         ood_dataloader_idx: int | None = 1,
         loss: str = "cross_entropy",
         task: str = "multiclass",
         ignore_index: int | None = None,
         evidential_annealing_epochs: int = 10,
         ood_scores: list[str] | None = None,
+        ece_bins: int | None = None,
     ) -> None:
-        if loss not in ("cross_entropy", "evidential"):
-            raise ValueError(f"`loss` must be 'cross_entropy' or 'evidential', got {loss!r}.")
-        if task not in ("multiclass", "multilabel", "dense"):
-            raise ValueError(f"`task` must be 'multiclass', 'multilabel' or 'dense', got {task!r}.")
+        n_bins = renamed_kwarg("EnsembleClassifier", "ece_bins", ece_bins, "n_bins", n_bins)
+        check_choice("loss", loss, ("cross_entropy", "evidential"))
+        check_choice("task", task, ("multiclass", "multilabel", "dense"))
         if ood_scores is not None:
             OODMetrics(ood_scores)  # refuses unknown score names now, not at test time
         if loss == "evidential" and task != "multiclass":
@@ -133,7 +132,9 @@ class EnsembleClassifier(EnsembleModule):
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}.")
-        self.save_hyperparameters(ignore=_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}))
+        self.save_hyperparameters(
+            ignore=[*_module_args_to_ignore({"ensemble": ensemble, "backbone": backbone}), "ece_bins"]
+        )
         self._plain_hyperparameters()
         self._metrics: dict[tuple[str, int], Any] = {}
         self._ood: Any = None
@@ -181,7 +182,7 @@ class EnsembleClassifier(EnsembleModule):
     def _metric_set(self, stage: str, dataloader_idx: int, num_classes: int, num_members: int):
         key = (stage, dataloader_idx)
         if key not in self._metrics and self.hparams.task != "multiclass":
-            bins = self.hparams.ece_bins
+            bins = self.hparams.n_bins
             task_metrics = (
                 DenseMetrics(num_classes, self.hparams.ignore_index, bins)
                 if self.hparams.task == "dense"
@@ -189,7 +190,7 @@ class EnsembleClassifier(EnsembleModule):
             )
             self._metrics[key] = task_metrics.to(self.device)
         if key not in self._metrics:
-            self._metrics[key] = EnsembleClassificationMetrics(num_classes, num_members, self.hparams.ece_bins).to(
+            self._metrics[key] = EnsembleClassificationMetrics(num_classes, num_members, self.hparams.n_bins).to(
                 self.device
             )
         return self._metrics[key]

@@ -7,13 +7,14 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..ensembles.base import Ensemble, GaussianMixture, aggregate_gaussian, split_gaussian
 from ..ensembles.evidential import NIGHead
 from ..losses.base import Regularizer
 from ..losses.evidential import evidential_regression_loss, nig_split, nig_uncertainty
 from ..metrics import RegressionMetrics
-from ._base import EnsembleModule, _module_args_to_ignore
 from ._optim import OptimizerSpec, SchedulerSpec
+from .base import EnsembleModule, _module_args_to_ignore
 
 
 class EnsembleRegressor(EnsembleModule):
@@ -68,8 +69,7 @@ class EnsembleRegressor(EnsembleModule):
         regularizers: list[Regularizer] | None = None,
         evidential_coeff: float = 0.01,
     ) -> None:
-        if loss not in ("gaussian", "mse", "evidential"):
-            raise ValueError(f"`loss` must be 'gaussian', 'mse' or 'evidential', got {loss!r}.")
+        check_choice("loss", loss, ("gaussian", "mse", "evidential"))
         head, head_kwargs = backbone, backbone_kwargs  # (issue 19) evidential: the head gives NIG parameters
         if loss == "evidential" and backbone is not None and not isinstance(backbone, NIGHead):
             head, head_kwargs = NIGHead(backbone, backbone_kwargs=backbone_kwargs), None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, TypeVar
 
 import torch
 from lightning import LightningModule
@@ -14,6 +15,29 @@ from ..ensembles.registry import build_ensemble
 from ..losses.base import Regularizer, regularizer_from_config
 from . import _optim
 from ._rng import collect_rng_states, set_rng_states
+
+_T = TypeVar("_T")
+
+
+def renamed_kwarg(owner: str, old: str, old_value: _T | None, new: str, new_value: _T) -> _T:
+    """The value of keyword ``new``, or of its deprecated former name ``old`` when that was given.
+
+    The old keyword still works (old checkpoints and configs store it) with a ``DeprecationWarning``
+    naming the new one, and wins over ``new_value``. ``old_value`` is ``None`` when the old keyword was not given.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     renamed_kwarg("EnsembleClassifier", "ece_bins", 10, "n_bins", 15)
+        10
+        >>> str(caught[0].message)
+        'EnsembleClassifier(ece_bins=...) is deprecated; use n_bins=... instead.'
+    """
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{owner}({old}=...) is deprecated; use {new}=... instead.", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 def _module_args_to_ignore(values: dict[str, Any]) -> list[str]:
