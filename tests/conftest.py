@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from _trainer import quiet_trainer  # noqa: F401  (the tests import it from here)
 
 # One intra-op thread: the suite's models are tiny, where a second thread costs more in
 # synchronisation than it gains (and much more on a busy machine).
@@ -13,18 +14,3 @@ warnings.filterwarnings("ignore", message=".*litlogger.*")
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def quiet_trainer(**kwargs):
-    import lightning as L
-
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)

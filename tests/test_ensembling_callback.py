@@ -151,16 +151,14 @@ def test_works_with_averaging_calibration_checkpointing_early_stopping_accumulat
         EarlyStopping(monitor="val_loss", patience=5),
         ckpt,
     ]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=3,
-        accelerator="cpu",
         precision="bf16-mixed",
         accumulate_grad_batches=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=callbacks,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=True,
     )
     trainer.fit(module, dm)
     assert swa.averager.n_averaged == 2

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _trainer import quiet_trainer  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)  # two processes share two cores
@@ -56,18 +61,7 @@ class SmallDigits(L.LightningDataModule):
 
 
 def trainer(**kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "max_epochs": 2,
-        "num_sanity_val_steps": 0,
-    }
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return quiet_trainer(**{"max_epochs": 2, "num_sanity_val_steps": 0, **kwargs})
 
 
 def floats(metrics: dict) -> dict[str, float]:

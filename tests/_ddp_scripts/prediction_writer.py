@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
-from common import is_launcher  # noqa: F401  (sets threads, quiets warnings)
+from common import is_launcher
+from common import trainer as ddp_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ensembles import EnsembleClassifier
@@ -26,15 +26,7 @@ def main(out: Path) -> None:
     x = torch.randn(N, 8, generator=torch.Generator().manual_seed(1))
     loader = DataLoader(TensorDataset(x), batch_size=16)
     writers = [PredictionWriter(out / "ddp.csv", members=True), PredictionWriter(out / "ddp.npy", members=True)]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        strategy="ddp",
-        devices=2,
-        callbacks=writers,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer(strategy="ddp", devices=2, callbacks=writers)
     trainer.predict(model, loader, return_predictions=False)
 
 

@@ -16,6 +16,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _trainer import quiet_trainer  # noqa: E402
+
 from lightning_ensembles import EnsembleClassifier, EnsembleRegressor
 from lightning_ensembles.data import DigitsDataModule, MNIST1DDataModule, ToyRegressionDataModule
 
@@ -53,16 +56,7 @@ def main(data: str, out: Path, mode: str, *rest: str) -> None:
     callbacks = [ModelCheckpoint(dirpath=out, save_last=True)]
     if mode == "kill":
         callbacks.append(KillAt(int(rest[0])))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=MAX_EPOCHS,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(max_epochs=MAX_EPOCHS, enable_checkpointing=True, deterministic=True, callbacks=callbacks)
     ckpt = str(out / "last.ckpt") if mode == "resume" else None
     trainer.fit(module, dm, ckpt_path=ckpt, weights_only=True)
     metrics = trainer.test(module, dm, verbose=False)[0]

@@ -14,6 +14,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _trainer import quiet_trainer  # noqa: E402
+
 from lightning_ensembles import (
     ConformalPrediction,
     EnsembleClassifier,
@@ -80,14 +83,9 @@ CASES = {
 
 
 def trainer(callbacks, max_epochs: int, root: Path) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    return quiet_trainer(
+        callbacks=callbacks,
         max_epochs=max_epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         default_root_dir=root,
         limit_train_batches=4,
         limit_val_batches=3,
