@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _trainer import cli_fit_args
 
 from lightning_ensembles.cli import run_cli
 
@@ -44,19 +45,13 @@ def test_print_config_and_console_script(tmp_path):
 
 def test_cli_takes_a_timm_backbone_by_name(tmp_path):
     cli = run_cli(
-        [
-            "fit",
-            "--config",
-            str(CONFIG),
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.limit_test_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
+        cli_fit_args(
+            CONFIG,
+            tmp_path,
             "--model.init_args.backbone=resnet10t",
             "--model.init_args.num_members=2",
             '--model.init_args.backbone_kwargs={"num_classes": 10, "in_chans": 1}',
-        ]
+        )
     )
     assert type(cli.model.ensemble.template).__name__ == "ResNet"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _trainer import cli_fit_args
 from conftest import quiet_trainer
 
 from lightning_ensembles import EnsembleClassifier
@@ -96,20 +97,14 @@ def test_cli_takes_any_torch_optimizer_and_scheduler_and_has_no_overriding_flags
     from lightning_ensembles.cli import run_cli
 
     cli = run_cli(
-        [
-            "fit",
-            "--config",
-            str(CONFIG),
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.limit_test_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
+        cli_fit_args(
+            CONFIG,
+            tmp_path,
             "--model.init_args.num_members=2",
             '--model.init_args.optimizer={"class_path": "torch.optim.RMSprop", "init_args": {"lr": 0.01}}',
             '--model.init_args.scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", '
             '"init_args": {"step_size": 1, "gamma": 0.5}}',
-        ]
+        )
     )
     assert isinstance(cli.trainer.optimizers[0], torch.optim.RMSprop)
     assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.StepLR)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _trainer import cli_fit_args
 from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -193,16 +194,12 @@ def test_one_member_end_to_end_in_the_cli(tmp_path, capsys):
     from lightning_ensembles.cli import run_cli
 
     cli = run_cli(
-        [
-            "fit",
-            "--config",
-            str(CONFIG),
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
+        cli_fit_args(
+            CONFIG,
+            tmp_path,
             "--model.init_args.num_members=1",
-        ]
+            test_batches=None,
+        )
     )
     out = capsys.readouterr().out
     assert "member 0" in out and "member mean" in out
