@@ -9,10 +9,11 @@ optional ``plots`` extra.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from .._optional import require
@@ -53,21 +54,38 @@ def scalar(val: Tensor | float) -> float:
     return float(val)
 
 
+def _numpy(values: Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    """``values`` as a float64 numpy array (tensors moved to the CPU first)."""
+    if isinstance(values, Tensor):
+        return values.detach().double().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def plot_value(metric: Any, val: Tensor | float | None) -> float:
+    """The number in a ``plot()`` title: ``val``, by default ``metric.compute()`` (see :func:`scalar`)."""
+    return scalar(metric.compute() if val is None else val)
+
+
+def start_plot(metric: Any, val: Tensor | float | None, ax: Any) -> tuple[float, Any, Any]:
+    """``(value, fig, ax)`` of ``metric.plot(val, ax)``: :func:`plot_value` and :func:`new_axes`."""
+    value = plot_value(metric, val)
+    fig, ax = new_axes(ax, f"{type(metric).__name__}.plot()")
+    return value, fig, ax
+
+
 def fold_top_bin(count: Tensor, confidence: Tensor, accuracy: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n_bins`` bins for drawing from the ``n_bins + 1`` of the binned metrics.
 
     The extra last bin (confidences of exactly 1) is merged into the top bin with count-weighted means.
     """
-    count = count.double().cpu().numpy().copy()
-    conf = confidence.double().cpu().numpy().copy()
-    acc = accuracy.double().cpu().numpy().copy()
-    top = count[-2] + count[-1]
+    n, conf, acc = (_numpy(t).copy() for t in (count, confidence, accuracy))
+    top = n[-2] + n[-1]
     if top > 0:
-        conf[-2] = (conf[-2] * count[-2] + conf[-1] * count[-1]) / top
-        acc[-2] = (acc[-2] * count[-2] + acc[-1] * count[-1]) / top
-    count, conf, acc = count[:-1], conf[:-1], acc[:-1]
-    count[-1] = top
-    return count, conf, acc
+        conf[-2] = (conf[-2] * n[-2] + conf[-1] * n[-1]) / top
+        acc[-2] = (acc[-2] * n[-2] + acc[-1] * n[-1]) / top
+    n, conf, acc = n[:-1], conf[:-1], acc[:-1]
+    n[-1] = top
+    return n, conf, acc
 
 
 def draw_reliability(
@@ -145,8 +163,8 @@ def reliability_figure(
 
 def draw_curve(
     ax: Any,
-    x: Tensor | np.ndarray,
-    y: Tensor | np.ndarray,
+    x: Tensor | np.ndarray | Sequence[float],
+    y: Tensor | np.ndarray | Sequence[float],
     title: str,
     xlabel: str,
     ylabel: str,
@@ -156,9 +174,7 @@ def draw_curve(
     drawstyle: str = "default",
 ) -> None:
     """One line of points ``(x, y)`` (the first line of ``ax``) in the unit square, optionally with the diagonal."""
-    x = x.double().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
-    y = y.double().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y, dtype=np.float64)
-    ax.plot(x, y, marker=marker, ms=4, color="tab:blue", label=label, drawstyle=drawstyle)
+    ax.plot(_numpy(x), _numpy(y), marker=marker, ms=4, color="tab:blue", label=label, drawstyle=drawstyle)
     if diagonal:
         ax.plot([0, 1], [0, 1], "--", color="gray", label=diagonal)
     ax.set_xlim(0, 1)
@@ -167,6 +183,16 @@ def draw_curve(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(loc="lower right")
+
+
+def draw_steps(ax: Any, x: Tensor, y: Tensor, title: str, xlabel: str, ylabel: str, label: str) -> None:
+    """:func:`draw_curve` of the steps through ``(0, y_1), (x_1, y_1), ..., (x_K, y_K)``, without a diagonal.
+
+    For curves whose area is a right-endpoint sum: risk-coverage (AURC) and precision-recall (average precision).
+    """
+    x = torch.cat([x.new_zeros(1), x])
+    y = torch.cat([y[:1], y])
+    draw_curve(ax, x, y, title, xlabel, ylabel, label, diagonal=None, marker="", drawstyle="steps-pre")
 
 
 def plot_bins(
@@ -185,7 +211,7 @@ def plot_bins(
     """
     count, conf, acc = bins
     check_plottable(metric, bool(count.sum() > 0))
-    value = scalar(metric.compute() if val is None else val)
+    value = plot_value(metric, val)
     title = f"{name} = {100 * value:.2f}%"
     if ax is None:
         return reliability_figure(

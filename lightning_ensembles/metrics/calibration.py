@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .._checks import as_float, check_norm, check_num_classes, check_positive_int, check_probs, check_targets
+from .._checks import as_float, check_choice, check_norm, check_positive_int, check_probs_targets
 from ._empty import NaNWhenEmpty, cat_state, no_samples
-from ._plot import check_plottable, new_axes, plot_bins, scalar, synced
+from ._plot import check_plottable, plot_bins, start_plot, synced
+from ._running import add_sums
 
 Norm = Literal["l1", "l2", "max"]
 _NORM_NAME = {"l1": "ECE", "l2": "L2 calibration error", "max": "MCE"}
@@ -40,12 +41,55 @@ def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor
     return gap.amax(-1)
 
 
-class _BinnedCalibration(NaNWhenEmpty, Metric):
-    """Keeps ``(..., n_bins + 1)`` sums of counts, confidences and accuracies: memory independent of N."""
+def column_bin_sums(p: Tensor, hit: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per column ``k`` of ``(B, K)`` probabilities ``p`` and 0/1 outcomes ``hit``: the sample count, the sum of
+    ``p`` and the sum of ``hit`` in each :func:`bin_index` bin, float64 ``(K, n_bins + 1)`` tensors each.
+
+    ``p`` is binned in its own dtype; one flat ``bincount`` over (column, bin) pairs, no loop over columns.
+    """
+    k, size = p.shape[-1], n_bins + 1
+    flat = (bin_index(p, n_bins) + torch.arange(k, device=p.device) * size).reshape(-1)
+    n = k * size
+    count = torch.bincount(flat, minlength=n).to(torch.float64).view(k, size)
+    conf_sum = torch.bincount(flat, weights=p.reshape(-1).double(), minlength=n).view(k, size)
+    acc_sum = torch.bincount(flat, weights=hit.reshape(-1).double(), minlength=n).view(k, size)
+    return count, conf_sum, acc_sum
+
+
+class _Calibration(NaNWhenEmpty, Metric):
+    """The arguments and input check every calibration error here shares."""
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+
+    def __init__(
+        self, num_classes: int | None, n_bins: int, norm: Norm, validate_args: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.validate_args = validate_args
+        check_positive_int(n_bins, "n_bins")
+        check_norm(norm)
+        self.num_classes = num_classes
+        self.n_bins = n_bins
+        self.norm = norm
+
+    def _check(self, probs: Tensor, target: Tensor) -> int:
+        """The number of classes; with ``validate_args`` after checking ``probs`` and ``target``."""
+        if not self.validate_args:
+            return probs.shape[-1]
+        return check_probs_targets(probs, target, self.num_classes)
+
+
+class _BinnedCalibration(_Calibration):
+    """Keeps ``(..., n_bins + 1)`` sums of counts, confidences and accuracies: memory independent of N."""
+
+    count: Tensor
+    conf_sum: Tensor
+    acc_sum: Tensor
+
+    #: ``"mean"``: ``compute()`` averages the per-class (per-label) errors; ``"none"`` returns them as they are.
+    reduction: str = "none"
 
     def __init__(
         self,
@@ -56,21 +100,21 @@ class _BinnedCalibration(NaNWhenEmpty, Metric):
         validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.validate_args = validate_args
-        check_positive_int(n_bins, "n_bins")
-        check_norm(norm)
+        super().__init__(num_classes, n_bins, norm, validate_args, **kwargs)
         if num_classes is not None:
             check_positive_int(num_classes, "num_classes")
-        self.num_classes = num_classes
-        self.n_bins = n_bins
-        self.norm = norm
         # float64 sums: a million float32 confidences summed in float32 would drift by ~1e-4.
-        for state in ("count", "conf_sum", "acc_sum"):
-            self.add_state(state, torch.zeros(*shape, n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        add_sums(self, "count", "conf_sum", "acc_sum", shape=(*shape, n_bins + 1))
 
     #: Axis labels and title prefix of the reliability diagram drawn by :meth:`plot`.
     _plot_labels = ("confidence (top-label probability)", "accuracy", "")
+
+    def _add_bins(self, p: Tensor, hit: Tensor) -> None:
+        """Add ``(B, K)`` probabilities and 0/1 outcomes to the bins (column ``k``: row ``k`` of the sums)."""
+        count, conf_sum, acc_sum = column_bin_sums(p, hit, self.n_bins)
+        self.count += count.view(self.count.shape)
+        self.conf_sum += conf_sum.view(self.conf_sum.shape)
+        self.acc_sum += acc_sum.view(self.acc_sum.shape)
 
     def pooled_bins(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(count, mean confidence, accuracy)`` per bin, pooled over classes (``n_bins + 1`` entries each)."""
@@ -83,24 +127,24 @@ class _BinnedCalibration(NaNWhenEmpty, Metric):
         """Reliability diagram from the stored bins: ``(fig, ax)`` (torchmetrics' ``Metric.plot`` contract).
 
         Bars are the accuracy of each non-empty equal-width bin (for the classwise error: the frequency
-        of class ``k`` among samples whose ``p_k`` falls in the bin, pooled over classes), hatched bars
-        the gap to the bin's mean confidence, the dashed line perfect calibration; the title holds
-        ``val`` (default: ``compute()``). Without ``ax`` a new figure also shows the fraction of
-        samples per bin below the diagram; with ``ax`` only the diagram is drawn into it. Bins are
-        summed over processes first. Needs matplotlib (``pip install 'lightning-ensembles[plots]'``).
+        of class ``k`` among samples whose ``p_k`` falls in the bin, pooled over classes; for the
+        multilabel error: the frequency of ``y_l = 1`` among (sample, label) pairs, pooled over labels),
+        hatched bars the gap to the bin's mean confidence, the dashed line perfect calibration; the title
+        holds ``val`` (default: ``compute()``; per-class values: their mean). Without ``ax`` a new figure
+        also shows the fraction of samples per bin below the diagram; with ``ax`` only the diagram is drawn
+        into it. Bins are summed over processes first. Needs matplotlib
+        (``pip install 'lightning-ensembles[plots]'``).
         """
         with synced(self):
-            bins = tuple(t.detach().clone() for t in self.pooled_bins())
+            count, conf, acc = (t.detach().clone() for t in self.pooled_bins())
         xlabel, ylabel, prefix = self._plot_labels
-        return plot_bins(self, val, ax, bins, prefix + _NORM_NAME[self.norm], xlabel, ylabel)
+        return plot_bins(self, val, ax, (count, conf, acc), prefix + _NORM_NAME[self.norm], xlabel, ylabel)
 
-    def _check(self, probs: Tensor, target: Tensor) -> int:
-        if not self.validate_args:
-            return probs.shape[-1]
-        check_probs(probs)
-        c = check_num_classes(probs, self.num_classes)
-        check_targets(target, probs.shape[0], c)
-        return c
+    def compute(self) -> Tensor:
+        if not bool(self.count.sum() > 0):
+            return no_samples(self, self.count.device)
+        errors = calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, self.norm).float()
+        return errors.mean() if self.reduction == "mean" else errors
 
 
 class ExpectedCalibrationError(_BinnedCalibration):
@@ -111,9 +155,16 @@ class ExpectedCalibrationError(_BinnedCalibration):
     confidence of exactly 1 in its own top bin, identical to torchmetrics'
     ``MulticlassCalibrationError`` (Guo's code uses ``(lo, hi]``; the two differ only for
     confidences that fall exactly on a boundary). Memory is constant: only per-bin sums are kept.
-    ``validate_args=False`` skips the input checks (two passes over the probabilities) for speed.
 
     Inputs: ``probs`` ``(B, C)`` probabilities (rows sum to 1), ``target`` ``(B,)`` class indices.
+
+    Args:
+        num_classes: C, checked against the last axis of ``probs`` when given (default: any).
+        n_bins: the number of equal-width bins on [0, 1].
+        norm: ``"l1"`` (ECE), ``"l2"`` or ``"max"`` (MCE).
+        validate_args: check the inputs of ``update`` (two passes over the probabilities); ``False`` skips
+            the checks for speed.
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -140,31 +191,39 @@ class ExpectedCalibrationError(_BinnedCalibration):
     def update(self, probs: Tensor, target: Tensor) -> None:
         self._check(probs, target)
         conf, pred = as_float(probs).max(-1)
-        acc = (pred == target).to(torch.float64)
-        idx = bin_index(conf, self.n_bins)
-        size = self.n_bins + 1
-        self.count += torch.bincount(idx, minlength=size).to(torch.float64)
-        self.conf_sum += torch.bincount(idx, weights=conf.double(), minlength=size)
-        self.acc_sum += torch.bincount(idx, weights=acc, minlength=size)
-
-    def compute(self) -> Tensor:
-        if not bool(self.count.sum() > 0):
-            return no_samples(self, self.count.device)
-        return calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, self.norm).float()
+        self._add_bins(conf[:, None], (pred == target)[:, None])
 
     def bins(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(count, mean confidence, accuracy)`` per bin (the last bin holds confidences equal to 1)."""
-        safe = self.count.clamp_min(1)
-        return self.count, self.conf_sum / safe, self.acc_sum / safe
+        return self.pooled_bins()
 
 
-class ClasswiseCalibrationError(_BinnedCalibration):
+class _ColumnwiseCalibration(_BinnedCalibration):
+    """One calibration error per column of ``(B, K)`` probabilities (classes, labels), or their mean."""
+
+    def __init__(
+        self, columns: int, n_bins: int, norm: Norm, reduction: str, validate_args: bool = True, **kwargs: Any
+    ) -> None:
+        check_choice("reduction", reduction, ("mean", "none"))
+        super().__init__(columns, n_bins, norm, (columns,), validate_args, **kwargs)
+        self.reduction = reduction
+
+
+class ClasswiseCalibrationError(_ColumnwiseCalibration):
     r"""Classwise ECE (Kull et al., 2019): for each class k, equal-width bins on ``p_k`` compare the
     mean ``p_k`` with the frequency of class k; the per-class errors are averaged over classes.
 
     Binning per class is the same as :class:`ExpectedCalibrationError`, so the value equals
     torch-uncertainty's ``ClasswiseCalibrationError`` (which stores every probability); here only
     ``(C, n_bins + 1)`` sums are kept. ``reduction="none"`` returns the ``(C,)`` per-class errors.
+
+    Args:
+        num_classes: the number of classes C (required: one set of bins per class).
+        n_bins: equal-width bins per class on [0, 1].
+        norm: ``"l1"``, ``"l2"`` or ``"max"``, applied to each class's bins.
+        reduction: ``"mean"`` (default) averages the per-class errors, ``"none"`` returns all ``C``.
+        validate_args: ``False`` skips the input checks of ``update``.
+        **kwargs: torchmetrics ``Metric`` options.
 
     Example:
         >>> import torch
@@ -186,32 +245,14 @@ class ClasswiseCalibrationError(_BinnedCalibration):
         **kwargs: Any,
     ) -> None:
         check_positive_int(num_classes, "num_classes")
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
-        super().__init__(num_classes, n_bins, norm, (num_classes,), validate_args, **kwargs)
-        self.reduction = reduction
+        super().__init__(num_classes, n_bins, norm, reduction, validate_args, **kwargs)
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         c = self._check(probs, target)
-        probs = as_float(probs)
-        size = self.n_bins + 1
-        # One flat bincount over (class, bin) pairs instead of a Python loop over classes.
-        flat = bin_index(probs, self.n_bins) + torch.arange(c, device=probs.device) * size
-        flat = flat.reshape(-1)
-        hit = torch.nn.functional.one_hot(target, c).to(torch.float64).reshape(-1)
-        n = c * size
-        self.count += torch.bincount(flat, minlength=n).to(torch.float64).view(c, size)
-        self.conf_sum += torch.bincount(flat, weights=probs.reshape(-1).double(), minlength=n).view(c, size)
-        self.acc_sum += torch.bincount(flat, weights=hit, minlength=n).view(c, size)
-
-    def compute(self) -> Tensor:
-        if not bool(self.count.sum() > 0):
-            return no_samples(self, self.count.device)
-        per_class = calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, self.norm).float()
-        return per_class.mean() if self.reduction == "mean" else per_class
+        self._add_bins(as_float(probs), torch.nn.functional.one_hot(target, c))
 
 
-class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
+class AdaptiveCalibrationError(_Calibration):
     r"""Calibration error with equal-mass (adaptive) bins.
 
     ``top_label=True`` (default): sort the top-label confidences, split them into ``n_bins`` bins of
@@ -231,6 +272,14 @@ class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
     Equal-mass bins depend on the whole sample, so this metric stores the confidences (top-label:
     2 floats per sample; classwise: ``C + 1`` per sample) and sorts them at ``compute``.
 
+    Args:
+        num_classes: the number of classes C, or ``None`` to take it from each batch.
+        n_bins: the number of equal-mass bins (per class with ``top_label=False``).
+        norm: ``"l1"``, ``"l2"`` or ``"max"`` over the bins' gaps.
+        top_label: bin the top-label confidence (default) or, ``False``, every class's probability (ACE).
+        validate_args: whether ``update`` checks ``probs`` and ``target``.
+        **kwargs: options of ``torchmetrics.Metric``.
+
     Example:
         >>> import torch
         >>> m = AdaptiveCalibrationError(n_bins=2)
@@ -239,9 +288,8 @@ class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
         0.15
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
+    confidences: list[Tensor]
+    accuracies: list[Tensor]
 
     def __init__(
         self,
@@ -252,23 +300,13 @@ class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
         validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.validate_args = validate_args
-        check_positive_int(n_bins, "n_bins")
-        check_norm(norm)
-        self.num_classes = num_classes
-        self.n_bins = n_bins
-        self.norm = norm
+        super().__init__(num_classes, n_bins, norm, validate_args, **kwargs)
         self.top_label = top_label
         self.add_state("confidences", [], dist_reduce_fx="cat")
         self.add_state("accuracies", [], dist_reduce_fx="cat")
 
     def update(self, probs: Tensor, target: Tensor) -> None:
-        c = probs.shape[-1]
-        if self.validate_args:
-            check_probs(probs)
-            c = check_num_classes(probs, self.num_classes)
-            check_targets(target, probs.shape[0], c)
+        c = self._check(probs, target)
         probs = as_float(probs)
         if self.top_label:
             conf, pred = probs.max(-1)
@@ -325,8 +363,7 @@ class AdaptiveCalibrationError(NaNWhenEmpty, Metric):
         with synced(self):
             curves = [(x.clone(), y.clone()) for x, y in self.curves()]
         check_plottable(self, bool(curves))
-        value = scalar(self.compute() if val is None else val)
-        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        value, fig, ax = start_plot(self, val, ax)
         many = len(curves) > 10  # a legend entry per class only while it stays readable
         for k, (x, y) in enumerate(curves):
             label = "equal-mass bins" if self.top_label else (None if many else f"class {k}")

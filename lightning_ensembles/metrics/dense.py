@@ -20,7 +20,9 @@ from torchmetrics import Metric
 
 from .._checks import check_finite
 from ._empty import NaNWhenEmpty, no_samples
+from ._running import add_sums
 from .calibration import ExpectedCalibrationError
+from .presets import TopLabelAccuracy
 from .scoring import BrierScore, NegativeLogLikelihood
 
 __all__ = ["DenseMeanIoU", "DenseMetrics", "aggregate_dense_probs", "dense_member_probs", "pixels"]
@@ -76,6 +78,11 @@ class DenseMeanIoU(NaNWhenEmpty, Metric):
     out of the mean. ``update(preds_or_probs, target)``: class indices ``(B, *S)`` or probabilities
     ``(B, C, *S)`` (argmax taken), targets ``(B, *S)``.
 
+    Args:
+        num_classes: the number of classes C; targets must lie in ``[0, C)``.
+        ignore_index: a target value whose pixels are left out (e.g. 255 for unlabelled pixels).
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
+
     Example:
         >>> import torch
         >>> m = DenseMeanIoU(num_classes=2)
@@ -88,13 +95,15 @@ class DenseMeanIoU(NaNWhenEmpty, Metric):
     higher_is_better = True
     full_state_update = False
 
+    confusion: Tensor
+
     def __init__(self, num_classes: int, ignore_index: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"`num_classes` must be >= 1, got {num_classes}.")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        add_sums(self, "confusion", shape=(num_classes, num_classes))
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         if preds.is_floating_point():
@@ -127,24 +136,11 @@ class DenseMeanIoU(NaNWhenEmpty, Metric):
         return self.per_class().nanmean().float()
 
 
-class _PixelAccuracy(NaNWhenEmpty, Metric):
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+class _PixelAccuracy(TopLabelAccuracy):
+    """Top-1 accuracy of the pixels :func:`pixels` returns (their targets are checked by :class:`DenseMeanIoU`)."""
 
     def update(self, rows: Tensor, target: Tensor) -> None:
-        self.correct += (rows.argmax(-1) == target).sum()
-        self.count += target.numel()
-
-    def compute(self) -> Tensor:
-        if not bool(self.count > 0):
-            return no_samples(self, self.count.device)
-        return (self.correct / self.count).float()
+        self._add(rows.argmax(-1) == target)
 
 
 class DenseMetrics(nn.Module):
@@ -153,6 +149,11 @@ class DenseMetrics(nn.Module):
     ``update(member_logits, target (B, *S))`` (or ``update_probs(probs (B, C, *S), target)``);
     ``compute()`` returns ``{"pixel_acc", "miou", "nll", "brier", "ece"}`` of the ensemble prediction.
     Memory does not grow with the number of pixels.
+
+    Args:
+        num_classes: the number of classes C (axis 2 of member logits, axis 1 of probabilities).
+        ignore_index: a target value whose pixels are left out of every metric.
+        n_bins: the number of equal-width bins of the pixel-wise ECE.
 
     Example:
         >>> import torch

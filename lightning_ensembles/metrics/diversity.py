@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from .._checks import check_probs
-from ._empty import NaNWhenEmpty, no_samples
+from ._running import PerSampleMean
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -36,16 +35,12 @@ def pairwise_disagreement(member_probs: Tensor) -> Tensor:
     return 1 - agree / (m * (m - 1))
 
 
-class _MemberMean(NaNWhenEmpty, Metric):
-    is_differentiable = False
+class _MemberMean(PerSampleMean):
     higher_is_better = None
-    full_state_update = False
 
     def __init__(self, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.validate_args = validate_args
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def _per_sample(self, member_probs: Tensor) -> Tensor:
         raise NotImplementedError
@@ -53,13 +48,7 @@ class _MemberMean(NaNWhenEmpty, Metric):
     def update(self, member_probs: Tensor) -> None:
         if self.validate_args:
             check_probs(member_probs, "member_probs", members=True)
-        self.total += self._per_sample(member_probs.double()).sum()
-        self.count += member_probs.shape[1]
-
-    def compute(self) -> Tensor:
-        if not bool(self.count > 0):
-            return no_samples(self, self.count.device)
-        return (self.total / self.count).float()
+        self._add(self._per_sample(member_probs.double()))
 
 
 class MutualInformation(_MemberMean):
@@ -69,6 +58,10 @@ class MutualInformation(_MemberMean):
     Same value as torch-uncertainty's ``MutualInformation`` on ``member_probs.transpose(0, 1)``
     (torch-uncertainty takes ``(B, M, C)`` and clamps per-sample values at 0; exact arithmetic never
     goes below 0 and we compute in float64 instead).
+
+    Args:
+        validate_args: check that ``member_probs`` are ``(M, B, C)`` probabilities; ``False`` skips it.
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -85,7 +78,12 @@ class MutualInformation(_MemberMean):
 class Disagreement(_MemberMean):
     r"""Mean pairwise disagreement: fraction of member pairs whose argmax predictions differ.
 
-    Same value as torch-uncertainty's ``Disagreement`` on ``member_probs.transpose(0, 1)``.
+    Same value as torch-uncertainty's ``Disagreement`` on ``member_probs.transpose(0, 1)``. A single member
+    never disagrees (0).
+
+    Args:
+        validate_args: ``False`` skips the probability checks of ``update``.
+        **kwargs: torchmetrics ``Metric`` options.
 
     Example:
         >>> import torch
@@ -101,6 +99,10 @@ class Disagreement(_MemberMean):
 
 class PredictiveEntropy(_MemberMean):
     r"""Mean entropy of the ensemble prediction ``H(mean_m p_m)`` (total uncertainty, nats).
+
+    Args:
+        validate_args: whether ``update`` checks its ``(M, B, C)`` member probabilities.
+        **kwargs: options of ``torchmetrics.Metric``.
 
     Example:
         >>> import torch

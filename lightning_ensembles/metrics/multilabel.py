@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from .._checks import check_finite
 from ._empty import NaNWhenEmpty, no_samples
-from ._plot import plot_bins, synced
-from .calibration import bin_index, calibration_error_from_bins
+from ._running import add_sums
+from .calibration import _ColumnwiseCalibration
 
 __all__ = ["MultilabelCalibrationError", "MultilabelMetrics", "aggregate_sigmoid"]
 
@@ -64,8 +63,14 @@ def _check(probs: Tensor, target: Tensor, num_labels: int) -> Tensor:
     return target.double()
 
 
-class MultilabelCalibrationError(NaNWhenEmpty, Metric):
+class MultilabelCalibrationError(_ColumnwiseCalibration):
     """Per-label binary ECE of multilabel probabilities ``(B, L)`` against 0/1 targets ``(B, L)``.
+
+    Args:
+        num_labels: the number of labels L (columns of ``probs`` and ``target``).
+        n_bins: equal-width bins per label on [0, 1].
+        reduction: ``"mean"`` (default) averages the per-label errors, ``"none"`` returns all ``L``.
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -75,71 +80,33 @@ class MultilabelCalibrationError(NaNWhenEmpty, Metric):
         [0.4, 0.2]
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
+    _plot_labels = ("predicted probability p_l (every label l)", "frequency of y_l = 1", "label-wise ")
 
     def __init__(self, num_labels: int, n_bins: int = 15, reduction: str = "mean", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         if num_labels < 1 or n_bins < 1:
             raise ValueError(f"`num_labels` and `n_bins` must be >= 1, got {num_labels} and {n_bins}.")
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
-        self.num_labels, self.n_bins, self.reduction = num_labels, n_bins, reduction
-        for state in ("count", "conf_sum", "acc_sum"):
-            self.add_state(state, torch.zeros(num_labels, n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        super().__init__(num_labels, n_bins, "l1", reduction, **kwargs)
+        self.num_labels = num_labels
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         y = _check(probs, target, self.num_labels)
-        p = probs.detach().double()
-        size = self.n_bins + 1
-        idx = bin_index(p, self.n_bins) + size * torch.arange(self.num_labels, device=p.device)  # (B, L) flat bins
-        total = self.num_labels * size
-        self.count += torch.bincount(idx.flatten(), minlength=total).reshape(self.num_labels, size).double()
-        self.conf_sum += torch.bincount(idx.flatten(), weights=p.flatten(), minlength=total).reshape(
-            self.num_labels, size
-        )
-        self.acc_sum += torch.bincount(idx.flatten(), weights=y.flatten(), minlength=total).reshape(
-            self.num_labels, size
-        )
-
-    def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
-        """Reliability diagram of the stored bins pooled over labels: ``(fig, ax)``.
-
-        Bars: the frequency of ``y_l = 1`` among the (sample, label) pairs whose ``p_l`` falls in each
-        bin; hatched: the gap to the bin's mean ``p_l``. The title holds ``val`` (default ``compute()``;
-        with ``reduction="none"`` the mean over labels). Without ``ax`` a histogram of the pairs per bin
-        is drawn below. Bins are summed over processes first. Needs matplotlib.
-        """
-        with synced(self):
-            count, conf_sum, acc_sum = (t.detach().sum(0) for t in (self.count, self.conf_sum, self.acc_sum))
-        safe = count.clamp_min(1)
-        return plot_bins(
-            self,
-            val,
-            ax,
-            (count, conf_sum / safe, acc_sum / safe),
-            "label-wise ECE",
-            "predicted probability p_l (every label l)",
-            "frequency of y_l = 1",
-        )
-
-    def compute(self) -> Tensor:
-        if not bool(self.count.sum() > 0):
-            return no_samples(self, self.count.device)
-        per_label = calibration_error_from_bins(self.count, self.conf_sum, self.acc_sum, "l1").float()
-        return per_label if self.reduction == "none" else per_label.mean()
+        self._add_bins(probs.detach().double(), y)
 
 
 class _LabelSums(NaNWhenEmpty, Metric):
     is_differentiable = False
     full_state_update = False
 
+    label_correct: Tensor
+    exact: Tensor
+    nll: Tensor
+    brier: Tensor
+    count: Tensor
+
     def __init__(self, num_labels: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_labels = num_labels
-        for state in ("label_correct", "exact", "nll", "brier", "count"):
-            self.add_state(state, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        add_sums(self, "label_correct", "exact", "nll", "brier", "count")
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         y = _check(probs, target, self.num_labels)
@@ -171,6 +138,10 @@ class MultilabelMetrics(nn.Module):
     ``update(member_logits (M, B, L), target (B, L))`` scores the ensemble (mean member sigmoid);
     ``update_probs(probs (B, L), target)`` scores given probabilities. ``compute()`` returns
     ``{"label_acc", "exact_match", "nll", "brier", "ece", "ece/<l>"...}``.
+
+    Args:
+        num_labels: the number of labels L (last axis of the outputs and targets).
+        n_bins: the number of equal-width bins of each label's ECE.
 
     Example:
         >>> import torch

@@ -14,7 +14,7 @@ from torchmetrics import Metric
 
 from .._checks import check_finite
 from ._empty import NaNWhenEmpty, cat_state, no_samples
-from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
+from ._plot import check_plottable, draw_curve, draw_steps, new_axes, plot_value, start_plot, synced
 
 
 def _check_ood(scores: Tensor, is_ood: Tensor) -> Tensor:
@@ -38,6 +38,9 @@ class _StoredScores(NaNWhenEmpty, Metric):
     is_differentiable = False
     full_state_update = False
 
+    scores: list[Tensor]
+    labels: list[Tensor]
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("scores", [], dist_reduce_fx="cat")
@@ -47,27 +50,28 @@ class _StoredScores(NaNWhenEmpty, Metric):
         self.labels.append(_check_ood(scores, is_ood))
         self.scores.append(scores.double())
 
-    def _curve(self) -> tuple[Tensor, Tensor, int, int] | Tensor:
-        """Cumulative true/false positives at each distinct threshold, from the highest score down.
-
-        Without samples: NaN after a :class:`NoSamplesWarning`; with only one kind of sample: NaN.
-        """
+    def compute(self) -> Tensor:
+        """The metric of the stored scores; without samples NaN after a :class:`NoSamplesWarning`, with
+        only one kind of sample NaN."""
         scores = cat_state(self.scores)
         labels = cat_state(self.labels, torch.long).bool()
         if scores.numel() == 0:
             return no_samples(self, self.device)
-        n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-        if n_pos == 0 or n_neg == 0:
+        n_pos = int(labels.sum())
+        if n_pos in (0, labels.numel()):
             return torch.tensor(float("nan"), device=self.device)
-        return _ranked(scores, labels)
+        return self._from_ranks(*_ranked(scores, labels)).float()
+
+    def _from_ranks(self, tp: Tensor, fp: Tensor, n_pos: int, n_neg: int) -> Tensor:
+        """The metric from the cumulative true / false positives of :func:`_ranked` (samples of both kinds)."""
+        raise NotImplementedError
 
     def roc(self) -> tuple[Tensor, Tensor]:
         """``(fpr, tpr)`` of the ROC curve from ``(0, 0)`` through every distinct threshold (highest score first).
 
         Reads the processes' gathered scores; needs samples of both kinds.
         """
-        tp, fp, n_pos, n_neg = self._plot_curve()
-        return torch.cat([fp.new_zeros(1), fp / n_neg]), torch.cat([tp.new_zeros(1), tp / n_pos])
+        return _roc(*self._plot_curve())
 
     def _plot_curve(self) -> tuple[Tensor, Tensor, int, int]:
         with synced(self):
@@ -98,6 +102,16 @@ class _StoredScores(NaNWhenEmpty, Metric):
         return fig, ax
 
 
+def _roc(tp: Tensor, fp: Tensor, n_pos: int, n_neg: int) -> tuple[Tensor, Tensor]:
+    """``(fpr, tpr)`` from ``(0, 0)`` through the cumulative counts of :func:`_ranked`."""
+    return torch.cat([fp.new_zeros(1), fp / n_neg]), torch.cat([tp.new_zeros(1), tp / n_pos])
+
+
+def _pr(tp: Tensor, fp: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:
+    """``(recall, precision)`` at each threshold from the cumulative counts of :func:`_ranked`."""
+    return tp / n_pos, tp / (tp + fp)
+
+
 def _ranked(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int, int]:
     """Cumulative true/false positives at each distinct threshold of samples of both kinds."""
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
@@ -118,6 +132,10 @@ class OODAUROC(_StoredScores):
     """Area under the ROC curve for telling OOD (positive) from in-distribution samples by ``scores``.
 
     Exact and tie-aware (trapezoid over distinct thresholds), equal to scikit-learn's ``roc_auc_score``.
+    Stores every ``(score, is_ood)`` pair; NaN without samples of both kinds.
+
+    Args:
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -129,14 +147,9 @@ class OODAUROC(_StoredScores):
 
     higher_is_better = True
 
-    def compute(self) -> Tensor:
-        curve = self._curve()
-        if isinstance(curve, Tensor):
-            return curve
-        tp, fp, n_pos, n_neg = curve
-        tpr = torch.cat([tp.new_zeros(1), tp / n_pos])
-        fpr = torch.cat([fp.new_zeros(1), fp / n_neg])
-        return torch.trapezoid(tpr, fpr).float()
+    def _from_ranks(self, tp: Tensor, fp: Tensor, n_pos: int, n_neg: int) -> Tensor:
+        fpr, tpr = _roc(tp, fp, n_pos, n_neg)
+        return torch.trapezoid(tpr, fpr)
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
         """ROC curve from the stored scores: ``(fig, ax)``, the first line of ``ax`` is :meth:`roc`.
@@ -145,7 +158,7 @@ class OODAUROC(_StoredScores):
         Scores are gathered over processes first. Needs matplotlib.
         """
         fpr, tpr = self.roc()  # raises before compute() can warn on an empty metric
-        value = scalar(self.compute() if val is None else val)
+        value = plot_value(self, val)
         return self._draw_roc(ax, fpr, tpr, f"OOD AUROC = {100 * value:.2f}%")
 
 
@@ -154,6 +167,9 @@ class OODAUPR(_StoredScores):
 
     ``AP = sum_k (R_k - R_{k-1}) P_k`` over distinct thresholds, equal to scikit-learn's
     ``average_precision_score``.
+
+    Args:
+        **kwargs: torchmetrics ``Metric`` options.
 
     Example:
         >>> import torch
@@ -165,20 +181,15 @@ class OODAUPR(_StoredScores):
 
     higher_is_better = True
 
-    def compute(self) -> Tensor:
-        curve = self._curve()
-        if isinstance(curve, Tensor):
-            return curve
-        tp, fp, n_pos, _ = curve
-        recall = tp / n_pos
-        precision = tp / (tp + fp)
+    def _from_ranks(self, tp: Tensor, fp: Tensor, n_pos: int, n_neg: int) -> Tensor:
+        recall, precision = _pr(tp, fp, n_pos)
         step = torch.diff(torch.cat([recall.new_zeros(1), recall]))
-        return (step * precision).sum().float()
+        return (step * precision).sum()
 
     def pr_curve(self) -> tuple[Tensor, Tensor]:
         """``(recall, precision)`` at every distinct threshold (highest score first), gathered over processes."""
         tp, fp, n_pos, _ = self._plot_curve()
-        return tp / n_pos, tp / (tp + fp)
+        return _pr(tp, fp, n_pos)
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Precision-recall curve from the stored scores: ``(fig, ax)``.
@@ -188,21 +199,15 @@ class OODAUPR(_StoredScores):
         default ``compute()``); the dashed line is the fraction of OOD samples (chance). Needs matplotlib.
         """
         recall, precision = self.pr_curve()
-        value = scalar(self.compute() if val is None else val)
-        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
-        x = torch.cat([recall.new_zeros(1), recall])
-        y = torch.cat([precision[:1], precision])
-        draw_curve(
+        value, fig, ax = start_plot(self, val, ax)
+        draw_steps(
             ax,
-            x,
-            y,
+            recall,
+            precision,
             f"OOD AUPR = {100 * value:.2f}%",
             "recall (OOD caught)",
             "precision (flagged that are OOD)",
             "precision-recall",
-            diagonal=None,
-            marker="",
-            drawstyle="steps-pre",
         )
         with synced(self):
             rate = float(cat_state(self.labels, torch.long).double().mean())
@@ -217,6 +222,10 @@ class FPR95(_StoredScores):
 
     Thresholds are only placed between distinct scores (a tie is never split), as in
     torch-uncertainty's ``FPR95(pos_label=1)``; returns ``nan`` without both kinds of sample.
+
+    Args:
+        recall: the true-positive rate to reach, in (0, 1].
+        **kwargs: options of ``torchmetrics.Metric``.
 
     Example:
         >>> import torch
@@ -234,13 +243,12 @@ class FPR95(_StoredScores):
             raise ValueError(f"`recall` must be in (0, 1], got {recall}.")
         self.recall = recall
 
-    def compute(self) -> Tensor:
-        curve = self._curve()
-        if isinstance(curve, Tensor):
-            return curve
-        tp, fp, n_pos, n_neg = curve
-        first = torch.nonzero(tp >= self.recall * n_pos - 1e-9).flatten()[0]
-        return (fp[first] / n_neg).float()
+    def _first(self, tp: Tensor, n_pos: int) -> Tensor:
+        """Index of the first threshold whose true-positive rate reaches ``recall``."""
+        return torch.nonzero(tp >= self.recall * n_pos - 1e-9).flatten()[0]
+
+    def _from_ranks(self, tp: Tensor, fp: Tensor, n_pos: int, n_neg: int) -> Tensor:
+        return fp[self._first(tp, n_pos)] / n_neg
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> tuple[Any, Any]:
         """ROC curve (the first line of ``ax``, ``roc()``) with the operating point marked: ``(fig, ax)``.
@@ -249,11 +257,10 @@ class FPR95(_StoredScores):
         ``recall``; the title holds ``val`` (default ``compute()``, that point's FPR). Needs matplotlib.
         """
         tp, fp, n_pos, n_neg = self._plot_curve()  # raises before compute() can warn on an empty metric
-        value = scalar(self.compute() if val is None else val)
-        fpr = torch.cat([fp.new_zeros(1), fp / n_neg])
-        tpr = torch.cat([tp.new_zeros(1), tp / n_pos])
+        value = plot_value(self, val)
+        fpr, tpr = _roc(tp, fp, n_pos, n_neg)
         fig, ax = self._draw_roc(ax, fpr, tpr, f"FPR at {100 * self.recall:g}% TPR = {100 * value:.2f}%")
-        first = torch.nonzero(tp >= self.recall * n_pos - 1e-9).flatten()[0]
+        first = self._first(tp, n_pos)
         ax.plot(
             [float(fp[first] / n_neg)],
             [float(tp[first] / n_pos)],

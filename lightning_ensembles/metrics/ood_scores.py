@@ -29,12 +29,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from .._checks import check_finite
+from .._checks import check_choice, check_finite
 from .diversity import entropy
 from .ood import FPR95, OODAUPR, OODAUROC
 
@@ -108,6 +109,8 @@ LOGIT_SCORES: dict[str, Callable[[Tensor], Tensor]] = {
 }
 #: Every score name, in the order they are logged.
 OOD_SCORES: tuple[str, ...] = ("msp", "entropy", "mi", "variation_ratio", "max_logit", "energy")
+#: What the scores and :class:`OODScoreMetrics` can be given: member logits or member probabilities.
+_INPUTS = ("logits", "probs")
 
 
 def ood_score(name: str, outputs: Tensor, inputs: str = "logits") -> Tensor:
@@ -116,10 +119,8 @@ def ood_score(name: str, outputs: Tensor, inputs: str = "logits") -> Tensor:
     ``inputs="logits"`` (member logits) serves every score; ``inputs="probs"`` (member probabilities)
     serves the probability scores only.
     """
-    if name not in OOD_SCORES:
-        raise ValueError(f"unknown OOD score {name!r}; choose from {list(OOD_SCORES)}.")
-    if inputs not in ("logits", "probs"):
-        raise ValueError(f"`inputs` must be 'logits' or 'probs', got {inputs!r}.")
+    check_choice("name", name, OOD_SCORES, hint="It names the OOD score.")
+    check_choice("inputs", inputs, _INPUTS)
     _check_members(outputs, f"member_{inputs}")
     if name in LOGIT_SCORES:
         if inputs == "probs":
@@ -141,6 +142,10 @@ class OODScoreMetrics(nn.Module):
     ``ood_auroc_energy``). ``inputs="probs"`` takes member probabilities and allows only the
     probability scores (an error names the logit ones otherwise).
 
+    Args:
+        scores: the names of the scores to rank by (default: every one of :data:`OOD_SCORES`).
+        inputs: ``"logits"`` (member logits, default) or ``"probs"`` (member probabilities).
+
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
@@ -158,8 +163,7 @@ class OODScoreMetrics(nn.Module):
         unknown = [s for s in scores if s not in OOD_SCORES]
         if unknown or not scores:
             raise ValueError(f"unknown OOD score(s) {unknown or scores}; choose from {list(OOD_SCORES)}.")
-        if inputs not in ("logits", "probs"):
-            raise ValueError(f"`inputs` must be 'logits' or 'probs', got {inputs!r}.")
+        check_choice("inputs", inputs, _INPUTS)
         if inputs == "probs" and any(s in LOGIT_SCORES for s in scores):
             raise ValueError(
                 f"scores {[s for s in scores if s in LOGIT_SCORES]} need member logits but inputs='probs'; drop them or "
@@ -171,20 +175,23 @@ class OODScoreMetrics(nn.Module):
             {s: MetricCollection({"auroc": OODAUROC(), "aupr": OODAUPR(), "fpr95": FPR95()}) for s in scores}
         )
 
+    def _sets(self) -> dict[str, MetricCollection]:
+        """The metric set of each score (an ``nn.ModuleDict`` reads its entries back as ``Module``)."""
+        return {name: cast(MetricCollection, self.metrics[name]) for name in self.scores}
+
     def update(self, outputs: Tensor, is_ood: bool | Tensor) -> None:
-        batch = outputs.shape[1] if isinstance(outputs, Tensor) and outputs.dim() == 3 else None
-        for name in self.scores:
+        for name, metrics in self._sets().items():
             score = ood_score(name, outputs.detach(), self.inputs)
             labels = (
-                torch.full((batch,), int(bool(is_ood)), dtype=torch.long, device=score.device)
-                if not isinstance(is_ood, Tensor)
-                else is_ood.to(score.device)
+                is_ood.to(score.device)
+                if isinstance(is_ood, Tensor)
+                else torch.full_like(score, int(bool(is_ood)), dtype=torch.long)
             )
-            self.metrics[name].update(score, labels)
+            metrics.update(score, labels)
 
     def compute(self) -> dict[str, Tensor]:
-        return {f"ood_{k}_{name}": v for name in self.scores for k, v in self.metrics[name].compute().items()}
+        return {f"ood_{k}_{name}": v for name, metrics in self._sets().items() for k, v in metrics.compute().items()}
 
     def reset(self) -> None:
-        for m in self.metrics.values():
-            m.reset()
+        for metrics in self._sets().values():
+            metrics.reset()

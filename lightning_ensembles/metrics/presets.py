@@ -8,17 +8,29 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from .._checks import check_finite, check_not_probs, check_num_classes, check_positive_int, check_probs, check_targets
+from .._checks import (
+    check_choice,
+    check_finite,
+    check_not_probs,
+    check_num_classes,
+    check_positive_int,
+    check_probs,
+    check_targets,
+)
 from ..ensembles.base import aggregate_gaussian
 from ._empty import NaNWhenEmpty, cat_state, no_samples, quiet_when_empty
+from ._running import PerSampleMean, add_sums, ratio_or_nan
 from .calibration import ExpectedCalibrationError
 from .diversity import Disagreement, MutualInformation
 from .regression import GaussianNLL, IntervalCoverage
 from .scoring import BrierScore, NegativeLogLikelihood
 
 
-class TopLabelAccuracy(NaNWhenEmpty, Metric):
+class TopLabelAccuracy(PerSampleMean):
     """Top-1 accuracy of ``(B, C)`` probabilities (or logits) against ``(B,)`` class indices.
+
+    Args:
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -28,24 +40,11 @@ class TopLabelAccuracy(NaNWhenEmpty, Metric):
         0.5
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         check_targets(target, probs.shape[0], probs.shape[-1])
-        self.correct += (probs.argmax(-1) == target).sum()
-        self.count += target.numel()
-
-    def compute(self) -> Tensor:
-        if not bool(self.count > 0):
-            return no_samples(self, self.count.device)
-        return (self.correct / self.count).float()
+        self._add(probs.argmax(-1) == target)
 
 
 class MemberAccuracy(NaNWhenEmpty, Metric):
@@ -54,6 +53,9 @@ class MemberAccuracy(NaNWhenEmpty, Metric):
     The number of members is read from the input, so one instance serves any ensemble (per-batch
     counts are kept as a list state: a few numbers per batch, synced by concatenation). Without
     samples the number of members is unknown: ``compute()`` returns a scalar NaN.
+
+    Args:
+        **kwargs: torchmetrics ``Metric`` options.
 
     Example:
         >>> import torch
@@ -67,10 +69,13 @@ class MemberAccuracy(NaNWhenEmpty, Metric):
     higher_is_better = True
     full_state_update = False
 
+    correct: list[Tensor]
+    count: Tensor
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("correct", [], dist_reduce_fx="cat")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        add_sums(self, "count")
 
     def update(self, member_outputs: Tensor, target: Tensor) -> None:
         if member_outputs.dim() != 3:
@@ -80,18 +85,30 @@ class MemberAccuracy(NaNWhenEmpty, Metric):
         self.count += target.numel()
 
     def compute(self) -> Tensor:
-        if not bool(self.count > 0):
-            return no_samples(self, self.count.device)
-        return (cat_state(self.correct).sum(0) / self.count).float()
+        return ratio_or_nan(self, cat_state(self.correct).sum(0), self.count)
 
 
-def _no_samples(collection: MetricCollection, values: dict[str, Tensor], name: str) -> bool:
-    """Whether the collection saw no sample: its ``name`` value (NaN only without samples) is NaN."""
-    key = f"{collection.prefix or ''}{name}{collection.postfix or ''}"
-    return key in values and bool(torch.isnan(values[key]).all())
+class _MetricSet(MetricCollection):
+    """A collection whose ``compute()`` without samples returns every value NaN, after one warning naming it."""
+
+    #: The key (without prefix / postfix) of a value that is NaN only when no sample arrived.
+    _witness: str
+
+    def compute(self) -> dict[str, Tensor]:
+        with quiet_when_empty(ours=True):  # one warning for the whole set, below
+            values = super().compute()
+        key = f"{self.prefix or ''}{self._witness}{self.postfix or ''}"
+        if key in values and bool(torch.isnan(values[key]).all()):
+            no_samples(self)
+            return {key: torch.full_like(value, float("nan")) for key, value in values.items()}
+        return self._with_samples(values)
+
+    def _with_samples(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The computed values of a set that saw samples, as returned."""
+        return values
 
 
-class ClassificationMetrics(MetricCollection):
+class ClassificationMetrics(_MetricSet):
     r"""Validation/test metrics of a classification ensemble from **member logits**.
 
     Input contract: ``update(member_logits, target)`` with ``member_logits`` ``(M, B, C)`` raw
@@ -109,9 +126,10 @@ class ClassificationMetrics(MetricCollection):
     unknown) and one :class:`~lightning_ensembles.metrics.NoSamplesWarning` names the set.
 
     Args:
-        num_classes: C.
-        n_bins: equal-width bins of the ECE.
-        prefix, postfix: added to every key.
+        num_classes: the number of classes C (checked against the inputs' last axis).
+        n_bins: the number of equal-width bins of the ECE.
+        prefix: added before every key, e.g. ``"val/"``.
+        postfix: added after every key.
         inputs: ``"logits"`` (default) or ``"probs"``: what ``update`` receives as ``(M, B, C)``.
 
     Example:
@@ -122,6 +140,8 @@ class ClassificationMetrics(MetricCollection):
         ['val/acc', 'val/brier', 'val/disagreement']
     """
 
+    _witness = "acc"
+
     def __init__(
         self,
         num_classes: int,
@@ -131,8 +151,7 @@ class ClassificationMetrics(MetricCollection):
         inputs: Literal["logits", "probs"] = "logits",
     ) -> None:
         check_positive_int(num_classes, "num_classes")
-        if inputs not in ("logits", "probs"):
-            raise ValueError(f"`inputs` must be 'logits' or 'probs' (what update() receives), got {inputs!r}.")
+        check_choice("inputs", inputs, ("logits", "probs"), hint="It is what update() receives.")
         super().__init__(
             {
                 "acc": TopLabelAccuracy(),
@@ -184,12 +203,7 @@ class ClassificationMetrics(MetricCollection):
             else:
                 metric.update(probs, target)
 
-    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
-        with quiet_when_empty(ours=True):  # one warning for the whole set, below
-            values = super().compute()
-        if _no_samples(self, values, "acc"):
-            no_samples(self)
-            return {key: torch.full_like(value, float("nan")) for key, value in values.items()}
+    def _with_samples(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for key, value in values.items():
             base, post = (key[: -len(self.postfix)], self.postfix) if self.postfix else (key, "")
@@ -201,7 +215,7 @@ class ClassificationMetrics(MetricCollection):
         return out
 
 
-class RegressionMetrics(MetricCollection):
+class RegressionMetrics(_MetricSet):
     r"""Validation/test metrics of a Gaussian regression ensemble.
 
     Input contract: ``update(mean, var, target)`` with member means ``(M, B, ...)``, member
@@ -214,6 +228,12 @@ class RegressionMetrics(MetricCollection):
     ``coverage90`` (fraction of targets in the central 90% interval). Without samples every value is
     NaN and one :class:`~lightning_ensembles.metrics.NoSamplesWarning` names the set.
 
+    Args:
+        level: the nominal probability of the central interval whose coverage is reported (key
+            ``coverage<100 * level>``).
+        prefix: added before every key, e.g. ``"val/"``.
+        postfix: added after every key.
+
     Example:
         >>> import torch
         >>> metrics = RegressionMetrics()
@@ -221,6 +241,8 @@ class RegressionMetrics(MetricCollection):
         >>> sorted(metrics.compute())
         ['coverage90', 'nll', 'rmse']
     """
+
+    _witness = "nll"
 
     def __init__(self, level: float = 0.9, prefix: str | None = None, postfix: str | None = None) -> None:
         from torchmetrics import MeanSquaredError
@@ -255,11 +277,3 @@ class RegressionMetrics(MetricCollection):
                 metric.update(mix.mean, target)
             else:
                 metric.update(mix.mean, total, target)
-
-    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
-        with quiet_when_empty(ours=True):  # one warning for the whole set, below
-            values = super().compute()
-        if _no_samples(self, values, "nll"):
-            no_samples(self)
-            return {key: torch.full_like(value, float("nan")) for key, value in values.items()}
-        return values

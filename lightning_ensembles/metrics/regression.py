@@ -15,7 +15,8 @@ from torchmetrics import Metric
 
 from .._checks import check_finite, check_norm, check_positive_int, check_same_shape
 from ._empty import NaNWhenEmpty, no_samples
-from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
+from ._plot import check_plottable, draw_curve, start_plot, synced
+from ._running import PerSampleMean, add_sums
 
 
 def _check_gaussian(mean: Tensor, var: Tensor, target: Tensor) -> None:
@@ -35,25 +36,14 @@ def normal_central_z(level: float | Tensor) -> Tensor:
     return math.sqrt(2.0) * torch.special.erfinv(level)
 
 
-class _GaussianMetric(NaNWhenEmpty, Metric):
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def compute(self) -> Tensor:
-        if not bool(self.count > 0):
-            return no_samples(self, self.count.device)
-        return (self.total / self.count).float()
-
-
-class GaussianNLL(_GaussianMetric):
+class GaussianNLL(PerSampleMean):
     r"""Mean Gaussian negative log-likelihood ``0.5 * (log(2 pi var) + (y - mean)^2 / var)`` per element.
 
     Equals ``torch.nn.functional.gaussian_nll_loss(mean, target, var, full=True)`` (without its eps clamp).
+    Inputs: ``update(mean, var, target)``, three floating-point tensors of one shape, ``var > 0``.
+
+    Args:
+        **kwargs: torchmetrics ``Metric`` options (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -68,12 +58,15 @@ class GaussianNLL(_GaussianMetric):
     def update(self, mean: Tensor, var: Tensor, target: Tensor) -> None:
         _check_gaussian(mean, var, target)
         mean, var, target = mean.double(), var.double(), target.double()
-        self.total += (0.5 * (torch.log(2 * math.pi * var) + (target - mean) ** 2 / var)).sum()
-        self.count += target.numel()
+        self._add(0.5 * (torch.log(2 * math.pi * var) + (target - mean) ** 2 / var))
 
 
-class IntervalCoverage(_GaussianMetric):
+class IntervalCoverage(PerSampleMean):
     r"""Fraction of targets inside the central ``level`` interval ``mean +- z * std`` (default 90%).
+
+    Args:
+        level: the interval's nominal probability, in (0, 1).
+        **kwargs: options of ``torchmetrics.Metric``.
 
     Example:
         >>> import torch
@@ -102,8 +95,7 @@ class IntervalCoverage(_GaussianMetric):
         with synced(self):
             count = float(self.count)
         check_plottable(self, count > 0)
-        coverage = scalar(self.compute() if val is None else val)
-        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        coverage, fig, ax = start_plot(self, val, ax)
         draw_curve(
             ax,
             [self.level],
@@ -119,9 +111,7 @@ class IntervalCoverage(_GaussianMetric):
     def update(self, mean: Tensor, var: Tensor, target: Tensor) -> None:
         _check_gaussian(mean, var, target)
         half = self.z * var.double().sqrt()
-        inside = ((target.double() - mean.double()).abs() <= half).double()
-        self.total += inside.sum()
-        self.count += target.numel()
+        self._add((target.double() - mean.double()).abs() <= half)
 
 
 class QuantileCalibrationError(NaNWhenEmpty, Metric):
@@ -129,7 +119,12 @@ class QuantileCalibrationError(NaNWhenEmpty, Metric):
     ``linspace(0.05, 0.95, num_levels)`` (torch-uncertainty's ``QuantileCalibrationError`` definition):
     ``QCE = mean_k |coverage(level_k) - level_k|`` (``"l2"``: root mean square, ``"max"``: largest gap).
 
-    Keeps one counter per level (constant memory).
+    Keeps one counter per level (constant memory). Inputs as for :class:`GaussianNLL`.
+
+    Args:
+        num_levels: the number of nominal levels, evenly spaced from 0.05 to 0.95.
+        norm: ``"l1"`` (mean gap), ``"l2"`` (root mean square gap) or ``"max"`` (largest gap).
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -143,14 +138,18 @@ class QuantileCalibrationError(NaNWhenEmpty, Metric):
     higher_is_better = False
     full_state_update = False
 
+    levels: Tensor
+    covered: Tensor
+    count: Tensor
+
     def __init__(self, num_levels: int = 15, norm: Literal["l1", "l2", "max"] = "l1", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_positive_int(num_levels, "num_levels")
         check_norm(norm)
         self.norm = norm
         self.register_buffer("levels", torch.linspace(0.05, 0.95, num_levels, dtype=torch.float64), persistent=False)
-        self.add_state("covered", torch.zeros(num_levels, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        add_sums(self, "covered", shape=(num_levels,))
+        add_sums(self, "count")
 
     def update(self, mean: Tensor, var: Tensor, target: Tensor) -> None:
         _check_gaussian(mean, var, target)
@@ -175,8 +174,7 @@ class QuantileCalibrationError(NaNWhenEmpty, Metric):
             count = float(self.count)
             levels, observed = (t.detach().clone() for t in self.curve())
         check_plottable(self, count > 0)
-        value = scalar(self.compute() if val is None else val)
-        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
+        value, fig, ax = start_plot(self, val, ax)
         draw_curve(
             ax,
             levels,

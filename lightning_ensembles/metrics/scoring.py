@@ -4,44 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from .._checks import as_float, check_num_classes, check_probs, check_targets
-from ._empty import NaNWhenEmpty, no_samples
+from .._checks import as_float, check_probs_targets
+from ._running import PerSampleMean
 
 #: Probabilities are clamped here before the log so that a confident mistake costs ~27.6 nats, not inf.
 LOG_EPS = 1e-12
 
 
-class _MeanOverSamples(NaNWhenEmpty, Metric):
-    is_differentiable = False
+class _MeanOverSamples(PerSampleMean):
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, num_classes: int | None = None, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.validate_args = validate_args
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def _per_sample(self, probs: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         if self.validate_args:
-            check_probs(probs)
-            c = check_num_classes(probs, self.num_classes)
-            check_targets(target, probs.shape[0], c)
-        self.total += self._per_sample(as_float(probs), target).double().sum()
-        self.count += probs.shape[0]
-
-    def compute(self) -> Tensor:
-        if not bool(self.count > 0):
-            return no_samples(self, self.count.device)
-        return (self.total / self.count).float()
+            check_probs_targets(probs, target, self.num_classes)
+        self._add(self._per_sample(as_float(probs), target))
 
 
 class NegativeLogLikelihood(_MeanOverSamples):
@@ -49,6 +35,12 @@ class NegativeLogLikelihood(_MeanOverSamples):
 
     Probabilities are clamped at ``1e-12`` before the log (torch-uncertainty's ``CategoricalNLL``
     does not clamp and returns ``inf`` for a zero probability on the true class).
+
+    Args:
+        num_classes: C, checked against the last axis of ``probs`` when given (default: any).
+        validate_args: check that ``probs`` are probabilities and ``target`` class indices (two passes over
+            the inputs); ``False`` skips the checks.
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -65,13 +57,19 @@ class NegativeLogLikelihood(_MeanOverSamples):
 class BrierScore(_MeanOverSamples):
     r"""Multiclass Brier score ``mean_n sum_k (p_nk - 1[y_n = k])^2`` (no 1/2, not divided by C).
 
-    Same definition as torch-uncertainty's ``BrierScore`` with ``top_class=False``.
+    Same definition as torch-uncertainty's ``BrierScore`` with ``top_class=False``. Ranges from 0 (certain
+    and right) to 2 (certain and wrong).
+
+    Args:
+        num_classes: the number of classes C, or ``None`` to take it from each batch.
+        validate_args: ``False`` skips the input checks of ``update``.
+        **kwargs: torchmetrics ``Metric`` options.
 
     Example:
         >>> import torch
-        >>> m = BrierScore()
-        >>> m.update(torch.tensor([[.8, .2], [.3, .7]]), torch.tensor([0, 1]))
-        >>> round(float(m.compute()), 4)
+        >>> brier = BrierScore(num_classes=2)
+        >>> brier.update(torch.tensor([[.8, .2], [.3, .7]]), torch.tensor([0, 1]))
+        >>> round(float(brier.compute()), 4)
         0.13
     """
 

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .._checks import as_float, check_num_classes, check_probs, check_targets
+from .._checks import as_float, check_probs_targets
 from ._empty import NaNWhenEmpty, cat_state, no_samples
-from ._plot import check_plottable, draw_curve, new_axes, scalar, synced
+from ._plot import check_plottable, draw_steps, start_plot, synced
 
 
 class _RiskCoverage(NaNWhenEmpty, Metric):
@@ -24,6 +24,9 @@ class _RiskCoverage(NaNWhenEmpty, Metric):
 
     is_differentiable = False
     full_state_update = False
+
+    confidences: list[Tensor]
+    errors: list[Tensor]
 
     def __init__(self, num_classes: int | None = None, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -34,9 +37,7 @@ class _RiskCoverage(NaNWhenEmpty, Metric):
 
     def update(self, probs: Tensor, target: Tensor) -> None:
         if self.validate_args:
-            check_probs(probs)
-            c = check_num_classes(probs, self.num_classes)
-            check_targets(target, probs.shape[0], c)
+            check_probs_targets(probs, target, self.num_classes)
         conf, pred = as_float(probs).max(-1)
         self.confidences.append(conf.double())
         self.errors.append((pred != target).double())
@@ -74,21 +75,15 @@ class _RiskCoverage(NaNWhenEmpty, Metric):
         with synced(self):
             coverage, risk = (t.clone() for t in self.curve())
         check_plottable(self, coverage.numel() > 0)
-        value = scalar(self.compute() if val is None else val)
-        fig, ax = new_axes(ax, f"{type(self).__name__}.plot()")
-        x = torch.cat([coverage.new_zeros(1), coverage])
-        y = torch.cat([risk[:1], risk])
-        draw_curve(
+        value, fig, ax = start_plot(self, val, ax)
+        draw_steps(
             ax,
-            x,
-            y,
+            coverage,
+            risk,
             self._plot_title(value),
             "coverage (fraction accepted, most confident first)",
             "selective risk (error rate of the accepted)",
             "risk-coverage",
-            diagonal=None,
-            marker="",
-            drawstyle="steps-pre",
         )
         ax.set_ylim(0, max(1e-3, float(risk.max())) * 1.05)
         self._plot_extra(ax, coverage, risk)
@@ -125,6 +120,13 @@ class AURC(_RiskCoverage):
     ``1 - 1/N``: ``AURC_tu = (N * AURC - (risk(1) + risk(N)) / 2) / (N - 1)``; the two agree as N grows
     (on confidences without ties; torch-uncertainty's value depends on the order of tied samples).
 
+    Stores two floats per sample. Inputs: ``probs`` ``(B, C)`` probabilities, ``target`` ``(B,)`` class indices.
+
+    Args:
+        num_classes: C, checked against the last axis of ``probs`` when given (default: any).
+        validate_args: check that ``probs`` are probabilities and ``target`` class indices; ``False`` skips it.
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
+
     Example:
         >>> import torch
         >>> m = AURC()
@@ -149,6 +151,12 @@ class CoverageAtRisk(_RiskCoverage):
 
     Only operating points count: a tied group is accepted whole, so ``k`` ends a group of equal
     confidences. Without ties this is torch-uncertainty's ``CovAtxRisk(risk_threshold=risk)``.
+
+    Args:
+        risk: the largest accepted selective risk (error rate), in [0, 1].
+        num_classes: the number of classes C, or ``None`` to take it from each batch.
+        validate_args: ``False`` skips the input checks of ``update``.
+        **kwargs: torchmetrics ``Metric`` options.
 
     Example:
         >>> import torch

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from .._checks import check_targets
-from ._empty import NaNWhenEmpty, no_samples
+from ._running import PerSampleMean
 
 
 def _check_sets(sets: Tensor) -> None:
@@ -17,23 +14,14 @@ def _check_sets(sets: Tensor) -> None:
         raise ValueError("`sets` must be a boolean (B, C) tensor: sets[b, k] is True when class k is in set b.")
 
 
-class _SetMetric(NaNWhenEmpty, Metric):
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def compute(self) -> Tensor:
-        if not bool(self.count > 0):
-            return no_samples(self, self.count.device)
-        return (self.total / self.count).float()
-
-
-class SetCoverage(_SetMetric):
+class SetCoverage(PerSampleMean):
     """Fraction of samples whose prediction set contains the true class.
+
+    ``update(sets, target)``: ``sets`` a boolean ``(B, C)`` tensor, ``sets[b, k]`` True when class ``k`` is
+    in set ``b``; ``target`` ``(B,)`` class indices.
+
+    Args:
+        **kwargs: torchmetrics ``Metric`` options (e.g. ``sync_on_compute``).
 
     Example:
         >>> import torch
@@ -48,12 +36,14 @@ class SetCoverage(_SetMetric):
     def update(self, sets: Tensor, target: Tensor) -> None:
         _check_sets(sets)
         check_targets(target, sets.shape[0], sets.shape[1])
-        self.total += sets.gather(1, target[:, None]).sum()
-        self.count += target.numel()
+        self._add(sets.gather(1, target[:, None]))
 
 
-class SetSize(_SetMetric):
+class SetSize(PerSampleMean):
     """Mean number of classes per prediction set (``target`` accepted and ignored, for a uniform call).
+
+    Args:
+        **kwargs: options of ``torchmetrics.Metric``.
 
     Example:
         >>> import torch
@@ -67,5 +57,4 @@ class SetSize(_SetMetric):
 
     def update(self, sets: Tensor, target: Tensor | None = None) -> None:
         _check_sets(sets)
-        self.total += sets.sum()
-        self.count += sets.shape[0]
+        self._add(sets.sum(-1))
