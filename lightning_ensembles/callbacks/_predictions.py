@@ -4,7 +4,8 @@ Contract: ``validation_step`` / ``test_step`` / ``predict_step`` return a dict (
 
 - one prediction entry, looked up in this order: ``"member_logits"`` ``(M, B, C)``,
   ``"member_probs"`` ``(M, B, C)``, ``"logits"`` ``(B, C)``, ``"probs"`` ``(B, C)``;
-- the targets under ``"target"`` (or ``"targets"``, ``"y"``, ``"labels"``): ``(B,)`` class indices.
+- the targets under the first of :data:`TARGET_KEYS` it holds (``"y"``, ``"target"``, ``"targets"``,
+  ``"label"``, ``"labels"``): ``(B,)`` class indices.
 
 Lightning passes that dict to ``Callback.on_validation_batch_end(..., outputs, ...)``, which is where
 the callbacks read it. With the :class:`~lightning_ensembles.callbacks.Ensembling` callback on the
@@ -23,7 +24,8 @@ import torch
 from torch import Tensor
 
 PREDICTION_KEYS = ("member_logits", "member_probs", "logits", "probs")
-TARGET_KEYS = ("target", "targets", "y", "labels")
+#: Where targets are found in a step's output dict, and in a dict batch (``Ensembling``): the first key present.
+TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 CONTRACT = (
     "make `{hook}` return a dict with one of 'member_logits' (M, B, C), 'member_probs' (M, B, C), "
@@ -68,6 +70,11 @@ class Predictions:
         return self.probs, "probs"
 
 
+def find_target(mapping: Mapping[str, Any]) -> Tensor | None:
+    """The targets in a dict: the tensor under the first of :data:`TARGET_KEYS` it holds, else ``None``."""
+    return next((mapping[k] for k in TARGET_KEYS if isinstance(mapping.get(k), Tensor)), None)
+
+
 def _holds_predictions(outputs: Any) -> bool:
     return isinstance(outputs, Mapping) and any(isinstance(outputs.get(k), Tensor) for k in PREDICTION_KEYS)
 
@@ -102,8 +109,7 @@ def read_predictions(outputs: Any, owner: str, hook: str) -> Predictions:
                         f"{owner}: `{hook}` returned '{key}' of shape {tuple(value.shape)}; expected "
                         f"{'(M, B, C)' if want == 3 else '(B, C)'}."
                     )
-                target = next((outputs[k] for k in TARGET_KEYS if isinstance(outputs.get(k), Tensor)), None)
-                return Predictions(key, value, target)
+                return Predictions(key, value, find_target(outputs))
     found = f"a dict with keys {sorted(outputs)}" if isinstance(outputs, Mapping) else type(outputs).__name__
     raise ValueError(f"{owner} found no predictions: `{hook}` returned {found}; " + CONTRACT.format(hook=hook) + ".")
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from .._checks import check_not_probs, check_num_classes, check_probs, check_targets
+from .._checks import check_choice, check_not_probs, check_num_classes, check_probs, check_targets
 from ..metrics import (
     AURC,
     AdaptiveCalibrationError,
@@ -22,7 +21,8 @@ from ..metrics import (
     NegativeLogLikelihood,
     PredictiveEntropy,
 )
-from ._predictions import Predictions, read_predictions, stage_prefix, step_outputs
+from ._base import STEP_HOOKS, PredictionReader, Stage
+from ._predictions import Predictions, stage_prefix
 
 #: Metrics of the ensemble prediction ``(B, C)`` against targets.
 PROB_METRICS = ("ece", "ace", "classwise_ece", "mce", "nll", "brier", "aurc")
@@ -61,16 +61,18 @@ def _check(preds: Predictions, probs: Tensor, member_probs: Tensor | None, num_c
         check_not_probs(values, name, "return probabilities under 'probs' instead")
         check_probs(probs, f"softmax of {name}")
     elif preds.kind == "member_logits":
+        assert member_probs is not None  # member outputs give member probabilities
         check_not_probs(values, name, "return probabilities under 'member_probs' instead")
         check_probs(member_probs, f"softmax of {name}", members=True)
     else:
         check_probs(values, name, members=preds.kind == "member_probs")
     c = check_num_classes(values, num_classes, name)
+    assert preds.target is not None  # batches without targets are skipped before
     check_targets(preds.target, values.shape[-2], c, f"target` from `{hook}")
     return c
 
 
-class CalibrationMetrics(Callback):
+class CalibrationMetrics(PredictionReader):
     """Compute and log calibration/uncertainty metrics for any LightningModule.
 
     Predictions are read from what ``validation_step`` / ``test_step`` return: a dict with
@@ -121,64 +123,47 @@ class CalibrationMetrics(Callback):
         unknown = [m for m in chosen if m not in known]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown} for CalibrationMetrics; choose from {list(known)}.")
-        bad_stages = [s for s in stages if s not in ("val", "test")]
-        if bad_stages:
-            raise ValueError(f"`stages` may contain 'val' and 'test', got {bad_stages}.")
+        for stage in stages:
+            check_choice("stages", stage, ("val", "test"))
         if not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"`n_bins` must be an integer >= 1, got {n_bins!r}.")
-        self.metric_names = chosen
-        self.n_bins = n_bins
-        self.stages = tuple(stages)
-        self.prefix = prefix
+        self.metric_names, self.stages = chosen, tuple(stages)
+        self.n_bins, self.prefix = n_bins, prefix
         self._metrics: dict[str, nn.ModuleDict] = {}
         self._num_classes: dict[str, int] = {}
         self.last_results: dict[str, dict[str, float]] = {}
 
     # ---------------------------------------------------------------- collection
-    def _update(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, outputs: Any, dataloader_idx: int
-    ) -> None:
-        if stage not in self.stages or trainer.sanity_checking:
-            return
-        hook = "validation_step" if stage == "val" else "test_step"
-        preds = read_predictions(outputs, type(self).__name__, hook)
+    def _reads(self, trainer: L.Trainer, stage: Stage, dataloader_idx: int) -> bool:
+        return stage in self.stages and not trainer.sanity_checking
+
+    def _update(self, stage: Stage, preds: Predictions, outputs: Any, dataloader_idx: int) -> None:
         if preds.target is None:
             return
         key = stage_prefix(stage, dataloader_idx)
         probs, member_probs = preds.probs, preds.member_probs
-        self._num_classes[key] = _check(preds, probs, member_probs, self._num_classes.get(key), hook)
+        self._num_classes[key] = _check(preds, probs, member_probs, self._num_classes.get(key), STEP_HOOKS[stage])
         if key not in self._metrics:
             names = [n for n in self.metric_names if n in PROB_METRICS or member_probs is not None]
             self._metrics[key] = nn.ModuleDict({n: _build(n, probs.shape[-1], self.n_bins) for n in names}).to(
                 probs.device
             )
-        for name, metric in self._metrics[key].items():
+        for name, module in self._metrics[key].items():
+            metric = cast(Metric, module)  # a ModuleDict holds them (for `.to(device)`)
             if name in MEMBER_METRICS:
                 metric.update(member_probs)
             else:
                 metric.update(probs, preds.target)
 
+    def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
+        if stage == "test" or not trainer.sanity_checking:
+            self._log(pl_module, stage)
+
     def _log(self, pl_module: L.LightningModule, stage: str) -> None:
         for key in [k for k in self._metrics if k.split("_dl")[0] == stage]:
             metrics = self._metrics.pop(key)
             self._num_classes.pop(key, None)
-            values = {name: metric.compute() for name, metric in metrics.items()}
+            values = {name: cast(Metric, metric).compute() for name, metric in metrics.items()}
             self.last_results[key] = {name: float(v) for name, v in values.items()}
             for name, value in values.items():
                 pl_module.log(f"{key}/{self.prefix}/{name}", value, add_dataloader_idx=False)
-
-    # ---------------------------------------------------------------- hooks
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        self._update(trainer, pl_module, "val", outputs, dataloader_idx)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        self._update(trainer, pl_module, "test", outputs, dataloader_idx)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._log(pl_module, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(pl_module, "test")

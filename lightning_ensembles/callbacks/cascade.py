@@ -13,6 +13,7 @@ from torch import Tensor
 from ..ensembles.base import Ensemble
 from ..inference.cascade import EnsembleCascade, prediction_metrics
 from ..inference.macs import MacCounter
+from ._base import Stage, batch_end_hook
 
 __all__ = ["CascadeEvaluation"]
 
@@ -73,7 +74,7 @@ class CascadeEvaluation(Callback):
     ) -> None:
         super().__init__()
         if width != "auto":
-            EnsembleCascade._check_width(width)  # type: ignore[arg-type]
+            EnsembleCascade._check_width(width)
         self.exit_rule, self.decision, self.score = exit_rule, decision, score
         self.target_risk, self.target_tpr, self.width = target_risk, target_tpr, width
         self.accuracy_tolerance, self.coverage_tolerance = accuracy_tolerance, coverage_tolerance
@@ -149,26 +150,36 @@ class CascadeEvaluation(Callback):
         self._macs[dataloader_idx] = self._macs.get(dataloader_idx, 0) + counter.macs
         return out
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def _batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage, outputs: Any, batch: Any, idx: int
     ) -> None:
         x, y = _inputs_targets(batch)
-        out = self._run(x, dataloader_idx)
-        self._parts.setdefault(dataloader_idx, []).append(
-            (out.probs.cpu(), out.score.cpu(), out.members_used.cpu(), None if y is None else y.cpu())
-        )
+        out = self._run(x, idx)
+        if stage == "test":
+            self._parts.setdefault(idx, []).append(
+                (out.probs.cpu(), out.score.cpu(), out.members_used.cpu(), None if y is None else y.cpu())
+            )
+            return
+        if not (isinstance(outputs, Mapping) and hasattr(outputs, "__setitem__")):
+            raise ValueError(
+                f"CascadeEvaluation adds the cascade's results to predict_step's output dict, but predict_step "
+                f"returned {type(outputs).__name__}. Return a dict (EnsembleClassifier does)."
+            )
+        # Lightning stores the step's dict after the callbacks ran: the added keys are returned by predict.
+        outputs["cascade_probs"] = out.probs
+        outputs["cascade_score"] = out.score
+        outputs["cascade_members_used"] = out.members_used
+
+    on_test_batch_end = batch_end_hook("test")
+    on_predict_batch_end = batch_end_hook("predict")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        parts = self._parts.get(0)
-        if not parts or any(p[3] is None for p in parts):
+        parts = self._parts.get(0, [])
+        targets = [t for *_, t in parts if t is not None]
+        if not parts or len(targets) < len(parts):
             return
-        probs, score, used, y = (torch.cat([p[i] for p in parts]) for i in range(4))
+        probs, score, used = (torch.cat(list(column)) for column in list(zip(*parts))[:3])
+        y = torch.cat(targets)
         ood_score = None
         if self.ood_dataloader_idx is not None and self.ood_dataloader_idx in self._parts:
             ood_score = torch.cat([p[1] for p in self._parts[self.ood_dataloader_idx]])
@@ -179,24 +190,3 @@ class CascadeEvaluation(Callback):
         results["width"] = self.cascade.width
         self.results = results
         pl_module.log_dict({f"test/cascade_{k}": float(v) for k, v in results.items()}, add_dataloader_idx=False)
-
-    def on_predict_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        x, _ = _inputs_targets(batch)
-        out = self._run(x, dataloader_idx)
-        if not (isinstance(outputs, Mapping) and hasattr(outputs, "__setitem__")):
-            raise ValueError(
-                f"CascadeEvaluation adds the cascade's results to predict_step's output dict, but predict_step "
-                f"returned {type(outputs).__name__}. Return a dict (EnsembleClassifier does)."
-            )
-        # Lightning stores the step's dict after the callbacks ran: the added keys are returned by predict.
-        outputs["cascade_probs"] = out.probs
-        outputs["cascade_score"] = out.score
-        outputs["cascade_members_used"] = out.members_used

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+import lightning as L
 from torch import Tensor
+from torchmetrics import Metric
 
 from ..calibration.conformal import ConformalClassifier, Method
-from ..calibration.temperature import CalibrationWarning
 from ..metrics import SetCoverage, SetSize
-from ._predictions import EpochBuffer, read_predictions, step_outputs
+from ._base import FitOnValidation
+from ._predictions import Predictions
 
 
-class ConformalPrediction(Callback):
+class ConformalPrediction(FitOnValidation):
     """Calibrate conformal prediction sets on validation predictions; report coverage and set size at test.
 
     The threshold is calibrated on the first validation dataloader at the end of every validation
@@ -67,83 +66,51 @@ class ConformalPrediction(Callback):
         k_reg: int = 1,
         seed: int = 0,
     ) -> None:
+        super().__init__()
         self.conformal = ConformalClassifier(alpha, method, randomized, penalty, k_reg, seed)
-        self._buffer = EpochBuffer()
-        self._metrics: dict[str, Any] = {}
+        self._metrics: dict[str, Metric] = {}
         self.last_results: dict[str, float] = {}
-        self.predictions: list[Tensor] = []
-        self._validated = False
+
+    fitted_name = "calibrated threshold"
 
     @property
     def threshold(self) -> float:
         return float(self.conformal.threshold)
 
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.conformal.is_fitted)
+
     # ---------------------------------------------------------------- calibrate on validation
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self._validated = False
+    def _fit_values(self, preds: Predictions) -> tuple[Tensor, str]:
+        return preds.probs, "probs"
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if stage in ("fit", "validate") and not self._validated:
-            rank_zero_warn(
-                f"ConformalPrediction: `trainer.{stage}` ran no validation epoch (an empty validation dataloader, "
-                "limit_val_batches=0 or no validation_step); the threshold was not calibrated "
-                f"({'kept ' + format(self.threshold, '.4g') if self.conformal.is_fitted else 'none yet'}).",
-                category=CalibrationWarning,
-            )
-        self._validated = False
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._buffer.reset()
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking or dataloader_idx != 0:
-            return
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        preds = read_predictions(outputs, type(self).__name__, "validation_step")
-        if preds.target is not None:
-            self._buffer.add(preds.probs, preds.target, "probs")
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        self._validated = True
-        if not len(self._buffer):
-            rank_zero_warn(
-                "ConformalPrediction: no validation predictions with targets on dataloader 0 (empty dataloader, "
-                "or batches without targets); the threshold was not recalibrated.",
-                category=CalibrationWarning,
-            )
-            return
-        probs, target = self._buffer.gather(trainer)
-        self._buffer.reset()
-        self.conformal.fit(probs, target)
+    def _fit(self, pl_module: L.LightningModule, values: Tensor, target: Tensor, kind: str) -> None:
+        self.conformal.fit(values, target)
         pl_module.log("val/conformal/threshold", min(self.threshold, 1e6), add_dataloader_idx=False)
 
+    def _keep_previous(self) -> str:
+        kept = f"kept {self.threshold:.4g}" if self.is_fitted else "none yet"
+        return f"the threshold was not calibrated ({kept})"
+
     # ---------------------------------------------------------------- apply
-    def _sets(self, outputs: Any, hook: str, returned: Any = None):
-        if not self.conformal.is_fitted:
-            raise RuntimeError(
-                "ConformalPrediction is not calibrated: run `trainer.fit` (with validation) or `trainer.validate` "
-                "first, or load a checkpoint saved with this callback."
-            )
-        preds = read_predictions(outputs, type(self).__name__, hook)
+    def _sets(self, preds: Predictions, outputs: Any) -> Tensor:
+        """The prediction sets of a batch, also added to the dict its predictions came from."""
         sets = self.conformal.predict_sets(preds.probs)
         outputs["prediction_set"] = sets
-        if hook == "predict_step" and not isinstance(returned, MutableMapping):
-            self.predictions.append(sets.detach().cpu())  # what the step returned cannot carry it
-        return sets, preds.target
+        return sets
 
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._require_fit("test")
         self._metrics = {"coverage": SetCoverage().to(pl_module.device), "set_size": SetSize().to(pl_module.device)}
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        sets, target = self._sets(outputs, "test_step")
-        if target is not None and dataloader_idx == 0:
-            self._metrics["coverage"].update(sets, target)
+    def _test_batch(self, preds: Predictions, outputs: Any, dataloader_idx: int) -> None:
+        sets = self._sets(preds, outputs)
+        if preds.target is not None and dataloader_idx == 0:
+            self._metrics["coverage"].update(sets, preds.target)
             self._metrics["set_size"].update(sets)
 
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
+    def _test_epoch_end(self, pl_module: L.LightningModule) -> None:
         if self._metrics["coverage"].update_count == 0:
             return
         for name, metric in self._metrics.items():
@@ -151,11 +118,10 @@ class ConformalPrediction(Callback):
             self.last_results[name] = float(value)
             pl_module.log(f"test/conformal/{name}", value, add_dataloader_idx=False)
 
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self.predictions = []
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._sets(step_outputs(outputs, trainer, pl_module, batch), "predict_step", returned=outputs)
+    def _predict_batch(self, preds: Predictions, outputs: Any, returned: Any) -> None:
+        sets = self._sets(preds, outputs)
+        if outputs is not returned:  # what the step returned does not hold the sets yet
+            self._hand_back(returned, "prediction_set", sets)
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from .._checks import check_choice
 from ..ensembles.base import (
     Ensemble,
     aggregate_gaussian,
@@ -27,11 +28,10 @@ from ..ensembles.base import (
 )
 from ..ensembles.deep import DeepEnsemble, adopt_checkpoint_storage
 from ..ensembles.registry import ENSEMBLE_METHODS, _load_builtin_methods, build_ensemble
-from ..ensembles.surgery import set_submodule
+from ..ensembles.surgery import set_submodule, set_unregistered
+from ._predictions import find_target
 
 __all__ = ["Ensembling", "EnsembledModel"]
-
-_TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 
 # The inputs of the submodule's call other than the first, while an EnsembledModel runs its ensemble:
 # (rows of the first input, extra positional inputs, keyword inputs, keyword name of the first input or None).
@@ -198,7 +198,17 @@ class EnsembledModel(nn.Module):
       user's ``cross_entropy``/``argmax`` measure the ensemble) or the mixture mean (regression).
 
     The member outputs of the last evaluation forward are kept in ``last_member_outputs`` ``(M, B, ...)``.
+
+    Args:
+        ensemble: the converted submodule.
+        task: ``"classification"``, ``"regression"`` or ``"gaussian"``: how member outputs are combined.
+        batch: ``"repeat"`` or ``"split"``: how the members share a training batch.
     """
+
+    ensemble: Ensemble
+    #: A _MemberPasses while training_step runs once per member (outside the module tree, as are the others).
+    _passes: _MemberPasses | None
+    _accepts_extra_inputs: bool
 
     def __init__(self, ensemble: Ensemble, task: str, batch: str) -> None:
         super().__init__()
@@ -206,12 +216,12 @@ class EnsembledModel(nn.Module):
         self.task = task
         self.batch = batch
         self.last_member_outputs: Tensor | None = None
-        self.__dict__["_passes"] = None  # a _MemberPasses while training_step runs once per member
+        set_unregistered(self, "_passes", None)
         entry = _entry_module(ensemble)
         if entry is not None and not any(h is _inject_extra_inputs for h in entry._forward_pre_hooks.values()):
             # Module-level function: exported members keep a hook that pickles and does nothing.
             entry.register_forward_pre_hook(_inject_extra_inputs, with_kwargs=True)
-        self.__dict__["_accepts_extra_inputs"] = entry is not None
+        set_unregistered(self, "_accepts_extra_inputs", entry is not None)
 
     @property
     def num_members(self) -> int:
@@ -397,6 +407,15 @@ class Ensembling(Callback):
 
     Put ``Ensembling`` before other callbacks that read the model (it converts at ``setup``).
 
+    Args:
+        method: the ensemble method the submodule is converted with (a name of
+            :data:`~lightning_ensembles.ensembles.registry.ENSEMBLE_METHODS`, e.g. ``"deep"``, ``"packed"``).
+        num_members: the number of members.
+        attribute: dotted path of the submodule to ensemble; ``None``: the child module with the most parameters.
+        task: ``"classification"``, ``"regression"`` or ``"gaussian"``: how evaluation combines member outputs.
+        batch: ``"repeat"`` (every member trains on the whole batch) or ``"split"`` (member ``i`` on chunk ``i``).
+        method_kwargs: keyword arguments of the method's factory.
+
     Example:
         >>> import lightning as L, torch
         >>> import torch.nn.functional as F
@@ -431,18 +450,12 @@ class Ensembling(Callback):
         method_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if task not in ("classification", "regression", "gaussian"):
-            raise ValueError(f"`task` must be 'classification', 'regression' or 'gaussian', got {task!r}.")
-        if batch not in ("repeat", "split"):
-            raise ValueError(f"`batch` must be 'repeat' or 'split', got {batch!r}.")
+        self.task = check_choice("task", task, ("classification", "regression", "gaussian"))
+        self.batch = check_choice("batch", batch, ("repeat", "split"))
         if not isinstance(num_members, int) or num_members < 1:
             raise ValueError(f"`num_members` must be an integer >= 1, got {num_members!r}.")
-        self.method = method
-        self.num_members = num_members
+        self.method, self.num_members, self.method_kwargs = method, num_members, dict(method_kwargs or {})
         self.attribute = attribute
-        self.task = task
-        self.batch = batch
-        self.method_kwargs = dict(method_kwargs or {})
         self.chosen_attribute: str | None = None
         #: How the setup probe saw the submodule called, e.g. ``"model(Tensor[2, 8], Tensor[2, 8])"``.
         self.probed_call: str | None = None
@@ -577,7 +590,7 @@ class Ensembling(Callback):
         kwargs = dict(self.method_kwargs)
         split = _split_call(*call) if call is not None else None
         several_inputs = split is not None and bool(split[1] or split[2] or split[3])
-        if not several_inputs or "example_input" in kwargs or not _takes_example_input(self.method):
+        if split is None or not several_inputs or "example_input" in kwargs or not _takes_example_input(self.method):
             return build_ensemble(self.method, backbone, self.num_members, **kwargs)
         # A submodule called with several inputs: converters that verify themselves on a probe batch get
         # the probed call (first input as example_input, the others through the hook), as in training.
@@ -622,7 +635,7 @@ class Ensembling(Callback):
         if self._original_training_step is not None:
             pl_module.__dict__.pop("training_step", None)
             if pl_module.training_step != self._original_training_step:  # it was an instance attribute itself
-                pl_module.training_step = self._original_training_step
+                setattr(pl_module, "training_step", self._original_training_step)
             self._original_training_step = None
 
     # ---------------------------------------------------------------- batches
@@ -631,9 +644,7 @@ class Ensembling(Callback):
         if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
             return batch[1]
         if isinstance(batch, Mapping):
-            for key in _TARGET_KEYS:
-                if isinstance(batch.get(key), Tensor):
-                    return batch[key]
+            return find_target(batch)
         return None
 
     def _patch_training_step(self, pl_module: L.LightningModule) -> None:
@@ -648,7 +659,7 @@ class Ensembling(Callback):
 
         self._original_training_step = original
         # An instance attribute shadows the class method; DDP's wrapper calls it through the module too.
-        pl_module.training_step = types.MethodType(training_step, pl_module)
+        setattr(pl_module, "training_step", types.MethodType(training_step, pl_module))
 
     # ---------------------------------------------------------------- member outputs for other callbacks
     def member_predictions(self, pl_module: nn.Module, batch: Any) -> dict[str, Tensor] | None:
@@ -688,13 +699,13 @@ def _run_member_passes(module: L.LightningModule, model: EnsembledModel, step: A
     host_approximate = False
     results = []
     own_log = module.__dict__.get("log")
-    model.__dict__["_passes"] = passes
-    module.log = record  # type: ignore[method-assign]
+    set_unregistered(model, "_passes", passes)
+    setattr(module, "log", record)  # an instance attribute shadows LightningModule.log while the passes run
     try:
         for member in range(model.num_members):
             if member:
                 start.restore()
-                if host_approximate:
+                if host_approximate and host_before is not None:
                     numpy_state, python_state = host_before
                     if numpy_state is not None:
                         _restore_numpy_state_bytes(numpy_state)
@@ -703,7 +714,7 @@ def _run_member_passes(module: L.LightningModule, model: EnsembledModel, step: A
             results.append(step(*args, **kwargs))
             if not member and host_before is not None:
                 drew = (_numpy_state_bytes(), random.getstate()) != host_before
-                model.__dict__["_host_random"] = drew
+                set_unregistered(model, "_host_random", drew)
                 host_approximate = drew and start.host is None
             if member and passes.call != len(passes.outputs):
                 raise RuntimeError(
@@ -712,11 +723,11 @@ def _run_member_passes(module: L.LightningModule, model: EnsembledModel, step: A
                     "every member (its random state is replayed). Use batch='split'."
                 )
     finally:
-        model.__dict__["_passes"] = None
+        set_unregistered(model, "_passes", None)
         if own_log is None:
             module.__dict__.pop("log", None)
         else:
-            module.log = own_log
+            setattr(module, "log", own_log)
     for name, calls in logged.items():
         value, log_args, log_kwargs = calls[-1]
         values = [v for v, _, _ in calls]

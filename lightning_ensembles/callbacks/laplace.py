@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
+import lightning as L
 
+from .._checks import check_choice
 from ..calibration.laplace import LaplaceEnsemble, fit_laplace, load_laplace_ensemble
 from ..ensembles.base import Ensemble
+from ._base import Stage, SubmoduleSwap
 
 __all__ = ["LastLayerLaplace"]
 
 
-class LastLayerLaplace(Callback):
+class LastLayerLaplace(SubmoduleSwap):
     """Fit :func:`~lightning_ensembles.calibration.laplace.fit_laplace` on a trained ensemble at the end of ``fit``.
 
     For modules that hold their ensemble in ``pl_module.ensemble`` (``EnsembleClassifier``, or any module
@@ -50,22 +52,16 @@ class LastLayerLaplace(Callback):
         grid_size: int = 21,
         seed: int = 0,
     ) -> None:
-        if prior_method not in ("gridsearch", "marglik"):
-            raise ValueError(f"`prior_method` must be 'gridsearch' or 'marglik', got {prior_method!r}.")
+        self.prior_method = check_choice("prior_method", prior_method, ("gridsearch", "marglik"))
         if num_samples < 0:
             raise ValueError(f"`num_samples` must be >= 0, got {num_samples}.")
-        self.hessian_structure = hessian_structure
-        self.prior_method = prior_method
-        self.num_samples = num_samples
-        self.link_approx = link_approx
-        self.grid_size = grid_size
-        self.seed = seed
+        self.hessian_structure, self.link_approx = hessian_structure, link_approx
+        self.num_samples, self.grid_size, self.seed = num_samples, grid_size, seed
         self.laplace: LaplaceEnsemble | None = None
         self._saved: dict[str, Any] | None = None
-        self._swapped: Any = None
 
     @staticmethod
-    def _ensemble(pl_module: Any) -> Ensemble:
+    def _ensemble(pl_module: L.LightningModule) -> Ensemble:
         ens = getattr(pl_module, "ensemble", None)
         if not isinstance(ens, Ensemble):
             raise ValueError(
@@ -75,13 +71,17 @@ class LastLayerLaplace(Callback):
             )
         return ens
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ensemble = self._ensemble(pl_module)
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)
         train = dm.train_dataloader() if dm is not None else trainer.train_dataloader
         val = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
         if isinstance(val, (list, tuple)):
             val = val[0] if val else None
+        if train is None:
+            raise ValueError(
+                "LastLayerLaplace fits on the training data, but `trainer.fit` had no training dataloader."
+            )
         if self.prior_method == "gridsearch" and val is None:
             raise ValueError(
                 "LastLayerLaplace(prior_method='gridsearch') tunes the prior precision on validation data, but "
@@ -101,7 +101,7 @@ class LastLayerLaplace(Callback):
         self._saved = None
 
     # ---------------------------------------------------------------- swap at test / predict
-    def _swap_in(self, pl_module: Any, stage: str) -> None:
+    def _eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
         if self.laplace is None and self._saved is not None:
             self.laplace = load_laplace_ensemble(
                 self._ensemble(pl_module),
@@ -116,35 +116,18 @@ class LastLayerLaplace(Callback):
                 f"LastLayerLaplace has no fitted posterior at {stage} time: run `trainer.fit` first, or load a "
                 "checkpoint saved (with `trainer.save_checkpoint`) after a fit with this callback."
             )
-        self._swapped = self._ensemble(pl_module)
-        pl_module.ensemble = self.laplace
+        self._ensemble(pl_module)  # the module holds an Ensemble to replace
+        self._swap_in(pl_module, "ensemble", self.laplace)
 
-    def _swap_out(self, pl_module: Any) -> None:
-        if self._swapped is not None:
-            pl_module.ensemble = self._swapped
-            self._swapped = None
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._swap_in(pl_module, "test")
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._swap_out(pl_module)
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self._swap_in(pl_module, "predict")
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._swap_out(pl_module)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._swap_out(pl_module)
 
     # ---------------------------------------------------------------- checkpoint
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if self._swapped is not None:  # never save the Laplace copies as the module's weights
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._replaced is not None:  # never save the Laplace copies as the module's weights
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ensemble.")
-            } | {f"ensemble.{k}": v for k, v in self._swapped.state_dict().items()}
+            } | {f"ensemble.{k}": v for k, v in self._replaced.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         if self.laplace is not None:

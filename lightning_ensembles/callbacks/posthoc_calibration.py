@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, cast
 
+import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..calibration._base import MIN_SAMPLES
 from ..calibration.binning import HistogramBinning, IsotonicCalibration
 from ..calibration.scaling import DirichletCalibration, MatrixScaling, VectorScaling
-from ..calibration.temperature import TEMPERATURE_BOUNDS, CalibrationWarning, TemperatureScaler
-from ..metrics import ExpectedCalibrationError, NegativeLogLikelihood
-from ._predictions import EpochBuffer, Predictions, read_predictions, step_outputs
+from ..calibration.temperature import TEMPERATURE_BOUNDS, Kind, TemperatureScaler
+from ._base import ProbabilityRecalibration, before_after_scores
+from ._predictions import Predictions
 
 __all__ = ["CALIBRATION_METHODS", "PosthocCalibration", "build_calibrator"]
 
@@ -26,7 +25,7 @@ CALIBRATION_METHODS = ("temperature", "vector", "matrix", "dirichlet", "histogra
 def build_calibrator(
     method: str,
     num_classes: int,
-    kind: str,
+    kind: Kind,
     min_samples: int = MIN_SAMPLES,
     reg_lambda: float = 0.1,
     reg_mu: float = 0.1,
@@ -48,7 +47,7 @@ def build_calibrator(
     raise ValueError(f"unknown calibration method {method!r}; choose from {list(CALIBRATION_METHODS)}.")
 
 
-class PosthocCalibration(Callback):
+class PosthocCalibration(ProbabilityRecalibration):
     """Post-hoc calibration of any classifier by ``method``, fitted on validation data, for any Trainer.
 
     ``method``: ``"temperature"``, ``"vector"``, ``"matrix"``, ``"dirichlet"``, ``"histogram"`` or
@@ -102,25 +101,15 @@ class PosthocCalibration(Callback):
         clip: float = 1e-4,
         ece_bins: int = 15,
     ) -> None:
-        if method not in CALIBRATION_METHODS:
-            raise ValueError(f"unknown calibration method {method!r}; choose from {list(CALIBRATION_METHODS)}.")
-        if apply_to not in ("ensemble", "members"):
-            raise ValueError(f"`apply_to` must be 'ensemble' or 'members', got {apply_to!r}.")
-        self.method = method
-        self.apply_to = apply_to
-        self.kwargs = {
-            "min_samples": min_samples,
-            "reg_lambda": reg_lambda,
-            "reg_mu": reg_mu,
-            "n_bins": n_bins,
-            "clip": clip,
-        }
-        self.ece_bins = ece_bins
+        super().__init__(ece_bins=ece_bins)
+        self.method = check_choice("method", method, CALIBRATION_METHODS)
+        self.apply_to = check_choice("apply_to", apply_to, ("ensemble", "members"))
+        self.min_samples, self.n_bins, self.clip = min_samples, n_bins, clip
+        self.reg_lambda, self.reg_mu = reg_lambda, reg_mu
         self.calibrator: nn.Module | None = None
         self.num_classes: int | None = None
-        self.predictions: list[Tensor] = []
-        self._buffer = EpochBuffer()
-        self._test: dict[str, Any] = {}
+
+    fitted_name = "fitted map"
 
     @property
     def state_key(self) -> str:
@@ -128,16 +117,29 @@ class PosthocCalibration(Callback):
         return self._generate_state_key(method=self.method, apply_to=self.apply_to)
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Kind:
         return "member_logits" if self.apply_to == "members" else "probs"
 
     @property
-    def tag(self) -> str:
+    def tag(self) -> str:  # type: ignore[override]  # a property where the base has a class attribute
         return f"cal_{self.method}"
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.calibrator is not None
 
     def _new_calibrator(self, num_classes: int) -> nn.Module:
         """A fresh calibrator for ``num_classes`` classes (subclasses bring others, e.g. the torch-uncertainty adapter)."""
-        return build_calibrator(self.method, num_classes, self.kind, **self.kwargs)
+        return build_calibrator(
+            self.method,
+            num_classes,
+            self.kind,
+            min_samples=self.min_samples,
+            reg_lambda=self.reg_lambda,
+            reg_mu=self.reg_mu,
+            n_bins=self.n_bins,
+            clip=self.clip,
+        )
 
     # ---------------------------------------------------------------- inputs
     def _values(self, preds: Predictions, hook: str) -> Tensor:
@@ -156,103 +158,26 @@ class PosthocCalibration(Callback):
 
     def _calibrated(self, preds: Predictions, hook: str) -> Tensor:
         values = self._values(preds, hook)
+        assert self.calibrator is not None  # test and predict start with `_require_fit`
         self.calibrator.to(values.device)
         return self.calibrator(values.double()).exp().float()
 
     # ---------------------------------------------------------------- fit on validation
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._buffer.reset()
+    def _fit_values(self, preds: Predictions) -> tuple[Tensor, str]:
+        return self._values(preds, "validation_step"), self.kind
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking or dataloader_idx != 0:
-            return
-        preds = read_predictions(
-            step_outputs(outputs, trainer, pl_module, batch), type(self).__name__, "validation_step"
-        )
-        if preds.target is not None:
-            self._buffer.add(self._values(preds, "validation_step"), preds.target, self.kind)
+    def _keep_previous(self) -> str:
+        return "kept the current map"
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        if not len(self._buffer):
-            rank_zero_warn(
-                "PosthocCalibration: no validation predictions with targets on dataloader 0; kept the current map.",
-                category=CalibrationWarning,
-            )
-            return
-        values, target = self._buffer.gather(trainer)
-        self._buffer.reset()
+    def _fit(self, pl_module: L.LightningModule, values: Tensor, target: Tensor, kind: str) -> None:
         num_classes = values.shape[-1]
         if self.calibrator is None or self.num_classes != num_classes:
             self.num_classes = num_classes
             self.calibrator = self._new_calibrator(num_classes)
-        self.calibrator.fit(values.double(), target)
-        before = self._identity(values)
+        cast(Any, self.calibrator).fit(values.double(), target)  # every calibrator has `fit(x, target)`, no shared base
+        before = values.double().exp().mean(0) if self.kind == "member_logits" else values.double()
         after = self.calibrator(values.double()).exp()
-        for name, value in self._scores(before, after, target).items():
-            pl_module.log(f"val/{self.tag}/{name}", value, add_dataloader_idx=False)
-
-    def _identity(self, values: Tensor) -> Tensor:
-        return values.double().exp().mean(0) if self.kind == "member_logits" else values.double()
-
-    def _scores(self, before: Tensor, after: Tensor, target: Tensor) -> dict[str, float]:
-        out = {}
-        for tag, probs in (("before", before), ("after", after)):
-            ece, nll = ExpectedCalibrationError(n_bins=self.ece_bins), NegativeLogLikelihood()
-            ece.update(probs, target)
-            nll.update(probs, target)
-            out[f"nll_{tag}"], out[f"ece_{tag}"] = float(nll.compute()), float(ece.compute())
-        return out
-
-    # ---------------------------------------------------------------- apply
-    def _require_fit(self, stage: str) -> None:
-        if self.calibrator is None:
-            raise RuntimeError(
-                f"PosthocCalibration has no fitted map at {stage} time: run `trainer.fit` (with validation) or "
-                "`trainer.validate` first, or load a checkpoint saved with this callback."
-            )
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._require_fit("test")
-        self._test = {
-            f"{name}_{tag}": cls().to(pl_module.device)
-            for tag in ("before", "after")
-            for name, cls in (
-                ("ece", lambda: ExpectedCalibrationError(n_bins=self.ece_bins)),
-                ("nll", NegativeLogLikelihood),
-            )
-        }
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        preds = read_predictions(outputs, type(self).__name__, "test_step")
-        calibrated = self._calibrated(preds, "test_step")
-        if isinstance(outputs, MutableMapping):
-            outputs["calibrated_probs"] = calibrated
-        if preds.target is None or dataloader_idx != 0:
-            return
-        for tag, probs in (("before", preds.probs), ("after", calibrated)):
-            self._test[f"ece_{tag}"].update(probs, preds.target)
-            self._test[f"nll_{tag}"].update(probs, preds.target)
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        if not self._test or all(m.update_count == 0 for m in self._test.values()):
-            return
-        for name, metric in self._test.items():
-            pl_module.log(f"test/{self.tag}/{name}", metric.compute(), add_dataloader_idx=False)
-
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self._require_fit("predict")
-        self.predictions = []
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        preds = read_predictions(step_outputs(outputs, trainer, pl_module, batch), type(self).__name__, "predict_step")
-        calibrated = self._calibrated(preds, "predict_step")
-        if isinstance(outputs, MutableMapping):
-            outputs["calibrated_probs"] = calibrated
-        else:
-            self.predictions.append(calibrated.detach().cpu())
+        self._log_scores(pl_module, "val", before_after_scores(before, after, target, self.ece_bins))
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

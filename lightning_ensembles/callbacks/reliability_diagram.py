@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 
+from .._checks import check_choice
 from ..metrics import ExpectedCalibrationError
 from ..metrics._plot import reliability_figure
-from ._predictions import read_predictions, step_outputs
+from ._base import PredictionReader, Stage
+from ._predictions import Predictions
 
 
-class ReliabilityDiagram(Callback):
+class ReliabilityDiagram(PredictionReader):
     """Reliability diagram (PNG) of the first validation/test dataloader, for any LightningModule.
 
     Reads predictions as :class:`CalibrationMetrics` does (a ``validation_step`` / ``test_step``
@@ -49,30 +51,30 @@ class ReliabilityDiagram(Callback):
         figsize: tuple[float, float] = (6.0, 7.0),
         dpi: int = 100,
     ) -> None:
-        if any(s not in ("val", "test") for s in stages):
-            raise ValueError(f"`stages` may contain 'val' and 'test', got {list(stages)}.")
+        for stage in stages:
+            check_choice("stages", stage, ("val", "test"))
         if every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
         self.n_bins, self.stages, self.every_n_epochs = n_bins, tuple(stages), every_n_epochs
-        self.figsize, self.dpi = tuple(figsize), dpi
+        self.figsize, self.dpi = (float(figsize[0]), float(figsize[1])), dpi
         self.paths: list[str] = []
         self._ece: dict[str, ExpectedCalibrationError] = {}
 
-    def _active(self, trainer: L.Trainer, stage: str) -> bool:
-        if stage not in self.stages or trainer.sanity_checking:
+    def _reads(self, trainer: L.Trainer, stage: Stage, dataloader_idx: int) -> bool:
+        if dataloader_idx != 0 or stage not in self.stages or trainer.sanity_checking:
             return False
         return stage == "test" or trainer.current_epoch % self.every_n_epochs == 0
 
-    def _update(self, trainer, pl_module, stage: str, outputs, dataloader_idx: int) -> None:
-        if dataloader_idx != 0 or not self._active(trainer, stage):
-            return
-        preds = read_predictions(outputs, type(self).__name__, "validation_step" if stage == "val" else "test_step")
+    def _update(self, stage: Stage, preds: Predictions, outputs: Any, dataloader_idx: int) -> None:
         if preds.target is None:
             return
         probs = preds.probs
         if stage not in self._ece:
             self._ece[stage] = ExpectedCalibrationError(n_bins=self.n_bins).to(probs.device)
         self._ece[stage].update(probs, preds.target)
+
+    def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
+        self._write(trainer, stage)
 
     def _write(self, trainer: L.Trainer, stage: str) -> None:
         metric = self._ece.pop(stage, None)
@@ -104,22 +106,8 @@ class ReliabilityDiagram(Callback):
         self.paths.append(path)
         tag = f"{stage}/reliability_diagram"
         for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
+            experiment: Any = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):  # TensorBoard
                 experiment.add_figure(tag, fig, global_step=trainer.global_step)
             elif hasattr(logger, "log_image"):  # W&B, Neptune, Comet ...
                 logger.log_image(key=tag, images=[path], step=trainer.global_step)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        self._update(trainer, pl_module, "val", outputs, dataloader_idx)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        self._update(trainer, pl_module, "test", outputs, dataloader_idx)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._write(trainer, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._write(trainer, "test")

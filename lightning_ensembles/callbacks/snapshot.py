@@ -7,18 +7,16 @@ import warnings
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from ..averaging.snapshot import cyclic_cosine_lr, snapshot_ensemble
 from ..ensembles.deep import DeepEnsemble
-from ..ensembles.surgery import set_submodule
-from .weight_averaging import resolve_attribute
+from ._base import Stage, SubmoduleSwap, resolve_attribute
 
 __all__ = ["SnapshotEnsemble"]
 
 
-class SnapshotEnsemble(Callback):
+class SnapshotEnsemble(SubmoduleSwap):
     """Snapshot Ensembles (Huang et al., 2017) for any LightningModule.
 
     The learning rate of every optimiser follows a cosine from its initial value (``lr_max`` if
@@ -62,15 +60,11 @@ class SnapshotEnsemble(Callback):
             raise ValueError(f"`lr_max` must be > 0 (or None for the optimiser's lr), got {lr_max}.")
         if lr_min < 0 or (lr_max is not None and lr_min >= lr_max):
             raise ValueError(f"`lr_min` must be >= 0 and below `lr_max`, got {lr_min}.")
-        self.num_cycles = num_cycles
-        self.attribute = attribute
-        self.lr_max = lr_max
-        self.lr_min = lr_min
-        self.evaluate = evaluate
+        self.num_cycles, self.attribute, self.evaluate = num_cycles, attribute, evaluate
+        self.lr_max, self.lr_min = lr_max, lr_min
         self.snapshots: list[dict[str, Tensor]] = []
         self.steps_per_cycle: int | None = None
         self._base_lrs: list[list[float]] | None = None
-        self._replaced: nn.Module | None = None
         self._ensemble: DeepEnsemble | None = None
         self._template: nn.Module | None = None
         self._total_steps: int | None = None
@@ -132,6 +126,7 @@ class SnapshotEnsemble(Callback):
             if pl_module is None and self._template is None:
                 raise ValueError("pass the LightningModule the snapshots were taken from.")
             template = resolve_attribute(pl_module, self.attribute) if pl_module is not None else self._template
+            assert template is not None
             self._ensemble = snapshot_ensemble(template, self.snapshots)
         return self._ensemble
 
@@ -139,32 +134,14 @@ class SnapshotEnsemble(Callback):
         self._template = resolve_attribute(pl_module, self.attribute)
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
         if not (self.evaluate and self.snapshots and self.attribute):
             return
         target = resolve_attribute(pl_module, self.attribute)
         if not isinstance(target, DeepEnsemble):
             return  # a plain model's callers expect (B, ...) outputs; use `ensemble()` explicitly
         self._template = target
-        self._replaced = target
-        set_submodule(pl_module, self.attribute, self.ensemble(pl_module).to(pl_module.device).train(target.training))
-
-    def _eval_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._replaced is not None:
-            set_submodule(pl_module, self.attribute, self._replaced)
-            self._replaced = None
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_end(trainer, pl_module)
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_end(trainer, pl_module)
+        self._swap_in(pl_module, self.attribute, self.ensemble(pl_module).to(pl_module.device).train(target.training))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, cast
 
-import torch
-from lightning.pytorch.callbacks import Callback
+import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -15,16 +13,17 @@ from ..calibration.temperature import (
     MIN_SAMPLES,
     TEMPERATURE_BOUNDS,
     CalibrationWarning,
+    Kind,
     TemperatureFit,
     member_log_probs,
     safe_fit_temperature,
     scaled_log_probs,
 )
-from ..metrics import ExpectedCalibrationError, NegativeLogLikelihood
-from ._predictions import EpochBuffer, Predictions, read_predictions, step_outputs
+from ._base import ProbabilityRecalibration, before_after_scores
+from ._predictions import Predictions
 
 
-def fit_values(preds: Predictions) -> tuple[Tensor, str]:
+def fit_values(preds: Predictions) -> tuple[Tensor, Kind]:
     """What a temperature is fitted on, and its kind, for a step's predictions.
 
     ``member_logits`` and ``logits`` as they are; ``member_probs`` as member log-probabilities of kind
@@ -35,11 +34,11 @@ def fit_values(preds: Predictions) -> tuple[Tensor, str]:
     if preds.kind == "member_probs":
         return member_log_probs(v), "member_logits"
     if preds.kind in ("member_logits", "logits"):
-        return v, preds.kind
+        return v, cast(Kind, preds.kind)
     return v, "probs"
 
 
-def apply_values(preds: Predictions, fitted_kind: str, hook: str) -> tuple[Tensor, str]:
+def apply_values(preds: Predictions, fitted_kind: str, hook: str) -> tuple[Tensor, Kind]:
     """What to scale in a step's predictions so that a temperature fitted on ``fitted_kind`` means the same.
 
     Exact conversions only (``softmax(log p / T) == softmax(z / T)`` when ``p = softmax(z)``):
@@ -58,7 +57,7 @@ def apply_values(preds: Predictions, fitted_kind: str, hook: str) -> tuple[Tenso
         return preds.probs, "probs"
     if fitted_kind == "member_logits":
         if kind == "member_logits":
-            return v, kind
+            return v, "member_logits"
         if kind == "member_probs":
             return member_log_probs(v), "member_logits"
         raise ValueError(
@@ -68,7 +67,7 @@ def apply_values(preds: Predictions, fitted_kind: str, hook: str) -> tuple[Tenso
         )
     if fitted_kind == "logits":
         if kind == "logits":
-            return v, kind
+            return v, "logits"
         if kind == "probs":
             return member_log_probs(v), "logits"
         if v.shape[0] == 1:
@@ -81,7 +80,7 @@ def apply_values(preds: Predictions, fitted_kind: str, hook: str) -> tuple[Tenso
     raise ValueError(f"TemperatureScaling: unknown fitted kind {fitted_kind!r}.")
 
 
-class TemperatureScaling(Callback):
+class TemperatureScaling(ProbabilityRecalibration):
     """Post-hoc temperature scaling (Guo et al., 2017) as a Trainer callback for any LightningModule.
 
     **Fit.** Predictions of the first validation dataloader are collected (read from the dict that
@@ -150,152 +149,69 @@ class TemperatureScaling(Callback):
             raise ValueError(f"`min_samples` must be >= 1, got {min_samples}.")
         if not 0 < bounds[0] < bounds[1]:
             raise ValueError(f"`bounds` must be (low, high) with 0 < low < high, got {bounds}.")
-        self.init = init
-        self.max_iter = max_iter
-        self.n_bins = n_bins
-        self.min_samples = min_samples
-        self.bounds = (float(bounds[0]), float(bounds[1]))
+        super().__init__(ece_bins=n_bins)
+        self.init, self.max_iter, self.n_bins = init, max_iter, n_bins
+        self.min_samples, self.bounds = min_samples, (float(bounds[0]), float(bounds[1]))
         self.temperature: float = math.nan
-        self.kind: str | None = None
+        self.kind: Kind | None = None
         self.last_fit: TemperatureFit | None = None
-        self.predictions: list[Tensor] = []
-        self._buffer = EpochBuffer()
-        self._test_metrics: dict[str, Any] = {}
-        self._validated = False
+
+    tag = "ts"
+    fitted_name = "temperature"
 
     @property
     def is_fitted(self) -> bool:
         return not math.isnan(self.temperature)
 
     # ---------------------------------------------------------------- fit on validation
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self._validated = False
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._buffer.reset()
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.sanity_checking or dataloader_idx != 0:
-            return
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        preds = read_predictions(outputs, type(self).__name__, "validation_step")
-        if preds.target is not None:
-            values, kind = fit_values(preds)
-            self._buffer.add(values, preds.target, kind)
+    def _fit_values(self, preds: Predictions) -> tuple[Tensor, str]:
+        return fit_values(preds)
 
     @property
     def _fallback(self) -> float:
         """The safe temperature kept when a fit is refused: the previous one, else the identity."""
         return self.temperature if self.is_fitted else 1.0
 
-    def _keep(self, reason: str) -> None:
+    def _keep_previous(self) -> str:
+        self.last_fit = None
         self.temperature = self._fallback
         if self.temperature == 1.0:
             self.kind = None  # the identity applies to every kind
-        rank_zero_warn(f"TemperatureScaling: {reason}.", category=CalibrationWarning)
+        return f"kept T={self.temperature:.4g}"
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        self._validated = True
-        if not len(self._buffer):
-            self.last_fit = None
-            self._keep(
-                "no validation predictions with targets on dataloader 0 (empty dataloader, or batches without "
-                f"targets); kept T={self._fallback:.4g}"
-            )
-            return
-        values, target = self._buffer.gather(trainer)
-        kind = self._buffer.kind
-        self._buffer.reset()
+    def _fit(self, pl_module: L.LightningModule, values: Tensor, target: Tensor, kind: str) -> None:
+        fitted_kind = cast(Kind, kind)  # what `fit_values` gave
         fit = safe_fit_temperature(
-            values, target, kind, self.init, self.max_iter, self.min_samples, self.bounds, self._fallback, warn=False
+            values,
+            target,
+            fitted_kind,
+            self.init,
+            self.max_iter,
+            self.min_samples,
+            self.bounds,
+            self._fallback,
+            warn=False,
         )
         self.last_fit = fit
         if fit.accepted or fit.temperature == 1.0 or self.kind is None:
-            self.kind = kind
+            self.kind = fitted_kind
         self.temperature = fit.temperature
         if not fit.accepted:
             rank_zero_warn(f"TemperatureScaling: {fit.reason}.", category=CalibrationWarning)
-        scaled = apply_values(Predictions(kind, values, target), self.kind or kind, "validation_step")
-        report = self._before_after(*scaled, target)
+        scaled, scaled_kind = apply_values(Predictions(kind, values, target), self.kind or kind, "validation_step")
+        before, after = (scaled_log_probs(scaled.double(), t, scaled_kind).exp() for t in (1.0, self.temperature))
         pl_module.log("val/ts/temperature", self.temperature, add_dataloader_idx=False)
-        for name, value in report.items():
-            pl_module.log(f"val/ts/{name}", value, add_dataloader_idx=False)
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if stage in ("fit", "validate") and not self._validated:
-            self._keep(
-                f"`trainer.{stage}` ran no validation epoch (an empty validation dataloader, limit_val_batches=0 or "
-                f"no validation_step), so no temperature was fitted; kept T={self._fallback:.4g}"
-            )
-        self._validated = False
-
-    def _before_after(self, values: torch.Tensor, kind: str, target: torch.Tensor) -> dict[str, float]:
-        out = {}
-        for tag, temp in (("before", 1.0), ("after", self.temperature)):
-            probs = scaled_log_probs(values.double(), temp, kind).exp()
-            ece, nll = ExpectedCalibrationError(n_bins=self.n_bins), NegativeLogLikelihood()
-            ece.update(probs, target)
-            nll.update(probs, target)
-            out[f"ece_{tag}"], out[f"nll_{tag}"] = float(ece.compute()), float(nll.compute())
-        return out
+        self._log_scores(pl_module, "val", before_after_scores(before, after, target, self.n_bins))
 
     # ---------------------------------------------------------------- apply
-    def _calibrated(self, preds: Predictions, hook: str) -> torch.Tensor:
+    def _calibrated(self, preds: Predictions, hook: str) -> Tensor:
         if self.temperature == 1.0 or self.kind is None:
             return preds.probs  # the identity, whatever was fitted on
         values, kind = apply_values(preds, self.kind, hook)
         return scaled_log_probs(values, self.temperature, kind).exp()
 
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._require_fit("test")
-        self._test_metrics = {
-            f"{name}_{tag}": factory().to(pl_module.device)
-            for tag in ("before", "after")
-            for name, factory in (
-                ("ece", lambda: ExpectedCalibrationError(n_bins=self.n_bins)),
-                ("nll", NegativeLogLikelihood),
-            )
-        }
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        outputs = step_outputs(outputs, trainer, pl_module, batch)
-        preds = read_predictions(outputs, type(self).__name__, "test_step")
-        calibrated = self._calibrated(preds, "test_step")
-        outputs["calibrated_probs"] = calibrated
-        if preds.target is None or dataloader_idx != 0:
-            return
-        for tag, probs in (("before", preds.probs), ("after", calibrated.float())):
-            self._test_metrics[f"ece_{tag}"].update(probs, preds.target)
-            self._test_metrics[f"nll_{tag}"].update(probs, preds.target)
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        if all(m.update_count == 0 for m in self._test_metrics.values()):
-            return
-        pl_module.log("test/ts/temperature", self.temperature, add_dataloader_idx=False)
-        for name, metric in self._test_metrics.items():
-            pl_module.log(f"test/ts/{name}", metric.compute(), add_dataloader_idx=False)
-
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self._require_fit("predict")
-        self.predictions = []
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        found = step_outputs(outputs, trainer, pl_module, batch)
-        preds = read_predictions(found, type(self).__name__, "predict_step")
-        calibrated = self._calibrated(preds, "predict_step")
-        if isinstance(outputs, MutableMapping):
-            outputs["calibrated_probs"] = calibrated
-        else:  # what the step returned cannot carry it (e.g. a tensor): keep it here
-            self.predictions.append(calibrated.detach().cpu())
-
-    def _require_fit(self, stage: str) -> None:
-        if not self.is_fitted:
-            raise RuntimeError(
-                f"TemperatureScaling has no temperature at {stage} time: run `trainer.fit` (with validation) or "
-                "`trainer.validate` first, or load a checkpoint saved with this callback."
-            )
+    def _test_results(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, **super()._test_results()}
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -7,54 +7,22 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim.swa_utils import SWALR
 
+from .._checks import check_choice
 from ..averaging.base import WeightAverager
 from ..averaging.bn import has_batchnorm, update_bn
 from ..averaging.ema import EMA
 from ..averaging.swa import SWA
 from ..averaging.swag import SWAG, SWAGEnsemble
 from ..ensembles.base import Ensemble
-from ..ensembles.surgery import set_submodule
+from ._base import Stage, SubmoduleSwap, first_train_loader, resolve_attribute
 
 __all__ = ["MemberWeightAveraging", "resolve_attribute", "first_train_loader"]
 
 
-def resolve_attribute(pl_module: nn.Module, attribute: str | None) -> nn.Module:
-    """``pl_module`` itself, or its sub-module at the dotted path ``attribute`` (e.g. ``"ensemble"``)."""
-    if attribute is None:
-        return pl_module
-    target: Any = pl_module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(
-                f"`attribute`={attribute!r}: {type(pl_module).__name__} has no sub-module {part!r}. "
-                "Name the model to average (e.g. 'ensemble'), or pass attribute=None for the whole module."
-            )
-        target = getattr(target, part)
-    if not isinstance(target, nn.Module):
-        raise ValueError(f"`attribute`={attribute!r} is a {type(target).__name__}, not an nn.Module.")
-    return target
-
-
-def first_train_loader(trainer: L.Trainer) -> Any:
-    """The training dataloader (the first one if there are several), or ``None``."""
-    loader = getattr(trainer, "train_dataloader", None)
-    if loader is None and trainer.datamodule is not None:
-        try:
-            loader = trainer.datamodule.train_dataloader()
-        except Exception:  # the datamodule may not be set up in a test-only process
-            loader = None
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    elif isinstance(loader, dict):
-        loader = next(iter(loader.values()), None)
-    return loader
-
-
-class MemberWeightAveraging(Callback):
+class MemberWeightAveraging(SubmoduleSwap):
     """Average the weights of any LightningModule (every member of an ensemble) during training.
 
     ``method``: ``"swa"`` (equal-weight mean of snapshots), ``"ema"`` (exponential moving average)
@@ -115,10 +83,9 @@ class MemberWeightAveraging(Callback):
         swag_scale: float = 0.5,
         sample_seed: int = 0,
     ) -> None:
-        if method not in ("swa", "ema", "swag"):
-            raise ValueError(f"`method` must be 'swa', 'ema' or 'swag', got {method!r}.")
-        if interval not in ("epoch", "step"):
-            raise ValueError(f"`interval` must be 'epoch' or 'step', got {interval!r}.")
+        self.method = check_choice("method", method, ("swa", "ema", "swag"))
+        self.interval = check_choice("interval", interval, ("epoch", "step"))
+        self.annealing_strategy = check_choice("annealing_strategy", annealing_strategy, ("cos", "linear"))
         if not isinstance(every_n, int) or every_n < 1:
             raise ValueError(f"`every_n` must be an integer >= 1, got {every_n!r}.")
         if isinstance(start_epoch, float) and not 0.0 <= start_epoch < 1.0:
@@ -129,21 +96,15 @@ class MemberWeightAveraging(Callback):
             raise ValueError(f"`start_epoch` must be >= 0, got {start_epoch}.")
         if swa_lr is not None and swa_lr <= 0:
             raise ValueError(f"`swa_lr` must be > 0 (or None to keep the module's schedule), got {swa_lr}.")
-        if annealing_epochs < 0 or annealing_strategy not in ("cos", "linear"):
-            raise ValueError("`annealing_epochs` must be >= 0 and `annealing_strategy` 'cos' or 'linear'.")
+        if annealing_epochs < 0:
+            raise ValueError(f"`annealing_epochs` must be >= 0, got {annealing_epochs}.")
         if num_samples < 0:
             raise ValueError(f"`num_samples` must be >= 0, got {num_samples}.")
-        self.method = method
         self.attribute = attribute
-        self.start_epoch = start_epoch
-        self.interval = interval
-        self.every_n = every_n
-        self.swa_lr = swa_lr
-        self.annealing_epochs = annealing_epochs
-        self.annealing_strategy = annealing_strategy
+        self.start_epoch, self.every_n = start_epoch, every_n
+        self.swa_lr, self.annealing_epochs = swa_lr, annealing_epochs
         self.update_bn = update_bn and method != "ema"
-        self.num_samples = num_samples
-        self.sample_seed = sample_seed
+        self.num_samples, self.sample_seed = num_samples, sample_seed
         self.averager: WeightAverager
         if method == "swa":
             self.averager = SWA()
@@ -158,7 +119,6 @@ class MemberWeightAveraging(Callback):
         self._final_buffers: dict[str, Tensor] | None = None
         self._transferred = False
         self._backup: dict[str, Tensor] | None = None
-        self._replaced: nn.Module | None = None
 
     @property
     def state_key(self) -> str:
@@ -192,9 +152,9 @@ class MemberWeightAveraging(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.swa_lr is not None and self._swalr is None and trainer.current_epoch >= self.first_epoch(trainer):
-            self._install_swalr(trainer)
+            self._install_swalr(trainer, self.swa_lr)
 
-    def _install_swalr(self, trainer: L.Trainer) -> None:
+    def _install_swalr(self, trainer: L.Trainer, swa_lr: float) -> None:
         # The module's own schedulers stop: their decay would fight SWALR's (as Lightning's SWA does).
         # SWALR is stepped here at each epoch's last batch, which works under manual optimisation too.
         trainer.strategy.lr_scheduler_configs = []
@@ -202,7 +162,7 @@ class MemberWeightAveraging(Callback):
         for i, opt in enumerate(trainer.optimizers):
             lrs = [g["lr"] for g in opt.param_groups]
             sched = SWALR(
-                opt, swa_lr=self.swa_lr, anneal_epochs=self.annealing_epochs, anneal_strategy=self.annealing_strategy
+                opt, swa_lr=swa_lr, anneal_epochs=self.annealing_epochs, anneal_strategy=self.annealing_strategy
             )
             if self._swalr_state is not None:
                 # Resume: SWALR's constructor already stepped once; restore its counters and the lr.
@@ -232,7 +192,7 @@ class MemberWeightAveraging(Callback):
                 sched.step()
 
     # ------------------------------------------------------------------ evaluation on the average
-    def _swap_in(self, pl_module: L.LightningModule) -> None:
+    def _load_average(self, pl_module: L.LightningModule) -> None:
         if self._transferred or self._backup is not None or self.averager.n_averaged == 0:
             return  # never evaluate an average that has not been updated
         target = resolve_attribute(pl_module, self.attribute)
@@ -246,7 +206,7 @@ class MemberWeightAveraging(Callback):
                 for n, b in self._final_buffers.items():
                     state[n].copy_(b)
 
-    def _swap_out(self, pl_module: L.LightningModule) -> None:
+    def _restore_weights(self, pl_module: L.LightningModule) -> None:
         if self._backup is None:
             return
         state = resolve_attribute(pl_module, self.attribute).state_dict(keep_vars=True)
@@ -256,11 +216,11 @@ class MemberWeightAveraging(Callback):
         self._backup = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_in(pl_module)
+        self._load_average(pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Callbacks run before the module's own epoch-end hook, but metrics were accumulated in the steps.
-        self._swap_out(pl_module)
+        self._restore_weights(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.averager.n_averaged == 0:
@@ -288,34 +248,19 @@ class MemberWeightAveraging(Callback):
         assert isinstance(self.averager, SWAG)
         return self.averager.sample_ensemble(target, self.num_samples, loader=loader, seed=self.sample_seed)
 
-    def _eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_in(pl_module)
+    def _eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
+        self._load_average(pl_module)
         if self.method == "swag" and self.num_samples and self.averager.n_averaged and self.attribute:
             target = resolve_attribute(pl_module, self.attribute)
             if isinstance(target, Ensemble) and not isinstance(target, SWAGEnsemble):
                 if self.swag_ensemble is None:
                     loader = first_train_loader(trainer) if has_batchnorm(target) else None
                     self.swag_ensemble = self._build_swag_ensemble(target, loader)
-                self._replaced = target
-                set_submodule(pl_module, self.attribute, self.swag_ensemble.to(pl_module.device))
+                self._swap_in(pl_module, self.attribute, self.swag_ensemble.to(pl_module.device))
 
     def _eval_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._replaced is not None:
-            set_submodule(pl_module, self.attribute, self._replaced)
-            self._replaced = None
-        self._swap_out(pl_module)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_end(trainer, pl_module)
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_start(trainer, pl_module)
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._eval_end(trainer, pl_module)
+        super()._eval_end(trainer, pl_module)
+        self._restore_weights(pl_module)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
