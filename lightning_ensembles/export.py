@@ -201,6 +201,8 @@ def export_onnx(
         raise ExportError(
             f"torch.onnx could not convert {name}: {type(err).__name__}: {str(err).splitlines()[0]}"
         ) from err
+    if onnx_program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise ExportError(f"torch.onnx returned no ONNX program for {name}.")
     if path is not None:
         onnx_program.save(os.fspath(path))
     if check:

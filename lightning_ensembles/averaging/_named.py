@@ -11,7 +11,7 @@ def tracked_tensors(module: nn.Module, buffers: bool) -> dict[str, Tensor]:
     Integer buffers such as BatchNorm's ``num_batches_tracked`` are never averaged: an average of
     counters means nothing, so evaluation keeps the model's own.
     """
-    out = {n: p for n, p in module.named_parameters() if p.is_floating_point()}
+    out: dict[str, Tensor] = {n: p for n, p in module.named_parameters() if p.is_floating_point()}
     if buffers:
         state_keys = set(module.state_dict(keep_vars=True))  # persistent buffers only
         out.update({n: b for n, b in module.named_buffers() if b.is_floating_point() and n in state_keys})

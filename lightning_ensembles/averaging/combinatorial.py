@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -140,12 +140,16 @@ class CombinatorialEnsemble(Ensemble):
         """The combinations evaluated in eval mode (instance index per component)."""
         return list(self._eval_combinations)
 
+    def _instances(self, k: int) -> list[nn.ModuleList]:
+        """The extra instances of component ``k`` (``[j - 1][i]``: instance ``j`` of module ``component_paths[k][i]``)."""
+        return [cast(nn.ModuleList, inst) for inst in cast(nn.ModuleList, self.instances[k])]
+
     def _state_for(self, combo: Sequence[int]) -> dict[str, Tensor]:
         state: dict[str, Tensor] = {}
         for k, j in enumerate(combo):
             if j == 0:
                 continue  # instance 0 lives in the backbone itself
-            for path, module in zip(self.component_paths[k], self.instances[k][j - 1]):
+            for path, module in zip(self.component_paths[k], self._instances(k)[j - 1]):
                 for n, t in itertools.chain(module.named_parameters(), module.named_buffers()):
                     state[f"{path}.{n}"] = t
         return state
@@ -196,7 +200,7 @@ class CombinatorialEnsemble(Ensemble):
                 target = model.get_submodule(path)
                 others = [
                     dict(itertools.chain(inst[i].named_parameters(), inst[i].named_buffers()))
-                    for inst in self.instances[k]
+                    for inst in self._instances(k)
                 ]
                 for n, t in itertools.chain(target.named_parameters(), target.named_buffers()):
                     if t.is_floating_point():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ def snapshot_ensemble(template: nn.Module, snapshots: Sequence[dict[str, Tensor]
             num_members=len(snapshots) * template.num_members,
             init="copy",
             execution=template.execution,
-            storage=template.storage,
+            storage=cast(Literal["auto", "stacked", "per_member"], template.storage),
         )
         stacked = [stack_member_keys(s) for s in snapshots]  # snapshots of per-member storage
         ens.load_state_dict({k: torch.cat([s[k] for s in stacked]) for k in stacked[0]})

@@ -23,6 +23,7 @@ def load_ingredient(ingredient: Ingredient, prefix: str = "") -> dict[str, Tenso
     ``prefix`` keeps only keys starting with it and strips it (e.g. ``"ensemble."`` to take the
     ensemble out of a Lightning checkpoint of an :class:`~lightning_ensembles.EnsembleClassifier`).
     """
+    state: Mapping[str, Tensor]
     if isinstance(ingredient, nn.Module):
         state = ingredient.state_dict()
     elif isinstance(ingredient, (str, Path)):

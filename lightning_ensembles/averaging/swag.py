@@ -117,7 +117,7 @@ class SWAG(WeightAverager):
         use_lowrank = self.rank >= 2
         out = []
         for _ in range(num_samples):
-            z2: dict[str, Tensor] = {}  # one low-rank draw per group: per member, or joint
+            z2: dict[str | tuple[str, int], Tensor] = {}  # one low-rank draw per group: per member, or joint
             sample = {}
             for n, mean in self.average.items():
                 noise = var_sqrt[n] * torch.randn(mean.shape, generator=generator, device="cpu").to(mean)

@@ -184,7 +184,11 @@ def _restore(value: Any, device: torch.device) -> Any:
     from laplace.utils.matrix import Kron
 
     if isinstance(value, dict) and "__kron__" in value:
-        return Kron([[t.to(device) for t in f] if isinstance(f, list) else f.to(device) for f in value["__kron__"]])
+        # Kron's annotation says tuples, but laplace stores each layer's factors as a list (as saved here).
+        factors: list[Any] = [
+            [t.to(device) for t in f] if isinstance(f, list) else f.to(device) for f in value["__kron__"]
+        ]
+        return Kron(factors)
     if isinstance(value, Tensor):
         return value.to(device)
     if isinstance(value, dict):

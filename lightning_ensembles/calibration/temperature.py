@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -266,7 +266,7 @@ class TemperatureScaler(nn.Module):
         self.init = init
         self.max_iter = max_iter
         self.min_samples = min_samples
-        self.bounds = tuple(bounds)
+        self.bounds = cast("tuple[float, float]", tuple(bounds))  # a list from a YAML config becomes a tuple
         self.last_fit: TemperatureFit | None = None
         self.register_buffer("temperature", torch.tensor(1.0))
 

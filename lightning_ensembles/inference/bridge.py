@@ -54,6 +54,8 @@ class BezierCurve(nn.Module):
         True
     """
 
+    _template: nn.Module  # kept out of the module tree (set_unregistered): not a parameter owner of the curve
+
     def __init__(self, start: nn.Module, end: nn.Module) -> None:
         super().__init__()
         pa, pb = dict(start.named_parameters()), dict(end.named_parameters())

@@ -147,6 +147,12 @@ class EnsembleCascade(nn.Module):
         True
     """
 
+    lower: Tensor
+    upper: Tensor
+    thresholds: Tensor
+    member_macs: Tensor
+    fitted: Tensor
+
     def __init__(
         self,
         ensemble: Ensemble | Sequence[nn.Module],
@@ -402,9 +408,9 @@ def prediction_metrics(
         s_in = (uncertainty(probs) if score is None else score).detach().double().cpu()
         scores = torch.cat([s_in, ood_score.detach().double().cpu()])
         labels = torch.cat([torch.zeros(len(s_in), dtype=torch.long), torch.ones(len(ood_score), dtype=torch.long)])
-        for name, metric in (("ood_auroc", OODAUROC()), ("ood_fpr95", FPR95())):
-            metric.update(scores, labels)
-            out[name] = float(metric.compute())
+        for name, ood_metric in (("ood_auroc", OODAUROC()), ("ood_fpr95", FPR95())):
+            ood_metric.update(scores, labels)
+            out[name] = float(ood_metric.compute())
     return out
 
 

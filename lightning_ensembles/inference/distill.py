@@ -14,11 +14,12 @@ Both add ``(1 - alpha)`` times the cross-entropy on the labels (``alpha = 1``: s
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
 from .._checks import check_choice
@@ -233,7 +234,9 @@ class DistillationModule(LightningModule):
             )
         if num_heads is None:
             if mode == "hydra":
-                num_heads = teacher.num_members if teacher is not None else _checkpoint_members(teacher_checkpoint)
+                num_heads = (
+                    teacher.num_members if teacher is not None else _checkpoint_members(cast(str, teacher_checkpoint))
+                )  # given: no teacher
             else:
                 num_heads = 1
         if mode == "hydra" and teacher is not None and num_heads != teacher.num_members:
@@ -247,6 +250,11 @@ class DistillationModule(LightningModule):
         # The teacher is kept out of the module tree: not trained, not saved, not switched to train mode.
         set_unregistered(self, "_teacher", None if teacher is None else teacher.eval())
         self._metrics: dict[str, EnsembleClassificationMetrics] = {}
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """Lightning's ``hparams`` (an :class:`AttributeDict` once ``save_hyperparameters`` ran), typed as such."""
+        return cast(AttributeDict, super().hparams)
 
     # ---------------------------------------------------------------- teacher
     @property

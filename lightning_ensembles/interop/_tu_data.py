@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -12,7 +13,7 @@ from ._tu import tu
 
 __all__ = ["DigitsTUDataModule"]
 
-_TUDataModule = tu("torch_uncertainty.datamodules.abstract").TUDataModule
+_TUDataModule: Any = tu("torch_uncertainty.datamodules.abstract").TUDataModule
 
 
 class DigitsTUDataModule(_TUDataModule):

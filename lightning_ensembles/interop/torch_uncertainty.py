@@ -22,7 +22,7 @@ Importing this module needs the extra: ``pip install 'lightning-ensembles[intero
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -320,7 +320,7 @@ class TUEnsemble(Ensemble):
                 "num_members=M) for seeded samples whose member(i) reproduces output i."
             )
         if self.kind == "deep":
-            return copy.deepcopy(self.model.core_models[index]).train(self.training)
+            return copy.deepcopy(cast(nn.ModuleList, self.model.core_models)[index]).train(self.training)
         return _TUMember(copy.deepcopy(self), index).train(self.training)
 
     def extra_repr(self) -> str:

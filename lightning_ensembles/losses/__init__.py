@@ -7,6 +7,7 @@ Sign convention: for every term here a **positive weight increases diversity**, 
 decreases it; the default weight is 0.
 """
 
+from . import diversity, evidential, forde, kernels, repulsion
 from .base import Regularizer
 from .diversity import (
     JensenGap,
@@ -29,42 +30,22 @@ from .evidential import (
     dirichlet_uncertainty,
     evidential_classification_loss,
     evidential_regression_loss,
+    nig_constrain,
     nig_nll,
+    nig_regularizer,
+    nig_split,
     nig_uncertainty,
 )
 from .forde import InputGradientRepulsion, forde_repulsion, member_input_gradients
 from .kernels import log_kde, median_heuristic, squared_distances
 from .repulsion import FunctionSpaceRepulsion, WeightSpaceRepulsion, member_parameter_matrix
 
+# The package exports every public name of its modules (their ``__all__``), and the Regularizer base.
 __all__ = [
     "Regularizer",
-    "PairwiseKL",
-    "JensenShannon",
-    "SoftDisagreement",
-    "NegativeCorrelation",
-    "JensenGap",
-    "JensenGapLoss",
-    "WeightSpaceRepulsion",
-    "FunctionSpaceRepulsion",
-    "InputGradientRepulsion",
-    "pairwise_kl",
-    "jensen_shannon",
-    "soft_disagreement",
-    "ambiguity",
-    "jensen_gap",
-    "forde_repulsion",
-    "member_input_gradients",
-    "member_parameter_matrix",
-    "log_kde",
-    "median_heuristic",
-    "squared_distances",
-    "EvidentialClassificationLoss",
-    "EvidentialRegressionLoss",
-    "annealing_coefficient",
-    "dirichlet_kl_uniform",
-    "dirichlet_uncertainty",
-    "evidential_classification_loss",
-    "evidential_regression_loss",
-    "nig_nll",
-    "nig_uncertainty",
+    *diversity.__all__,
+    *repulsion.__all__,
+    *forde.__all__,
+    *kernels.__all__,
+    *evidential.__all__,
 ]

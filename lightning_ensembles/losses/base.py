@@ -10,8 +10,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..ensembles.surgery import set_unregistered
+from ._checks import check_shared_examples
 
-__all__ = ["Regularizer", "regularizer_from_config"]
+__all__ = ["Regularizer", "Term", "regularizer_from_config"]
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -88,6 +89,32 @@ class Regularizer(nn.Module):
             )
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+class Term(Regularizer):
+    """A :class:`Regularizer` written as :meth:`term`, which :meth:`forward` calls after checking the members.
+
+    A term that compares members on the same example (``compares_examples = True``, the default) needs
+    every member to have predicted the batch: :meth:`forward` refuses member outputs that do not cover
+    ``inputs`` (an ensemble that splits the batch among its members) before calling :meth:`term`.
+    """
+
+    compares_examples: bool = True
+
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
+        """The unweighted value of member outputs ``(M, B, ...)`` (``target``, ``inputs``, ``ensemble``: as given)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor | None = None,
+        inputs: Tensor | None = None,
+        ensemble: nn.Module | None = None,
+    ) -> Tensor:
+        if self.compares_examples:
+            check_shared_examples(outputs, inputs, type(self).__name__)
+        return self.term(outputs, target, inputs, ensemble)
 
 
 def regularizer_from_config(config: dict[str, Any] | Regularizer) -> Regularizer:

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from .._checks import check_choice
 from ..ensembles.base import aggregate_log_probs, split_gaussian
-from ._checks import check_class_target, check_logits, check_pairwise, check_same_batch, check_shared_examples
-from .base import Regularizer
+from ._checks import check_class_target, check_logits, check_pairwise, check_same_batch
+from .base import Term
 
 __all__ = [
     "pairwise_kl",
@@ -108,6 +108,13 @@ def ambiguity(predictions: Tensor) -> Tensor:
     return (predictions - predictions.mean(0, keepdim=True)).pow(2).mean()
 
 
+def _member_ce_and_ensemble_nll(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean_i CE(z_i, y), NLL(mean_i p_i, y))`` of member logits ``(M, B, C)``: the two Jensen-gap terms."""
+    m, b, c = logits.shape
+    member_ce = F.cross_entropy(logits.reshape(m * b, c), target.repeat(m))
+    return member_ce, F.nll_loss(aggregate_log_probs(logits), target)
+
+
 def jensen_gap(logits: Tensor, target: Tensor) -> Tensor:
     """``NLL(mean_i p_i, y) - mean_i CE(z_i, y)``: never positive (Jensen), zero when members agree.
 
@@ -116,14 +123,12 @@ def jensen_gap(logits: Tensor, target: Tensor) -> Tensor:
     """
     check_logits(logits, "jensen_gap")
     check_class_target(logits, target, "jensen_gap")
-    m, b, c = logits.shape
-    member_ce = F.cross_entropy(logits.reshape(m * b, c), target.repeat(m))
-    ensemble_nll = F.nll_loss(aggregate_log_probs(logits), target)
+    member_ce, ensemble_nll = _member_ce_and_ensemble_nll(logits, target)
     return ensemble_nll - member_ce
 
 
 # ---------------------------------------------------------------------------------------------- regularizers
-class PairwiseKL(Regularizer):
+class PairwiseKL(Term):
     """Minus the mean pairwise KL divergence between members (see :func:`pairwise_kl`).
 
     Positive ``weight``: push members' predictive distributions apart; negative: pull them together
@@ -139,18 +144,11 @@ class PairwiseKL(Regularizer):
     def __init__(self, weight: float = 0.0, name: str | None = "neg_pairwise_kl") -> None:
         super().__init__(weight, name)
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
-        check_shared_examples(outputs, inputs, "PairwiseKL")
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         return -pairwise_kl(outputs)
 
 
-class JensenShannon(Regularizer):
+class JensenShannon(Term):
     """Minus the Jensen-Shannon divergence between members (see :func:`jensen_shannon`).
 
     Bounded (``<= log M``), so a positive ``weight`` cannot run away the way KL can.
@@ -166,18 +164,11 @@ class JensenShannon(Regularizer):
         super().__init__(weight, name)
         self.pairwise = pairwise
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
-        check_shared_examples(outputs, inputs, "JensenShannon")
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         return -jensen_shannon(outputs, pairwise=self.pairwise)
 
 
-class SoftDisagreement(Regularizer):
+class SoftDisagreement(Term):
     """Minus the differentiable pairwise disagreement (see :func:`soft_disagreement`).
 
     Example:
@@ -192,18 +183,11 @@ class SoftDisagreement(Regularizer):
     def __init__(self, weight: float = 0.0, name: str | None = "neg_disagreement") -> None:
         super().__init__(weight, name)
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
-        check_shared_examples(outputs, inputs, "SoftDisagreement")
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         return -soft_disagreement(outputs)
 
 
-class NegativeCorrelation(Regularizer):
+class NegativeCorrelation(Term):
     """Negative correlation learning for regression: minus the ambiguity of member predictions.
 
     NCL (Liu & Yao; Brown et al.) trains member i on ``0.5 (f_i - y)^2 - lambda (f_i - f_bar)^2``;
@@ -224,14 +208,7 @@ class NegativeCorrelation(Regularizer):
         check_choice("output", output, ("point", "gaussian"))
         self.output = output
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
-        check_shared_examples(outputs, inputs, "NegativeCorrelation")
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         check_pairwise(outputs, "NegativeCorrelation")
         check_same_batch(outputs, target, "target", "NegativeCorrelation")
         preds = split_gaussian(outputs)[0] if self.output == "gaussian" else outputs
@@ -244,7 +221,7 @@ class NegativeCorrelation(Regularizer):
         return -ambiguity(preds)
 
 
-class JensenGap(Regularizer):
+class JensenGap(Term):
     """The Jensen-gap objective as a regulariser: value ``NLL(mean_i p_i) - mean_i CE_i`` (<= 0).
 
     Added to the member-mean cross-entropy with ``weight = 1 - gamma`` it gives
@@ -276,14 +253,7 @@ class JensenGap(Regularizer):
         """``1 - weight``: the weight of the member-average loss in the Jensen-gap objective."""
         return 1.0 - self.weight
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
-        check_shared_examples(outputs, inputs, "JensenGap")
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         check_logits(outputs, "JensenGap")
         return jensen_gap(outputs, check_class_target(outputs, target, "JensenGap"))
 
@@ -309,9 +279,7 @@ class JensenGapLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         check_logits(logits, "JensenGapLoss", pairwise=False)
         check_class_target(logits, target, "JensenGapLoss")
-        m, b, c = logits.shape
-        member_ce = F.cross_entropy(logits.reshape(m * b, c), target.repeat(m))
-        ensemble_nll = F.nll_loss(aggregate_log_probs(logits), target)
+        member_ce, ensemble_nll = _member_ce_and_ensemble_nll(logits, target)
         return self.gamma * member_ce + (1.0 - self.gamma) * ensemble_nll
 
     def extra_repr(self) -> str:

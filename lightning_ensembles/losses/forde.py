@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_class_target, check_logits, check_shared_examples
-from .base import Regularizer
+from .base import Term
 
 __all__ = ["member_input_gradients", "forde_repulsion", "InputGradientRepulsion"]
 
@@ -71,7 +71,7 @@ def forde_repulsion(input_grads: Tensor, eps: float = 1e-12) -> Tensor:
     return per_member.sum() / b
 
 
-class InputGradientRepulsion(Regularizer):
+class InputGradientRepulsion(Term):
     """FoRDE's input-gradient repulsion as a regulariser (value ``R / M``; see :func:`forde_repulsion`).
 
     ``EnsembleClassifier`` minimises ``M * (mean_i CE_i + weight * value) = sum_i CE_i + weight * R``,
@@ -91,17 +91,13 @@ class InputGradientRepulsion(Regularizer):
         tensor(True)
     """
 
+    compares_examples = False  # checked in term(), once `inputs` is known to be given
+
     def __init__(self, weight: float = 0.0, eps: float = 1e-12, name: str | None = "forde") -> None:
         super().__init__(weight, name)
         self.eps = eps
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         if inputs is None or ensemble is None:
             raise ValueError(
                 "InputGradientRepulsion needs `inputs` (the batch) and `ensemble` to take input gradients; "

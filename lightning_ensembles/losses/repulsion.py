@@ -22,14 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice
-from ._checks import check_pairwise, check_shared_examples
-from .base import Regularizer
+from ._checks import check_pairwise
+from .base import Term
 from .kernels import log_kde
 
 __all__ = ["member_parameter_matrix", "WeightSpaceRepulsion", "FunctionSpaceRepulsion"]
 
 
-def member_parameter_matrix(ensemble: nn.Module) -> Tensor:
+def member_parameter_matrix(ensemble: nn.Module | None) -> Tensor:
     """Every member's own parameters flattened into rows, ``(M, P)``, keeping gradients.
 
     Needs an ensemble that stores member parameters with a leading member axis and says so through
@@ -58,7 +58,13 @@ def member_parameter_matrix(ensemble: nn.Module) -> Tensor:
     return torch.cat([p.reshape(p.shape[0], -1) for p in tensors], dim=1)
 
 
-class WeightSpaceRepulsion(Regularizer):
+def _check_bandwidth(bandwidth: float | None) -> float | None:
+    if bandwidth is not None and bandwidth <= 0:
+        raise ValueError(f"`bandwidth` must be > 0 or None (median heuristic), got {bandwidth}.")
+    return bandwidth
+
+
+class WeightSpaceRepulsion(Term):
     """Kernel-density repulsion between member weight vectors: ``mean_i log sum_j k(w_i, stopgrad(w_j))``.
 
     RBF kernel with the median bandwidth heuristic (or a fixed ``bandwidth``). Works for ensembles
@@ -77,27 +83,21 @@ class WeightSpaceRepulsion(Regularizer):
         torch.Size([4, 2, 3])
     """
 
+    compares_examples = False  # members' weights, not their predictions
+
     def __init__(
         self, weight: float = 0.0, bandwidth: float | None = None, name: str | None = "weight_repulsion"
     ) -> None:
         super().__init__(weight, name)
-        if bandwidth is not None and bandwidth <= 0:
-            raise ValueError(f"`bandwidth` must be > 0 or None (median heuristic), got {bandwidth}.")
-        self.bandwidth = bandwidth
+        self.bandwidth = _check_bandwidth(bandwidth)
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         weights = member_parameter_matrix(ensemble)
         check_pairwise(weights, "WeightSpaceRepulsion", name="member parameters")
         return log_kde(weights.double(), self.bandwidth).mean().to(weights.dtype)
 
 
-class FunctionSpaceRepulsion(Regularizer):
+class FunctionSpaceRepulsion(Term):
     """Kernel-density repulsion between member predictions on the batch (f-WGD): ``mean_i log_kde(f_i)``.
 
     ``f_i`` is member i's output on the whole batch flattened to one vector (``space="logits"``, the
@@ -122,19 +122,10 @@ class FunctionSpaceRepulsion(Regularizer):
     ) -> None:
         super().__init__(weight, name)
         check_choice("space", space, ("logits", "probs"))
-        if bandwidth is not None and bandwidth <= 0:
-            raise ValueError(f"`bandwidth` must be > 0 or None (median heuristic), got {bandwidth}.")
         self.space = space
-        self.bandwidth = bandwidth
+        self.bandwidth = _check_bandwidth(bandwidth)
 
-    def forward(
-        self,
-        outputs: Tensor,
-        target: Tensor | None = None,
-        inputs: Tensor | None = None,
-        ensemble: nn.Module | None = None,
-    ) -> Tensor:
-        check_shared_examples(outputs, inputs, "FunctionSpaceRepulsion")
+    def term(self, outputs: Tensor, target: Tensor | None, inputs: Tensor | None, ensemble: nn.Module | None) -> Tensor:
         check_pairwise(outputs, "FunctionSpaceRepulsion")
         f = outputs.softmax(-1) if self.space == "probs" else outputs
         return log_kde(f.reshape(f.shape[0], -1), self.bandwidth).mean()

@@ -6,6 +6,7 @@ Everything here is a torchmetrics ``Metric`` underneath, so values are synchroni
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -56,17 +57,21 @@ class EnsembleClassificationMetrics(nn.Module):
             for _ in range(num_members)
         )
 
+    @property
+    def _members(self) -> list[MetricCollection]:
+        return [cast(MetricCollection, m) for m in self.members]
+
     def update(self, logits: Tensor, target: Tensor) -> None:
         logits = logits.detach()
         check_not_probs(logits, "member_logits", _LOGITS_FIX)
         self.ensemble.update(logits, target)  # validates shapes, classes and finiteness
-        for probs, metrics in zip(logits.float().softmax(-1), self.members):
+        for probs, metrics in zip(logits.float().softmax(-1), self._members):
             metrics.update(probs, target)
 
     def compute(self) -> dict[str, Tensor]:
         with quiet_when_empty(ours=True):  # one warning for the whole set, below
             out = dict(self.ensemble.compute())
-            for i, metrics in enumerate(self.members):
+            for i, metrics in enumerate(self._members):
                 out.update({f"member_{k}/{i}": v for k, v in metrics.compute().items()})
         if bool(torch.isnan(out["acc"])):  # accuracy is NaN only without samples
             no_samples(self)
@@ -74,7 +79,7 @@ class EnsembleClassificationMetrics(nn.Module):
 
     def reset(self) -> None:
         self.ensemble.reset()
-        for metrics in self.members:
+        for metrics in self._members:
             metrics.reset()
 
 
@@ -98,6 +103,9 @@ class OODMetrics(nn.Module):
         )
         self._seen: set[bool] = set()
 
+    def _collection(self, score: str) -> MetricCollection:
+        return cast(MetricCollection, self.metrics[score])
+
     def _score(self, logits: Tensor) -> dict[str, Tensor]:
         # Higher score = more likely OOD (e.g. the maximum probability enters negated).
         z = logits.detach().float()
@@ -107,19 +115,19 @@ class OODMetrics(nn.Module):
         check_not_probs(logits, "member_logits", _LOGITS_FIX)
         self._seen.add(bool(is_ood))
         for name, score in self._score(logits).items():
-            self.metrics[name].update(score, torch.full_like(score, int(is_ood), dtype=torch.long))
+            self._collection(name).update(score, torch.full_like(score, int(is_ood), dtype=torch.long))
 
     def has_both(self) -> bool:
         return self._seen == {True, False}
 
     def compute(self) -> dict[str, Tensor]:
         with quiet_when_empty(ours=True):
-            out = {f"ood_{k}_{name}": v for name in self.scores for k, v in self.metrics[name].compute().items()}
+            out = {f"ood_{k}_{name}": v for name in self.scores for k, v in self._collection(name).compute().items()}
         if not self._seen:
             no_samples(self)
         return out
 
     def reset(self) -> None:
         self._seen = set()
-        for m in self.metrics.values():
-            m.reset()
+        for name in self.scores:
+            self._collection(name).reset()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from lightning import LightningModule
+from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
@@ -92,6 +93,7 @@ class EnsembleModule(LightningModule):
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}.")
         if ensemble is None:
+            assert backbone is not None  # exactly one of the two, checked above
             ensemble = build_ensemble(method, backbone, num_members, backbone_kwargs, **(ensemble_kwargs or {}))
         elif not isinstance(ensemble, Ensemble):
             raise ValueError(
@@ -117,6 +119,15 @@ class EnsembleModule(LightningModule):
             ]
 
     @property
+    def hparams(self) -> AttributeDict:
+        """Lightning's ``hparams`` (an :class:`AttributeDict` once ``save_hyperparameters`` ran), typed as such."""
+        return cast(AttributeDict, super().hparams)
+
+    @property
+    def _regularizers(self) -> list[Regularizer]:
+        return [cast(Regularizer, r) for r in self.regularizers]
+
+    @property
     def num_members(self) -> int:
         return self.ensemble.num_members
 
@@ -134,21 +145,22 @@ class EnsembleModule(LightningModule):
 
         Override to add terms; each value is multiplied by its regulariser's ``weight``.
         """
-        return {r.name: r(outputs, target, inputs=inputs, ensemble=self.ensemble) for r in self.regularizers}
+        return {r.name: r(outputs, target, inputs=inputs, ensemble=self.ensemble) for r in self._regularizers}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        if hasattr(self.ensemble, "training_outputs"):
+        training_outputs = getattr(self.ensemble, "training_outputs", None)
+        if training_outputs is not None:
             # Ensembles with per-member training behaviour (e.g. MultiSymmetryEnsemble: transformed
             # inputs, auxiliary heads) give their member outputs and extra loss themselves.
-            outputs, extra, logs = self.ensemble.training_outputs(x, y)
+            outputs, extra, logs = training_outputs(x, y)
             for name, value in logs.items():
                 self.log(f"train/{name}", value.detach() if isinstance(value, Tensor) else value)
         else:
             outputs, extra = self(x), None
         loss = self.member_loss(outputs, y)
         total = loss if extra is None else loss + extra
-        for r in self.regularizers:
+        for r in self._regularizers:
             value = r(outputs, y, inputs=x, ensemble=self.ensemble)
             self.log(f"train/{r.name}", value.detach())
             total = total + r.weight * value

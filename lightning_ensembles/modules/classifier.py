@@ -316,8 +316,8 @@ def format_report(results: dict[str, float], title: str = "test") -> str:
         return None if v is None else float(v)
 
     def member_mean(c: str) -> float | None:
-        vals = [value(f"member_{c}/{i}") for i in range(num_members)]
-        return None if any(v is None for v in vals) else sum(vals) / num_members  # type: ignore[arg-type, misc]
+        vals = [v for i in range(num_members) if (v := value(f"member_{c}/{i}")) is not None]
+        return sum(vals) / num_members if len(vals) == num_members else None
 
     rows = [("ensemble", [value(c) for c in cols])]
     rows += [(f"member {i}", [value(f"member_{c}/{i}") for c in cols]) for i in range(num_members)]
