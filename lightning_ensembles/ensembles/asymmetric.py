@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ def w_asymmetric(
 
 @register_method("asymmetric")
 def asymmetric_ensemble(
-    backbone: nn.Module,
+    backbone: nn.Module | str,
     num_members: int = 4,
     num_fixed: int = 6,
     scale: float = 1.0,
@@ -140,12 +140,13 @@ def asymmetric_ensemble(
     init: Literal["reinit", "copy"] = "reinit",
     seed: int | None = None,
     storage: Literal["auto", "stacked", "per_member"] = "auto",
+    backbone_kwargs: dict[str, Any] | None = None,
 ) -> DeepEnsemble:
     """A :class:`DeepEnsemble` of W-Asymmetric members (see :func:`w_asymmetric`).
 
     ``shared_masks=True`` (the authors' setting) gives every member the same fixed entries; ``False``
     draws them per member (member ``i`` from ``seed + i``). ``init`` as for :class:`DeepEnsemble`:
-    ``"reinit"`` draws every member's free weights anew.
+    ``"reinit"`` draws every member's free weights anew. ``backbone`` may be a name, built with ``backbone_kwargs``.
 
     Example:
         >>> import torch
@@ -154,6 +155,7 @@ def asymmetric_ensemble(
         >>> ens(torch.randn(5, 16)).shape
         torch.Size([3, 5, 3])
     """
+    backbone = DeepEnsemble.build_backbone(backbone, backbone_kwargs)
     seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()))
     ens = DeepEnsemble(
         w_asymmetric(backbone, num_fixed, scale, layers, seed), num_members=num_members, init=init, storage=storage

@@ -8,14 +8,19 @@ shape; :func:`aggregate_probs` / :func:`aggregate_gaussian` turn it into the ens
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice
+from ..backbones import resolve_backbone
+
 __all__ = [
     "Ensemble",
+    "OwnObjective",
+    "training_outputs",
     "GaussianMixture",
     "aggregate_probs",
     "aggregate_log_probs",
@@ -107,10 +112,54 @@ def aggregate_gaussian(mean: Tensor, variance: Tensor | None = None) -> Gaussian
     return GaussianMixture(mix_mean, aleatoric, epistemic)
 
 
+#: ``(member outputs (M, B, ...), extra loss or None, values to log)`` of one training batch.
+TrainingOutputs = tuple[Tensor, Tensor | None, dict[str, Any]]
+
+
+@runtime_checkable
+class OwnObjective(Protocol):
+    """An ensemble that trains with its own objective (per-member inputs, auxiliary heads, extra loss terms).
+
+    Training loops call :func:`training_outputs`, which uses the ensemble's ``training_outputs`` when it
+    has one (e.g. :class:`~lightning_ensembles.ensembles.symmetry.MultiSymmetryEnsemble`); a loop that
+    cannot honour an own objective (torch-uncertainty's routine) refuses ``isinstance(ens, OwnObjective)``.
+    """
+
+    def training_outputs(self, x: Tensor, y: Tensor) -> TrainingOutputs:
+        """Member outputs ``(M, B, ...)``, an extra loss term (or ``None``) and values to log."""
+        ...
+
+
+def training_outputs(ensemble: nn.Module, x: Tensor, y: Tensor) -> TrainingOutputs:
+    """What one training step of ``ensemble`` on the batch ``(x, y)`` gives to the loss.
+
+    The ensemble's own :class:`OwnObjective` if it has one; otherwise ``(ensemble(x), None, {})``: plain
+    member outputs, no extra loss term, nothing to log.
+
+    Example:
+        >>> from lightning_ensembles import DeepEnsemble
+        >>> ens = DeepEnsemble(nn.Linear(3, 2), num_members=4)
+        >>> out, extra, logs = training_outputs(ens, torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
+        >>> out.shape, extra, logs
+        (torch.Size([4, 5, 2]), None, {})
+    """
+    if isinstance(ensemble, OwnObjective):
+        return ensemble.training_outputs(x, y)
+    return ensemble(x), None, {}
+
+
 class Ensemble(nn.Module, ABC):
     """Base class of every ensemble: ``forward(x) -> (M, B, ...)`` with the member axis first.
 
     Subclasses implement :meth:`forward` and :meth:`member`. ``num_members`` is fixed at construction.
+
+    The rest of the contract has defaults: :meth:`member_targets` (every member sees the whole batch),
+    :meth:`stacked_parameters` (no member-stacked parameters), and, optionally, an own training objective
+    (``training_outputs``, see :class:`OwnObjective`). Converters build their backbone with
+    :meth:`build_backbone`, so every registered method accepts ``backbone_kwargs``.
+
+    Args:
+        num_members: M, the number of members (an integer >= 1).
 
     Example:
         >>> import torch
@@ -137,6 +186,23 @@ class Ensemble(nn.Module, ABC):
     def member(self, index: int) -> nn.Module:
         """A standalone ``nn.Module`` computing member ``index`` alone (a copy, safe to export)."""
 
+    @staticmethod
+    def build_backbone(backbone: nn.Module | str, backbone_kwargs: dict[str, Any] | None = None) -> nn.Module:
+        """The backbone module: ``backbone`` itself, or built from a name with ``backbone_kwargs``.
+
+        See :func:`~lightning_ensembles.backbones.resolve_backbone` for the names allowed.
+        """
+        return resolve_backbone(backbone, backbone_kwargs)
+
+    def stacked_parameters(self) -> dict[str, Tensor]:
+        """The member-specific parameters, member axis first: ``{name: (M, ...)}`` (views that keep gradients).
+
+        Weight-space losses (:class:`~lightning_ensembles.losses.repulsion.WeightSpaceRepulsion`) read the
+        members' weights here. Empty by default: ensembles whose members share every weight (MC dropout,
+        masksembles, TTA) have none. Ensembles storing per-member tensors override it.
+        """
+        return {}
+
     def member_targets(self, target: Tensor) -> Tensor:
         """Targets matching :meth:`forward`'s member outputs: ``(B, ...) -> (M, B, ...)``.
 
@@ -158,10 +224,9 @@ class Ensemble(nn.Module, ABC):
         ``task="gaussian"``: :class:`GaussianMixture` of outputs split by :func:`split_gaussian`;
         ``task="regression"``: mixture of point predictions (aleatoric part zero).
         """
+        check_choice("task", task, ("classification", "gaussian", "regression"))
         if task == "classification":
             return aggregate_probs(outputs)
         if task == "gaussian":
             return aggregate_gaussian(*split_gaussian(outputs))
-        if task == "regression":
-            return aggregate_gaussian(outputs)
-        raise ValueError(f"unknown task {task!r}; choose 'classification', 'gaussian' or 'regression'.")
+        return aggregate_gaussian(outputs)

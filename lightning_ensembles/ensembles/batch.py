@@ -19,12 +19,13 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._checks import check_choice
 from .base import Ensemble
 from .dataflow import trace_layers
 from .layers.batch import _RANK1, BatchEnsembleLayer, PerMemberBatchNorm, PerMemberLinear
@@ -51,6 +52,7 @@ class BatchEnsemble(Ensemble):
     Args:
         backbone: any ``nn.Module`` (nested modules and timm models work); its weights are kept, so a
             pretrained backbone stays pretrained. The caller's module is not modified (a copy is converted).
+            Or a backbone name, built with ``backbone_kwargs``.
         num_members: M.
         init: how ``r`` and ``s`` start: ``"normal"``: N(1, ``init_std``) (uncertainty-baselines /
             torch-uncertainty); ``"random_sign"``: random +-1 (the BatchEnsemble paper);
@@ -74,6 +76,7 @@ class BatchEnsemble(Ensemble):
             members are independent (:mod:`~lightning_ensembles.ensembles.verify`), raising
             ``ConversionError`` otherwise; ``False`` skips it (``verification.ran`` is then ``False``).
         example_input, input_shape: the probe batch, or one example's shape; inferred by default.
+        backbone_kwargs: arguments building ``backbone`` when it is a name.
 
     ``converted`` lists the converted module paths. ``fast_parameters()`` returns the rank-1 factors
     (uncertainty-baselines trains them at half the learning rate).
@@ -92,7 +95,7 @@ class BatchEnsemble(Ensemble):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_members: int = 4,
         init: Literal["normal", "random_sign", "tabm", "ones"] = "normal",
         init_std: float = 0.5,
@@ -102,14 +105,12 @@ class BatchEnsemble(Ensemble):
         verify: bool = True,
         example_input: Tensor | None = None,
         input_shape: Sequence[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_members)
-        if not isinstance(backbone, nn.Module):
-            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}.")
-        if init not in _INITS:
-            raise ValueError(f"`init` must be one of {_INITS}, got {init!r}.")
-        if batch_mode not in ("repeat", "split"):
-            raise ValueError(f"`batch_mode` must be 'repeat' or 'split', got {batch_mode!r}.")
+        backbone = self.build_backbone(backbone, backbone_kwargs)
+        check_choice("init", init, _INITS)
+        check_choice("batch_mode", batch_mode, ("repeat", "split"))
         if not (isinstance(init_std, (int, float)) and init_std >= 0):
             raise ValueError(f"`init_std` must be a number >= 0, got {init_std!r}.")
         self.init, self.init_std, self.batch_mode = init, float(init_std), batch_mode
@@ -271,6 +272,15 @@ class TabM(BatchEnsemble):
     the output layer is independent per member, dropout after each block. Defaults follow the paper
     (32 members, 3 blocks of 512, dropout 0.1; train with AdamW lr 2e-3, weight decay 3e-4).
 
+    Args:
+        in_features: number of input features.
+        out_features: outputs per member (classes, or regression targets).
+        num_members: M (paper: 32).
+        hidden_features: width of every hidden block.
+        num_blocks: number of hidden ``Linear`` blocks (>= 1).
+        dropout: dropout rate after each block.
+        batch_mode: as for :class:`BatchEnsemble`.
+
     Example:
         >>> import torch
         >>> tabm = TabM(in_features=6, out_features=2, num_members=8, hidden_features=16, num_blocks=2)
@@ -298,7 +308,17 @@ class TabM(BatchEnsemble):
 
 @register_method("tabm")
 def tabm(
-    backbone: nn.Module, num_members: int = 32, batch_mode: Literal["repeat", "split"] = "repeat"
+    backbone: nn.Module | str,
+    num_members: int = 32,
+    batch_mode: Literal["repeat", "split"] = "repeat",
+    backbone_kwargs: dict[str, Any] | None = None,
 ) -> BatchEnsemble:
     """TabM-style conversion of a given MLP backbone (TabM init, independent heads)."""
-    return BatchEnsemble(backbone, num_members, init="tabm", batch_mode=batch_mode, independent_head=True)
+    return BatchEnsemble(
+        backbone,
+        num_members,
+        init="tabm",
+        batch_mode=batch_mode,
+        independent_head=True,
+        backbone_kwargs=backbone_kwargs,
+    )

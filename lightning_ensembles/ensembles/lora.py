@@ -16,10 +16,11 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from .base import Ensemble
 from .dataflow import trace_layers
 from .layers.lora import (
@@ -102,7 +103,7 @@ class LoRAEnsemble(Ensemble):
     forward pass with batched matrix products. Each member sees the whole batch.
 
     Args:
-        backbone: a built model (use ``build_ensemble`` / the CLI for names). It is deep-copied, so
+        backbone: a model, or a backbone name built with ``backbone_kwargs``. It is deep-copied, so
             the given module is left untouched, and every one of its parameters is frozen.
         num_members: M.
         rank: LoRA rank r (>= 1). Paper: 8.
@@ -130,6 +131,7 @@ class LoRAEnsemble(Ensemble):
             The probe also finds the output layer (``head="auto"`` without timm's ``get_classifier``)
             from the data flow, and leaves out targets whose forward never runs (their weight is read
             directly by other code), with a warning (``skipped_targets``).
+        backbone_kwargs: arguments building ``backbone`` when it is a name (see ``build_backbone``).
 
     Trainable parameters (all other weights are frozen)::
 
@@ -155,7 +157,7 @@ class LoRAEnsemble(Ensemble):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_members: int = 4,
         rank: int = 8,
         lora_alpha: float | None = None,
@@ -168,19 +170,14 @@ class LoRAEnsemble(Ensemble):
         verify: bool = True,
         example_input: Tensor | None = None,
         input_shape: Sequence[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_members)
-        if not isinstance(backbone, nn.Module):
-            raise ValueError(
-                f"`backbone` must be a built nn.Module, got {type(backbone).__name__}; "
-                "use build_ensemble('lora', name, backbone_kwargs=...) for names."
-            )
+        backbone = self.build_backbone(backbone, backbone_kwargs)
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"`rank` must be an integer >= 1, got {rank!r}. The paper uses rank=8.")
-        if init not in ("xavier_uniform", "normal", "kaiming_uniform"):
-            raise ValueError(f"`init` must be 'xavier_uniform', 'normal' or 'kaiming_uniform', got {init!r}.")
-        if head_init not in ("reinit", "copy"):
-            raise ValueError(f"`head_init` must be 'reinit' or 'copy', got {head_init!r}.")
+        check_choice("init", init, ("xavier_uniform", "normal", "kaiming_uniform"))
+        check_choice("head_init", head_init, ("reinit", "copy"))
         if lora_alpha is not None and lora_alpha <= 0:
             raise ValueError(f"`lora_alpha` must be > 0 (or None for scaling 1), got {lora_alpha}.")
         if isinstance(target_modules, str):

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._checks import check_choice
 from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
@@ -167,6 +168,7 @@ class Masksembles(Ensemble):
         seed: seed of the mask generator (``None``: drawn from torch's global generator).
         verify: after conversion, run the ensemble and every ``member(i)`` on a probe batch (``example_input``,
             else ``randn(2, *input_shape)``, else inferred); ``verification`` holds the report.
+        backbone_kwargs: arguments building ``backbone`` when it is a name (see ``build_backbone``).
 
     Example:
         >>> import torch
@@ -182,7 +184,7 @@ class Masksembles(Ensemble):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_members: int = 4,
         scale: float = 2.0,
         after: list[str] | None = None,
@@ -191,12 +193,11 @@ class Masksembles(Ensemble):
         verify: bool = True,
         example_input: Tensor | None = None,
         input_shape: list[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_members)
-        if not isinstance(backbone, nn.Module):
-            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}.")
-        if batch_mode not in ("repeat", "split"):
-            raise ValueError(f"`batch_mode` must be 'repeat' or 'split', got {batch_mode!r}.")
+        backbone = self.build_backbone(backbone, backbone_kwargs)
+        check_choice("batch_mode", batch_mode, ("repeat", "split"))
         if not (isinstance(scale, (int, float)) and 1.0 <= scale <= 6.0):
             raise ValueError(f"`scale` must be a number in [1, 6], got {scale!r}.")
         self.scale, self.batch_mode = float(scale), batch_mode

@@ -289,6 +289,7 @@ class MCDropout(Ensemble):
             output ``i``. The probe is ``example_input``, else ``randn(2, *input_shape)``, else inferred
             from the backbone (:func:`~lightning_ensembles.ensembles.verify.make_probe`).
             ``verification`` holds the report.
+        backbone_kwargs: arguments building ``backbone`` when it is a name (see ``build_backbone``).
 
     Example:
         >>> import torch
@@ -303,7 +304,7 @@ class MCDropout(Ensemble):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_members: int = 8,
         p: float | None = None,
         insert_before: list[str] | None = None,
@@ -312,10 +313,10 @@ class MCDropout(Ensemble):
         verify: bool = True,
         example_input: Tensor | None = None,
         input_shape: list[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_members)
-        if not isinstance(backbone, nn.Module):
-            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}.")
+        backbone = self.build_backbone(backbone, backbone_kwargs)
         if p is not None and not (isinstance(p, (int, float)) and 0 <= p < 1):
             raise ValueError(f"`p` must be None or a rate in [0, 1), got {p!r}.")
         if train_samples is not None and not (isinstance(train_samples, int) and 1 <= train_samples <= num_members):

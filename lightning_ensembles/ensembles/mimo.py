@@ -25,12 +25,13 @@ from scratch).
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .._checks import check_choice
 from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
@@ -190,6 +191,7 @@ class MIMO(Ensemble):
         verify: after conversion, run the ensemble and every ``member(i)`` on a probe batch (``example_input``,
             else ``randn(2, *input_shape)``, else inferred): a first/last layer that is not where the data
             enters/leaves fails here, with the module named. ``verification`` holds the report.
+        backbone_kwargs: arguments building ``backbone`` when it is a name (see ``build_backbone``).
 
     ``converted`` is ``[first_layer, last_layer]``.
 
@@ -205,7 +207,7 @@ class MIMO(Ensemble):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_members: int = 3,
         input_repetition: float = 0.0,
         batch_repetition: int = 1,
@@ -215,16 +217,15 @@ class MIMO(Ensemble):
         verify: bool = True,
         example_input: Tensor | None = None,
         input_shape: list[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_members)
-        if not isinstance(backbone, nn.Module):
-            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}.")
+        backbone = self.build_backbone(backbone, backbone_kwargs)
         if not (isinstance(input_repetition, (int, float)) and 0 <= input_repetition < 1):
             raise ValueError(f"`input_repetition` must be in [0, 1), got {input_repetition!r}.")
         if not (isinstance(batch_repetition, int) and batch_repetition >= 1):
             raise ValueError(f"`batch_repetition` must be an integer >= 1, got {batch_repetition!r}.")
-        if init not in ("copy", "reinit"):
-            raise ValueError(f"`init` must be 'copy' or 'reinit', got {init!r}.")
+        check_choice("init", init, ("copy", "reinit"))
         self.input_repetition, self.batch_repetition, self.init = float(input_repetition), batch_repetition, init
         layers = [p for p, m in backbone.named_modules() if isinstance(m, _LAYERS)]
         first = first_layer if first_layer is not None else (layers[0] if layers else None)

@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
+from .._checks import check_choice
 from .base import Ensemble
 from .dataflow import clear_caches, trace_layers
 from .layers.packed import GroupedLinear, PackedAttention, PackedLayerNorm, PackedMultiheadAttention
@@ -680,6 +681,7 @@ class PackedEnsemble(Ensemble):
         example_input, input_shape: the probe: a batch ``(B, ...)``, or one example's shape (a batch of 2
             is drawn). By default inferred from timm's ``pretrained_cfg``/``patch_embed`` or the first
             convolution / ``Linear`` (the first shape the backbone runs on).
+        backbone_kwargs: arguments building ``backbone`` when it is a name (see ``build_backbone``).
 
     ``converted`` lists converted module paths, ``gamma_reductions`` layers where gamma was lowered,
     ``verification`` what was checked. The output layers' channels are split into members:
@@ -709,7 +711,7 @@ class PackedEnsemble(Ensemble):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_members: int = 4,
         alpha: float = 2,
         gamma: int = 1,
@@ -721,16 +723,15 @@ class PackedEnsemble(Ensemble):
         verify: bool = True,
         example_input: Tensor | None = None,
         input_shape: Sequence[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_members)
-        if not isinstance(backbone, nn.Module):
-            raise ValueError(f"`backbone` must be an nn.Module, got {type(backbone).__name__}.")
+        backbone = self.build_backbone(backbone, backbone_kwargs)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"`alpha` must be a number > 0 (e.g. alpha=2), got {alpha!r}.")
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
             raise ValueError(f"`gamma` must be an integer >= 1, got {gamma!r}.")
-        if init not in ("reinit", "copy"):
-            raise ValueError(f"`init` must be 'reinit' or 'copy', got {init!r}.")
+        check_choice("init", init, ("reinit", "copy"))
         if not isinstance(min_channels_per_group, int) or min_channels_per_group < 0:
             raise ValueError(f"`min_channels_per_group` must be an integer >= 0, got {min_channels_per_group!r}.")
         self.alpha, self.gamma, self.init, self.min_channels_per_group = alpha, gamma, init, min_channels_per_group

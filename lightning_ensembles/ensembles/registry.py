@@ -10,12 +10,16 @@ from .base import Ensemble
 
 __all__ = ["ENSEMBLE_METHODS", "register_method", "build_ensemble"]
 
-#: name -> factory(backbone, num_members=..., **kwargs) returning an :class:`Ensemble`.
+#: name -> factory(backbone, num_members=..., backbone_kwargs=..., **kwargs) returning an :class:`Ensemble`.
 ENSEMBLE_METHODS: dict[str, Callable[..., Ensemble]] = {}
 
 
 def register_method(name: str) -> Callable[[Callable[..., Ensemble]], Callable[..., Ensemble]]:
-    """Decorator registering an ensemble factory (usually the class itself) under ``name``."""
+    """Decorator registering an ensemble factory (usually the class itself) under ``name``.
+
+    The factory is called as ``factory(backbone, num_members=..., backbone_kwargs=..., **kwargs)``: ``backbone``
+    is a module or a name, built with ``backbone_kwargs`` (see :meth:`Ensemble.build_backbone`).
+    """
 
     def deco(factory: Callable[..., Ensemble]) -> Callable[..., Ensemble]:
         ENSEMBLE_METHODS[name] = factory
@@ -42,12 +46,7 @@ def build_ensemble(
     _load_builtin_methods()
     if method not in ENSEMBLE_METHODS:
         raise ValueError(f"unknown ensemble `method`={method!r}; available: {sorted(ENSEMBLE_METHODS)}.")
-    from ..backbones import resolve_backbone
-
-    factory = ENSEMBLE_METHODS[method]
-    if method == "deep":  # a deep ensemble of a timm *name* creates M fresh models (model's own init)
-        return factory(backbone, num_members=num_members, backbone_kwargs=backbone_kwargs, **kwargs)
-    return factory(resolve_backbone(backbone, backbone_kwargs), num_members=num_members, **kwargs)
+    return ENSEMBLE_METHODS[method](backbone, num_members=num_members, backbone_kwargs=backbone_kwargs, **kwargs)
 
 
 def _load_builtin_methods() -> None:

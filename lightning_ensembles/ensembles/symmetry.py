@@ -20,12 +20,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from .base import Ensemble, check_member_outputs
 from .lora import _find_head
 from .registry import register_method
@@ -163,7 +164,7 @@ class MultiSymmetryEnsemble(Ensemble):
     """Members trained under different symmetry hypotheses (invariant / equivariant / plain).
 
     Args:
-        backbone: a built classifier; every member is a copy (re-initialised with ``init="reinit"``).
+        backbone: a classifier (or its name); every member is a copy (re-initialised with ``init="reinit"``).
         num_members: M.
         symmetries: one name per member from :func:`available_symmetries` (``"plain"``,
             ``"invariant-rot90"``, ``"equivariant-hflip"``, ``"invariant-d4"``, ...). Default: alternate
@@ -175,6 +176,7 @@ class MultiSymmetryEnsemble(Ensemble):
         head: the backbone's classification ``nn.Linear`` (``"auto"``: timm's ``get_classifier()`` or
             the last ``nn.Linear``); its input are the features the auxiliary head reads.
         init: ``"reinit"`` (independent initialisations) or ``"copy"`` (all from the given weights).
+        backbone_kwargs: arguments building ``backbone`` when it is a name (see ``build_backbone``).
 
     Evaluation: ``forward(x) -> (M, B, C)``, each member on the untransformed ``x``.
 
@@ -203,7 +205,7 @@ class MultiSymmetryEnsemble(Ensemble):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_members: int = 4,
         symmetries: Sequence[str] | None = None,
         aux_weight: float = 0.4,
@@ -211,13 +213,10 @@ class MultiSymmetryEnsemble(Ensemble):
         p_transform: float = 0.5,
         head: str = "auto",
         init: Literal["reinit", "copy"] = "reinit",
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_members)
-        if not isinstance(backbone, nn.Module):
-            raise ValueError(
-                f"`backbone` must be a built nn.Module, got {type(backbone).__name__}; "
-                "use build_ensemble('symmetry', name, backbone_kwargs=...) for names."
-            )
+        backbone = self.build_backbone(backbone, backbone_kwargs)
         if symmetries is None:
             symmetries = [("invariant-rot90", "equivariant-rot90")[i % 2] for i in range(num_members)]
         if isinstance(symmetries, str):
@@ -230,8 +229,7 @@ class MultiSymmetryEnsemble(Ensemble):
             raise ValueError(
                 f"`symmetries` has {len(symmetries)} names for num_members={num_members}; give one per member."
             )
-        if init not in ("reinit", "copy"):
-            raise ValueError(f"`init` must be 'reinit' or 'copy', got {init!r}.")
+        check_choice("init", init, ("reinit", "copy"))
         if not 0.0 <= p_transform <= 1.0:
             raise ValueError(f"`p_transform` must be in [0, 1], got {p_transform}.")
         if aux_weight < 0 or consistency_weight < 0:

@@ -170,6 +170,7 @@ class TTAEnsemble(Ensemble):
             (``forward`` returns the inner outputs, :meth:`member_targets` matches them); ``True``: training
             also runs every augmentation (every member gets its loss; needed by the ``Ensembling``
             callback around a plain model).
+        backbone_kwargs: arguments building ``model`` when it is a backbone name.
 
     Example:
         >>> import torch
@@ -185,13 +186,18 @@ class TTAEnsemble(Ensemble):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | str,
         num_members: int | None = None,
         transforms: list[str | nn.Module] | tuple = ("identity", "hflip"),
         inner_method: str | None = None,
         inner_kwargs: dict[str, Any] | None = None,
         train_augment: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if isinstance(model, str):
+            model = self.build_backbone(model, backbone_kwargs)
+        elif backbone_kwargs:
+            raise ValueError("`backbone_kwargs` only applies when `model` is a name; got a built module.")
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}.")
         if not transforms:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..ensembles.base import Ensemble
 from ..ensembles.deep import DeepEnsemble
 
@@ -121,10 +122,8 @@ class MemberShard(Ensemble):
     def forward(self, x: Tensor) -> Tensor:
         if not self.distributed:
             return self.local(x)
-        if self.mode == "sharded":
+        if check_choice("mode", self.mode, ("replicated", "sharded")) == "sharded":
             return self._forward_sharded(x)
-        if self.mode != "replicated":
-            raise ValueError(f"`mode` must be 'replicated' or 'sharded', got {self.mode!r}.")
         local = self.local(x)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local.detach().contiguous())

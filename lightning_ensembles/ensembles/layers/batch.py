@@ -6,11 +6,12 @@ Built by :class:`~lightning_ensembles.ensembles.batch.BatchEnsemble`'s converter
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from ..surgery import ConversionError, set_unregistered
 
@@ -34,11 +35,26 @@ def _hidden_template(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to("meta")
 
 
+def _materialised(template: nn.Module, device: torch.device | str, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """A real copy of the meta ``template`` on ``device`` holding ``weight`` (and ``bias`` if not ``None``)."""
+    layer = copy.deepcopy(template).to_empty(device=device)
+    with torch.no_grad():
+        cast(Tensor, layer.weight).copy_(weight)
+        if bias is not None:
+            cast(Tensor, layer.bias).copy_(bias)
+    return layer
+
+
 class BatchEnsembleLayer(nn.Module):
     """Rank-1 BatchEnsemble wrapper of a ``Linear`` / ``Conv*`` / ``ConvTranspose*`` layer.
 
     Input and output are member-major ``(M * B, ...)``. ``layer`` keeps its weight (shared);
     ``r`` ``(M, C_in)``, ``s`` ``(M, C_out)`` and ``bias`` ``(M, C_out)`` (if the layer had a bias) are per member.
+
+    Args:
+        layer: the layer to wrap (taken over: its bias moves into the per-member ``bias``).
+        num_members: M.
+        path: the layer's path in the converted model, named by errors.
 
     Example:
         >>> import torch
@@ -49,6 +65,12 @@ class BatchEnsembleLayer(nn.Module):
         torch.Size([12, 128])
     """
 
+    layer: nn.Linear | _ConvNd
+    r: nn.Parameter
+    s: nn.Parameter
+    bias: nn.Parameter | None
+    _template: nn.Module  # the original layer on the meta device (outside the module tree)
+
     def __init__(self, layer: nn.Module, num_members: int, path: str = "") -> None:
         super().__init__()
         if not isinstance(layer, _RANK1):
@@ -58,18 +80,21 @@ class BatchEnsembleLayer(nn.Module):
         self.num_members = num_members
         self.path = path
         self.linear = isinstance(layer, nn.Linear)
-        self.transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-        c_in = layer.in_features if self.linear else layer.in_channels
-        c_out = layer.out_features if self.linear else layer.out_channels
+        self.transposed = isinstance(layer, _ConvTransposeNd)
+        if isinstance(layer, nn.Linear):
+            c_in, c_out = layer.in_features, layer.out_features
+        else:
+            c_in, c_out = layer.in_channels, layer.out_channels
         self.layer = layer
         bias = layer.bias
         # The per-member bias replaces the layer's own, which is removed so it is not counted twice.
-        layer.bias = None
+        layer.register_parameter("bias", None)
         self.r = nn.Parameter(torch.ones(num_members, c_in, device=layer.weight.device, dtype=layer.weight.dtype))
         self.s = nn.Parameter(torch.ones(num_members, c_out, device=layer.weight.device, dtype=layer.weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().expand(num_members, -1).contiguous())
         template = _hidden_template(layer)
-        template.bias = None if bias is None else nn.Parameter(torch.empty_like(bias, device="meta"))
+        if bias is not None:
+            template.register_parameter("bias", nn.Parameter(torch.empty_like(bias, device="meta")))
         set_unregistered(self, "_template", template)
 
     def __getattr__(self, name: str) -> Any:
@@ -103,7 +128,7 @@ class BatchEnsembleLayer(nn.Module):
     def fused_weight(self, index: int) -> Tensor:
         """The plain layer weight of member ``index``: ``diag(s_i) W diag(r_i)`` in the layer's layout."""
         w, r, s = self.layer.weight, self.r[index], self.s[index]
-        if self.linear:
+        if isinstance(self.layer, nn.Linear):
             return s[:, None] * w * r[None, :]
         g = self.layer.groups
         rest = [1] * (w.dim() - 2)
@@ -121,12 +146,8 @@ class BatchEnsembleLayer(nn.Module):
 
     def member_layer(self, index: int) -> nn.Module:
         """A plain layer (the original class) computing member ``index``."""
-        layer = copy.deepcopy(self._template).to_empty(device=self.layer.weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(self.fused_weight(index))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias[index])
-        return layer
+        bias = None if self.bias is None else self.bias[index]
+        return _materialised(self._template, self.layer.weight.device, self.fused_weight(index), bias)
 
 
 class PerMemberBatchNorm(nn.Module):
@@ -140,7 +161,19 @@ class PerMemberBatchNorm(nn.Module):
         >>> bn = PerMemberBatchNorm(nn.BatchNorm2d(3), num_members=2)
         >>> bn(torch.randn(2 * 4, 3, 5, 5)).shape
         torch.Size([8, 3, 5, 5])
+
+    Args:
+        bn: the BatchNorm whose affine parameters and statistics every member starts from.
+        num_members: M.
+        path: the layer's path in the converted model, named by errors.
     """
+
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    _template: nn.Module  # the original BatchNorm on the meta device (outside the module tree)
 
     def __init__(self, bn: _BatchNorm, num_members: int, path: str = "") -> None:
         super().__init__()
@@ -162,7 +195,7 @@ class PerMemberBatchNorm(nn.Module):
         if bn.track_running_stats:
             self.register_buffer("running_mean", per_member(bn.running_mean, 0.0))
             self.register_buffer("running_var", per_member(bn.running_var, 1.0))
-            self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
+            self.register_buffer("num_batches_tracked", cast(Tensor, bn.num_batches_tracked).detach().clone())
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         # timm BatchNormAct2d = BatchNorm + drop + act; keep those (they act per element).
@@ -173,34 +206,43 @@ class PerMemberBatchNorm(nn.Module):
         xm = _member_view(x, self.num_members, self.path)  # (M, B, C, *S)
         shape = (self.num_members, 1, xm.shape[2]) + (1,) * (xm.dim() - 3)
         dims = [1] + list(range(3, xm.dim()))
-        if self.training or not self.track_running_stats:
+        stats = self._running_stats()
+        if self.training or stats is None:
             var, mean = torch.var_mean(xm, dim=dims, unbiased=False)
-            if self.training and self.track_running_stats:
+            if self.training and stats is not None:
+                running_mean, running_var, tracked = stats
                 with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
-                    mom = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                    tracked.add_(1)
+                    mom = 1.0 / float(tracked) if self.momentum is None else self.momentum
                     n = xm[0].numel() / xm.shape[2]
-                    self.running_mean.lerp_(mean.detach(), mom)
-                    self.running_var.lerp_(var.detach() * n / max(n - 1, 1), mom)  # unbiased, as BatchNorm
+                    running_mean.lerp_(mean.detach(), mom)
+                    running_var.lerp_(var.detach() * n / max(n - 1, 1), mom)  # unbiased, as BatchNorm
         else:
-            mean, var = self.running_mean, self.running_var
+            mean, var = stats[0], stats[1]
         y = (xm - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return self.post(y.flatten(0, 1))
+
+    def _running_stats(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(running_mean, running_var, num_batches_tracked)``, or ``None`` without ``track_running_stats``."""
+        if not self.track_running_stats:
+            return None
+        return cast(Tensor, self.running_mean), cast(Tensor, self.running_var), cast(Tensor, self.num_batches_tracked)
 
     def member_layer(self, index: int) -> nn.Module:
         """The original BatchNorm class holding member ``index``'s affine and statistics."""
         device = self.weight.device if self.weight is not None else None
-        bn = copy.deepcopy(self._template).to_empty(device=device or "cpu")
+        bn = cast(_BatchNorm, copy.deepcopy(self._template).to_empty(device=device or "cpu"))
+        stats = self._running_stats()
         with torch.no_grad():
-            if self.weight is not None:
+            if self.weight is not None and self.bias is not None:
                 bn.weight.copy_(self.weight[index])
                 bn.bias.copy_(self.bias[index])
-            if self.track_running_stats:
-                bn.running_mean.copy_(self.running_mean[index])
-                bn.running_var.copy_(self.running_var[index])
-                bn.num_batches_tracked.copy_(self.num_batches_tracked)
+            if stats is not None:
+                cast(Tensor, bn.running_mean).copy_(stats[0][index])
+                cast(Tensor, bn.running_var).copy_(stats[1][index])
+                cast(Tensor, bn.num_batches_tracked).copy_(stats[2])
         return bn
 
 
@@ -212,7 +254,16 @@ class PerMemberLinear(nn.Module):
         >>> head = PerMemberLinear(nn.Linear(8, 3), num_members=4)
         >>> head(torch.randn(4 * 2, 8)).shape
         torch.Size([8, 3])
+
+    Args:
+        layer: the ``nn.Linear`` every member's head starts from (its weights are copied to each).
+        num_members: M.
+        path: the layer's path in the converted model, named by errors.
     """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    _template: nn.Module  # the original Linear on the meta device (outside the module tree)
 
     def __init__(self, layer: nn.Linear, num_members: int, path: str = "") -> None:
         super().__init__()
@@ -235,9 +286,5 @@ class PerMemberLinear(nn.Module):
 
     def member_layer(self, index: int) -> nn.Module:
         """A plain ``nn.Linear`` equal to member ``index``'s head."""
-        layer = copy.deepcopy(self._template).to_empty(device=self.weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(self.weight[index])
-            if self.bias is not None:
-                layer.bias.copy_(self.bias[index])
-        return layer
+        bias = None if self.bias is None else self.bias[index]
+        return _materialised(self._template, self.weight.device, self.weight[index], bias)

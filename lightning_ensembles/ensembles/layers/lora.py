@@ -39,6 +39,15 @@ class LoRAFactors(nn.Module):
         (torch.Size([2, 3, 2, 6]), torch.Size([2, 3, 3, 2]))
         >>> f.delta_weight(0).shape  # zero at init because B = 0
         torch.Size([9, 6])
+
+    Args:
+        num_members: M.
+        in_features, out_features: the adapted weight's shape ``(out, in)``.
+        rank: r, the rank of every ``B A`` pair.
+        splits: number of output blocks with their own pair (3 for a fused ``qkv``).
+        scaling: factor of every ``B A`` (``lora_alpha / rank``).
+        init: initialiser of ``A`` (``B`` starts at zero).
+        init_gain: gain of the Xavier draw, or standard deviation of the normal one.
     """
 
     def __init__(
@@ -117,7 +126,16 @@ class BatchedLoRALinear(nn.Module):
         >>> layer = BatchedLoRALinear(torch.nn.Linear(4, 6), num_members=2, rank=2)
         >>> layer(torch.randn(2 * 3, 4)).shape
         torch.Size([6, 6])
+
+    Args:
+        base: the ``nn.Linear`` to adapt (frozen and shared by the members).
+        num_members, rank, splits, scaling, init, init_gain: the :class:`LoRAFactors`.
+        path: the layer's path in the converted model, named by errors.
+        rows: the row count shared by an ensemble's adapted layers (each layer gets its own by default).
     """
+
+    base: nn.Linear
+    _rows: _Rows  # shared plain object, not a submodule
 
     def __init__(
         self,
@@ -137,7 +155,7 @@ class BatchedLoRALinear(nn.Module):
             num_members, base.in_features, base.out_features, rank, splits, scaling, init, init_gain
         )
         self.path = path
-        set_unregistered(self, "_rows", rows or _Rows())  # shared plain object, not a submodule
+        set_unregistered(self, "_rows", rows or _Rows())
 
     def forward(self, x: Tensor) -> Tensor:
         _check_rows(x, self._rows, self.lora.num_members, self.path)
@@ -159,7 +177,20 @@ class BatchedLinear(nn.Module):
         >>> head = BatchedLinear(torch.nn.Linear(4, 3), num_members=2)
         >>> head(torch.randn(2 * 5, 4)).shape
         torch.Size([10, 3])
+
+    Args:
+        base: the ``nn.Linear`` every member's head is shaped like.
+        num_members: M.
+        init: ``"reinit"`` draws every member's weights afresh (``nn.Linear``'s initialiser); ``"copy"``
+            starts each from ``base``'s.
+        path: the layer's path in the converted model, named by errors.
+        rows: the row count shared by an ensemble's adapted layers (each layer gets its own by default).
     """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    _template: nn.Linear  # a copy of ``base`` (outside the module tree), the class of merged heads
+    _rows: _Rows
 
     def __init__(
         self,
@@ -228,9 +259,18 @@ class BatchedLoRAMultiheadAttention(nn.Module):
         >>> x = torch.randn(4, 5, 8)  # 2 members x batch 2
         >>> torch.allclose(lora(x, x, x)[0], mha(x, x, x)[0], atol=1e-6)  # B = 0 at init
         True
+
+    Args:
+        base: the ``nn.MultiheadAttention`` to adapt (frozen and shared by the members); ``kdim`` and
+            ``vdim`` equal to ``embed_dim``, no ``add_bias_kv`` or ``add_zero_attn``.
+        num_members, rank, scaling, init, init_gain: the :class:`LoRAFactors` (q, k and v get their own).
+        path: the module's path in the converted model, named by errors.
+        rows: the row count shared by an ensemble's adapted layers (each layer gets its own by default).
     """
 
     _qkv_same_embed_dim = False
+    base: nn.MultiheadAttention
+    _rows: _Rows
 
     def __init__(
         self,

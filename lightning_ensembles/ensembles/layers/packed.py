@@ -6,6 +6,7 @@ Built by :class:`~lightning_ensembles.ensembles.packed.PackedEnsemble`'s convert
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,11 @@ class GroupedLinear(nn.Module):
         >>> lin = GroupedLinear(8, 6, groups=2)
         >>> lin.weight.shape, lin(torch.randn(3, 8)).shape
         (torch.Size([2, 3, 4]), torch.Size([3, 6]))
+
+    Args:
+        in_features, out_features: total widths (all groups), both divisible by ``groups``.
+        groups: number of independent blocks.
+        bias: whether to learn an additive bias.
     """
 
     def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True) -> None:
@@ -70,6 +76,14 @@ class PackedLayerNorm(nn.Module):
         >>> y = ln(torch.randn(4, 6))
         >>> torch.allclose(y[:, :3].mean(-1), torch.zeros(4), atol=1e-6)
         True
+
+    Args:
+        num_channels: total width ``M * w`` (divisible by ``num_members``).
+        num_members: M; each member's ``w`` channels are normalised together.
+        eps: added to the variance, as in ``nn.LayerNorm``.
+        affine: whether to learn a per-channel weight.
+        bias: whether to learn a per-channel bias (with ``affine``).
+        channel_dim: the channel axis, ``-1`` (channel-last) or ``1`` (channel-first, timm ``LayerNorm2d``).
     """
 
     def __init__(
@@ -118,6 +132,14 @@ class PackedMultiheadAttention(nn.Module):
         >>> out, _ = mha(torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(3, 5, 16))
         >>> out.shape
         torch.Size([3, 5, 16])
+
+    Args:
+        embed_dim: each member's embedding width (divisible by ``num_heads``); inputs are ``M * embed_dim`` wide.
+        num_heads: attention heads per member.
+        num_members: M.
+        dropout: attention dropout in training.
+        bias: whether the projections have biases.
+        batch_first: inputs ``(B, L, E)`` instead of ``(L, B, E)``.
     """
 
     def __init__(
@@ -213,7 +235,18 @@ class PackedAttention(nn.Module):
         >>> att = PackedAttention(Attention(dim=8, num_heads=2), num_members=1)
         >>> att(torch.randn(2, 5, 8)).shape
         torch.Size([2, 5, 8])
+
+    Args:
+        attn: the timm ``Attention`` whose children are taken over (no ``q_norm``/``k_norm``/``norm``, no gate).
+        num_members: M.
+        path: the module's path in the model, named by errors.
     """
+
+    num_heads: int
+    qkv: nn.Module
+    proj: nn.Module
+    attn_drop: nn.Dropout
+    proj_drop: nn.Module
 
     def __init__(self, attn: nn.Module, num_members: int, path: str = "") -> None:
         super().__init__()
@@ -226,9 +259,9 @@ class PackedAttention(nn.Module):
                 )
         if getattr(attn, "gate", None) is not None:
             raise ConversionError(path, "gated timm Attention is not supported by PackedEnsemble.")
-        self.num_members, self.num_heads = num_members, attn.num_heads
-        self.qkv, self.proj = attn.qkv, attn.proj
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.num_members, self.num_heads = num_members, cast(int, attn.num_heads)
+        self.qkv, self.proj = cast(nn.Module, attn.qkv), cast(nn.Module, attn.proj)
+        self.attn_drop, self.proj_drop = cast(nn.Dropout, attn.attn_drop), cast(nn.Module, attn.proj_drop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b, n, c = x.shape
