@@ -19,6 +19,13 @@ __all__ = ["MLP", "CNN1D", "register_backbone", "resolve_backbone"]
 class MLP(nn.Module):
     """Plain multilayer perceptron that flattens its input: ``(B, ...) -> (B, out_features)``.
 
+    Args:
+        in_features: size of the flattened input.
+        out_features: size of the output (e.g. the number of classes).
+        hidden: widths of the hidden layers.
+        dropout: dropout probability after every hidden activation (0: none).
+        activation: ``"relu"``, ``"gelu"``, ``"tanh"`` or ``"silu"``.
+
     Example:
         >>> import torch
         >>> MLP(64, 10, hidden=(128, 128))(torch.randn(2, 1, 8, 8)).shape
@@ -59,6 +66,15 @@ class CNN1D(nn.Module):
     MNIST-1D paper's CNN (Greydanus, 2020): max-pooling after "same" convolutions keeps more of the
     translated signal than the paper's strided convolutions. ``dropout > 0`` adds ``nn.Dropout`` before
     the head. ``norm=False`` drops the BatchNorm layers.
+
+    Args:
+        in_channels: channels of the input signal.
+        out_features: size of the output (e.g. the number of classes).
+        input_length: length of the input signal (sizes the head).
+        channels: output channels of each convolution block.
+        kernel_sizes: kernel size of each block (as many as ``channels``).
+        norm: BatchNorm after every convolution.
+        dropout: dropout probability before the head (0: none).
 
     Example:
         >>> import torch

@@ -18,7 +18,11 @@ from .modules import EnsembleClassifier, format_report
 
 
 class EnsembleCLI(LightningCLI):
-    """LightningCLI with any LightningModule / LightningDataModule by ``class_path`` and a test report."""
+    """LightningCLI with any LightningModule / LightningDataModule by ``class_path`` and a test report.
+
+    Args:
+        *args, **kwargs: those of ``LightningCLI``; the parser also takes ``--test_after_fit`` (default true).
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

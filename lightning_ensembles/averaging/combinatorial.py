@@ -215,6 +215,11 @@ class DCAConsistency(Regularizer):
     one more random combination run without gradients, as in the official training step.
     Use with ``weight=1.0`` for the paper's ``(CE + KL) / R`` per draw.
 
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off. ``1.0``
+            is the paper's objective.
+        name: logged as ``train/<name>``.
+
     Example:
         >>> import torch
         >>> from lightning_ensembles import MLP

@@ -16,6 +16,10 @@ class EMA(WeightAverager):
     Matches ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(decay))``.
     Floating-point buffers (BatchNorm statistics) are averaged too by default, as is usual for EMA.
 
+    Args:
+        decay: weight of the running average at each update, in ``[0, 1)``.
+        average_buffers: also average floating-point buffers (BatchNorm statistics).
+
     Example:
         >>> import torch
         >>> from torch import nn

@@ -20,6 +20,9 @@ class SWA(WeightAverager):
     BatchNorm statistics are not averaged by default: recompute them with
     :func:`~lightning_ensembles.averaging.update_bn`.
 
+    Args:
+        average_buffers: also average floating-point buffers (BatchNorm statistics); off by default.
+
     Example:
         >>> import torch
         >>> from torch import nn

@@ -32,6 +32,11 @@ class SWAG(WeightAverager):
     (or, with ``storage="per_member"``, belong to one member), and each member draws its own low-rank noise, so a deep ensemble becomes MultiSWAG (one SWAG
     posterior per member). Tensors outside such an ensemble share one joint low-rank draw.
 
+    Args:
+        max_rank: ``K``, the most deviations kept for the low-rank part of the covariance.
+        var_clamp: smallest diagonal variance.
+        scale: multiplier of the covariance when sampling (``0.5`` is the paper's).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -184,6 +189,11 @@ class SWAGEnsemble(Ensemble):
     ``forward(x)`` runs ``module`` once per draw. If ``module`` is itself an :class:`Ensemble`
     with M members the outputs are concatenated to ``(N * M, B, ...)`` (MultiSWAG: N draws of each
     member); otherwise they are stacked to ``(N, B, ...)``.
+
+    Args:
+        module: the model (or ensemble) the sampled weights are loaded into.
+        samples: the sampled weight sets, one state dict each (e.g. from ``SWAG.sample``).
+        loader: training batches to recompute BatchNorm statistics for every sample (``None``: keep the module's).
 
     Example:
         >>> import torch

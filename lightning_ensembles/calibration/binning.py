@@ -109,6 +109,14 @@ class _OneVsRest(ResizableState):
 class HistogramBinning(_OneVsRest):
     """Histogram binning (Zadrozny & Elkan, 2001), one-vs-rest: each class probability -> its bin's class frequency.
 
+    Args:
+        num_classes: number of classes ``C`` (>= 2).
+        kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
+            member, then averaged) or ``"probs"`` ``(B, C)``.
+        n_bins: equal-width probability bins per class.
+        clip: smallest calibrated probability before renormalising, in ``(0, 1 / C)``.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
@@ -155,6 +163,13 @@ class HistogramBinning(_OneVsRest):
 
 class IsotonicCalibration(_OneVsRest):
     """Isotonic regression (Zadrozny & Elkan, 2002) per class, fitted with scikit-learn, applied in torch.
+
+    Args:
+        num_classes: number of classes ``C`` (>= 2).
+        kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
+            member, then averaged) or ``"probs"`` ``(B, C)``.
+        clip: smallest calibrated probability before renormalising, in ``(0, 1 / C)``.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch

@@ -79,6 +79,14 @@ def conformal_quantile(scores: Tensor, alpha: float) -> float:
 class ConformalClassifier(nn.Module):
     """Calibrate a threshold on held-out probabilities, then turn probabilities into prediction sets.
 
+    Args:
+        alpha: miscoverage: the sets contain the true class with probability ``>= 1 - alpha``.
+        method: non-conformity score, ``"thr"``, ``"aps"`` or ``"raps"`` (see :func:`conformal_scores`).
+        randomized: randomised APS/RAPS scores (one uniform draw per sample, breaking ties).
+        penalty: RAPS penalty per rank beyond ``k_reg``.
+        k_reg: ranks RAPS leaves unpenalised.
+        seed: seed of the randomisation.
+
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)

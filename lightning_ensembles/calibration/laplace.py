@@ -95,6 +95,14 @@ class LaplaceEnsemble(Ensemble):
     """A mixture of per-member last-layer Laplace posteriors; ``forward(x)`` gives member log-probabilities.
 
     Build it with :func:`fit_laplace`. See the module docstring for the output contract.
+
+    Args:
+        models: the member copies the Laplace posteriors were fitted on.
+        laplaces: one fitted ``laplace-torch`` Laplace object per member.
+        num_samples: 0 for each member's GLM predictive, ``S`` for S posterior samples per member.
+        link_approx: ``laplace-torch``'s link approximation of the predictive (``"probit"``).
+        seed: seed of the posterior samples.
+        config: the settings of :func:`fit_laplace`, kept for saving and loading.
     """
 
     def __init__(

@@ -149,6 +149,15 @@ class _LinearCalibrator(nn.Module):
 class VectorScaling(_LinearCalibrator):
     """Vector scaling (Guo et al., 2017): ``softmax(w * z + b)`` with one scale and one offset per class.
 
+    Args:
+        num_classes: number of classes ``C`` (>= 2).
+        kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
+            member, then averaged) or ``"probs"`` ``(B, C)``.
+        reg_lambda: penalty on the distance of the weights from the identity (0: unpenalised).
+        reg_mu: penalty on the size of the bias (0: unpenalised).
+        max_iter: L-BFGS iterations of a fit.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
@@ -164,6 +173,15 @@ class VectorScaling(_LinearCalibrator):
 
 class MatrixScaling(_LinearCalibrator):
     """Matrix scaling (Guo et al., 2017): ``softmax(W z + b)``, regularised towards the identity (``reg_lambda``, ``reg_mu``).
+
+    Args:
+        num_classes: number of classes ``C`` (>= 2).
+        kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
+            member, then averaged) or ``"probs"`` ``(B, C)``.
+        reg_lambda: penalty on the distance of the weights from the identity (0: unpenalised).
+        reg_mu: penalty on the size of the bias (0: unpenalised).
+        max_iter: L-BFGS iterations of a fit.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch
@@ -182,6 +200,15 @@ class DirichletCalibration(MatrixScaling):
 
     For ``kind="logits"`` / ``"member_logits"`` the map acts on ``log_softmax(z)`` (of each member), so a
     map fitted on logits applies exactly to the probabilities of the same model.
+
+    Args:
+        num_classes: number of classes ``C`` (>= 2).
+        kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
+            member, then averaged) or ``"probs"`` ``(B, C)``.
+        reg_lambda: penalty on the distance of the weights from the identity (0: unpenalised).
+        reg_mu: penalty on the size of the bias (0: unpenalised).
+        max_iter: L-BFGS iterations of a fit.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch

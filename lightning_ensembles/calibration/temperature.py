@@ -238,6 +238,14 @@ class TemperatureScaler(nn.Module):
     ``min_samples`` samples, or an optimum outside ``bounds``, keep the current value with a
     :class:`CalibrationWarning`; ``last_fit`` holds the decision.
 
+    Args:
+        kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
+            member, then averaged) or ``"probs"`` ``(B, C)``.
+        init: starting temperature of the fit.
+        max_iter: L-BFGS iterations of a fit.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        bounds: ``(low, high)``: a fitted temperature outside them is refused (the current one is kept).
+
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)

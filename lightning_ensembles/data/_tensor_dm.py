@@ -27,6 +27,10 @@ class EpochSeededSampler(RandomSampler):
     one. It is a ``RandomSampler``, so under DDP Lightning swaps in its own ``DistributedSampler``
     (also seeded by seed and epoch).
 
+    Args:
+        data_source: the dataset to sample.
+        seed: with the epoch (``set_epoch``), the only source of the order.
+
     Example:
         >>> s = EpochSeededSampler(range(5), seed=3)
         >>> s.set_epoch(1); a = list(s); s.set_epoch(1); a == list(s)
@@ -52,6 +56,11 @@ class TensorDataModule(LightningDataModule):
     The training order is a function of ``shuffle_seed`` and the epoch (:class:`EpochSeededSampler`),
     so a run resumed from a checkpoint sees the same batches as one that never stopped. ``None`` takes
     ``torch.initial_seed()`` (the seed of ``seed_everything``); the seed in use is saved in checkpoints.
+
+    Args:
+        batch_size: batch size of every dataloader.
+        num_workers: dataloader worker processes.
+        shuffle_seed: seed of the training order (``None``: ``torch.initial_seed()``).
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, shuffle_seed: int | None = None) -> None:

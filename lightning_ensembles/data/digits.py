@@ -24,6 +24,14 @@ class DigitsDataModule(TensorDataModule):
     ``ood_classes`` removes those classes from train/val/test and serves them as a second test
     dataloader (out-of-distribution set), so ``trainer.test`` reports OOD detection too.
 
+    Args:
+        batch_size: batch size of every dataloader.
+        split: train/val/test fractions.
+        seed: seed of the split.
+        ood_classes: classes held out and served as a second (OOD) test dataloader.
+        num_workers: dataloader worker processes.
+        shuffle_seed: seed of the training order (``None``: ``torch.initial_seed()``).
+
     Example:
         >>> dm = DigitsDataModule(batch_size=32)
         >>> dm.setup()

@@ -98,6 +98,19 @@ class MNIST1DDataModule(TensorDataModule):
 
     ``test_sets`` names the test dataloaders in order.
 
+    Args:
+        batch_size: batch size of every dataloader.
+        num_samples: number of signals generated (before the split).
+        split: train/val/test fractions.
+        seed: seed of the split.
+        generator_seed: seed of the signal generator.
+        num_workers: dataloader worker processes.
+        shuffle_seed: seed of the training order (``None``: ``torch.initial_seed()``).
+        ood: ``None``, ``"waves"`` or ``"classes"``: the OOD test set, see above.
+        ood_classes: with ``ood="classes"``, the held-out classes.
+        shift_test: add the covariate-shifted test set.
+        shift: generator knobs of the shifted test set (default :data:`DEFAULT_SHIFT`).
+
     Example:
         >>> dm = MNIST1DDataModule(num_samples=500, batch_size=16, ood="waves", shift_test=True)
         >>> dm.setup()

@@ -24,6 +24,14 @@ class ToyRegressionDataModule(TensorDataModule):
     included, so plots and tests can see epistemic uncertainty rise in the gap. Inputs ``(N, 1)``,
     targets ``(N, 1)``.
 
+    Args:
+        num_train: training samples.
+        num_val: validation samples.
+        num_test: test grid points.
+        batch_size: batch size of every dataloader.
+        seed: seed of the data.
+        shuffle_seed: seed of the training order (``None``: ``torch.initial_seed()``).
+
     Example:
         >>> dm = ToyRegressionDataModule(num_train=64, batch_size=16)
         >>> dm.setup()

@@ -44,6 +44,10 @@ class BezierCurve(nn.Module):
     straight line) is what :func:`fit_bezier_curve` trains. Buffers (e.g. BatchNorm statistics) are
     taken from ``start``; :meth:`model_at` recomputes BatchNorm statistics on data when given.
 
+    Args:
+        start: the model at ``t = 0``.
+        end: the model at ``t = 1`` (same architecture).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -166,6 +170,11 @@ class BridgeEnsemble(Ensemble):
 
     One full pass of ``base`` gives member 0 and the features (output of the submodule named
     ``feature_layer``); bridge ``k`` maps those features to member ``k + 1``'s logits.
+
+    Args:
+        base: the trained base model (member 0).
+        feature_layer: name of the submodule of ``base`` whose output the bridges take.
+        bridges: one network per extra member, features -> logits.
 
     Example:
         >>> import torch

@@ -63,6 +63,11 @@ class MultiHeadStudent(Ensemble):
     an :class:`~lightning_ensembles.Ensemble` with H members, so every metric, callback and cascade of
     the library takes it. ``num_heads=1`` is a plain single-head student.
 
+    Args:
+        backbone: a module or backbone name whose last ``nn.Linear`` becomes the heads.
+        num_heads: number of heads ``H`` (members).
+        backbone_kwargs: arguments for a backbone given by name.
+
     Example:
         >>> import torch
         >>> from lightning_ensembles import MLP

@@ -56,6 +56,12 @@ class TUScaler(nn.Module):
 
     Runs in the scaler's dtype (float32), as torch-uncertainty does; returns ``x``'s dtype.
 
+    Args:
+        scaler: the torch-uncertainty ``Scaler`` (a copy is kept).
+        kind: ``"logits"``, ``"probs"`` or ``"member_logits"``, see above.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        refit: fit the scaler in ``fit``; ``False`` applies it as given (fitted elsewhere).
+
     Example:
         >>> import torch
         >>> from torch_uncertainty.post_processing import TemperatureScaler
@@ -184,6 +190,14 @@ class TUCalibration(PosthocCalibration):
     adds ``"calibrated_probs"`` to test and predict outputs, and saves the fitted parameters in
     checkpoints. ``refit=False`` applies a scaler fitted elsewhere (``scaler.fit(...)`` in
     torch-uncertainty) unchanged, also at test time without a validation run. See :class:`TUScaler`.
+
+    Args:
+        scaler: the torch-uncertainty ``Scaler`` to fit and apply.
+        apply_to: ``"ensemble"`` or ``"members"``, see above.
+        refit: refit the scaler at every validation epoch; ``False`` applies it as given.
+        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        n_bins: bins of the logged ECE.
+        ece_bins: deprecated name of ``n_bins``.
 
     Example:
         >>> import lightning as L

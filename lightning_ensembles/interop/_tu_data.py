@@ -26,6 +26,17 @@ class DigitsTUDataModule(_TUDataModule):
     ``postprocess_dataloader`` (what ``ClassificationRoutine`` fits its post-processing on) is the
     validation set.
 
+    Args:
+        root: the ``TUDataModule``'s data folder (the digits themselves ship with scikit-learn).
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (``None``: ``batch_size``).
+        eval_ood: hold out ``ood_classes`` and serve them as the OOD test set.
+        ood_classes: the held-out classes.
+        split: train/val/test fractions.
+        seed: seed of the split.
+        num_workers: dataloader worker processes.
+        postprocess_set: the split torch-uncertainty fits post-processing on (``"val"``).
+
     Example:
         >>> dm = DigitsTUDataModule(batch_size=32, eval_ood=True)
         >>> dm.setup("fit"); dm.setup("test")

@@ -62,6 +62,9 @@ class TUModel(nn.Module):
     ``train_samples``) or its own objective (``training_outputs``) is refused with the fix, since the
     routine's ``RepeatTarget`` would pair its outputs with the wrong targets.
 
+    Args:
+        ensemble: the ensemble to present in torch-uncertainty's layout.
+
     Example:
         >>> import torch
         >>> from lightning_ensembles import DeepEnsemble
@@ -256,6 +259,12 @@ class TUEnsemble(Ensemble):
     copy of the whole model that returns output ``i`` (their members share layers, grouped or
     widened, so a member costs the ensemble's forward); ``"mc_dropout"`` raises ``NotImplementedError``
     (torch-uncertainty draws fresh masks at every call: sample ``i`` is not a fixed network).
+
+    Args:
+        model: the torch-uncertainty model.
+        num_estimators: number of members ``M``.
+        kind: ``"packed"``, ``"mimo"``, ``"mc_dropout"``, ``"batched"`` or ``"deep"``, see above.
+        input_repetition: ``"mimo"``: fraction of the batch shared by all members in training.
     """
 
     def __init__(self, model: nn.Module, num_estimators: int, kind: str, input_repetition: float = 0.0) -> None:

@@ -33,6 +33,10 @@ class Regularizer(nn.Module):
     ``train/<name>``. ``inputs`` and ``ensemble`` are passed for terms that need them (input
     gradients, weight-space repulsion).
 
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+        name: logged as ``train/<name>`` (default: the class name in lower case).
+
     Example:
         >>> import torch
         >>> class MeanLogit(Regularizer):
@@ -97,6 +101,10 @@ class Term(Regularizer):
     A term that compares members on the same example (``compares_examples = True``, the default) needs
     every member to have predicted the batch: :meth:`forward` refuses member outputs that do not cover
     ``inputs`` (an ensemble that splits the batch among its members) before calling :meth:`term`.
+
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+        name: logged as ``train/<name>`` (default: the class name in lower case).
     """
 
     compares_examples: bool = True

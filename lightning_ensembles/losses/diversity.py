@@ -134,6 +134,10 @@ class PairwiseKL(Term):
     Positive ``weight``: push members' predictive distributions apart; negative: pull them together
     (a distillation-like consensus term, where the unboundedness of KL is harmless).
 
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+        name: logged as ``train/<name>``; default ``"neg_pairwise_kl"``.
+
     Example:
         >>> import torch
         >>> reg = PairwiseKL(weight=-0.1)
@@ -153,6 +157,11 @@ class JensenShannon(Term):
 
     Bounded (``<= log M``), so a positive ``weight`` cannot run away the way KL can.
 
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+        pairwise: the mean pairwise JS divergence instead of the generalised one.
+        name: logged as ``train/<name>``; default ``"neg_jensen_shannon"``.
+
     Example:
         >>> import torch
         >>> reg = JensenShannon(weight=0.1)
@@ -170,6 +179,10 @@ class JensenShannon(Term):
 
 class SoftDisagreement(Term):
     """Minus the differentiable pairwise disagreement (see :func:`soft_disagreement`).
+
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+        name: logged as ``train/<name>``; default ``"neg_disagreement"``.
 
     Example:
         >>> import torch
@@ -195,6 +208,12 @@ class NegativeCorrelation(Term):
     ``weight = 2 * lambda``; ``lambda = 1`` then trains the ensemble mean as one model.
     ``output="gaussian"`` uses the mean half of ``(..., 2 * D)`` Gaussian outputs (see
     :func:`~lightning_ensembles.ensembles.base.split_gaussian`).
+
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+            ``2 * lambda`` of NCL.
+        output: ``"point"`` predictions or ``"gaussian"`` (mean, variance) outputs.
+        name: logged as ``train/<name>``; default ``"neg_ambiguity"``.
 
     Example:
         >>> import torch
@@ -230,6 +249,12 @@ class JensenGap(Term):
     ``gamma < 1`` (positive weight) encourages diversity, ``gamma > 1`` discourages it. Give either
     ``weight`` or ``gamma``. For the whole objective as one loss use :class:`JensenGapLoss`.
 
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+            ``1 - gamma``.
+        gamma: the objective's ``gamma`` instead of ``weight``.
+        name: logged as ``train/<name>``; default ``"neg_jensen_gap"``.
+
     Example:
         >>> import torch
         >>> reg = JensenGap(gamma=0.5)
@@ -263,6 +288,9 @@ class JensenGapLoss(nn.Module):
 
     ``gamma = 1``: plain member training (the mean member cross-entropy); ``gamma = 0``: the NLL of the
     averaged prediction; values in between trade one for the other, ``gamma > 1`` penalises diversity.
+
+    Args:
+        gamma: weight of the member-mean cross-entropy (``1 - gamma``: of the ensemble NLL).
 
     Example:
         >>> import torch

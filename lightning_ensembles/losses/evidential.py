@@ -202,6 +202,10 @@ class EvidentialClassificationLoss(nn.Module):
 
     ``loss(log_alpha (M, B, C) or (B, C), target, epoch)``.
 
+    Args:
+        annealing_epochs: epochs over which the KL term's weight rises from 0 to 1.
+        risk: the data term, ``"mse"``, ``"digamma"`` or ``"log"``.
+
     Example:
         >>> import torch
         >>> loss = EvidentialClassificationLoss()
@@ -223,7 +227,11 @@ class EvidentialClassificationLoss(nn.Module):
 
 
 class EvidentialRegressionLoss(nn.Module):
-    """Amini et al.'s NIG NLL plus ``coeff * |y - gamma| (2 nu + alpha)``; ``loss(outputs (..., 4D), target (..., D))``."""
+    """Amini et al.'s NIG NLL plus ``coeff * |y - gamma| (2 nu + alpha)``; ``loss(outputs (..., 4D), target (..., D))``.
+
+    Args:
+        coeff: weight of the evidence regulariser ``|y - gamma| (2 nu + alpha)``.
+    """
 
     def __init__(self, coeff: float = 0.01) -> None:
         super().__init__()

@@ -80,6 +80,12 @@ class InputGradientRepulsion(Term):
     training, see ``benchmarks/diversity.py``; BatchNorm running statistics see the batch twice).
     Works with every ensemble whose output is differentiable in its input.
 
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off. ``1``
+            is the paper's objective.
+        eps: added under the square root when normalising the gradients.
+        name: logged as ``train/<name>``; default ``"forde"``.
+
     Example:
         >>> import torch
         >>> from lightning_ensembles import DeepEnsemble

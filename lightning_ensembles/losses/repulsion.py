@@ -73,6 +73,11 @@ class WeightSpaceRepulsion(Term):
     (``1 / N_train``). Distances are computed in float64 (weight vectors are long and close together
     late in training, where float32 cancellation would dominate).
 
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+        bandwidth: RBF kernel bandwidth (``None``: the median heuristic).
+        name: logged as ``train/<name>``; default ``"weight_repulsion"``.
+
     Example:
         >>> import torch
         >>> from lightning_ensembles import DeepEnsemble
@@ -103,6 +108,12 @@ class FunctionSpaceRepulsion(Term):
     ``f_i`` is member i's output on the whole batch flattened to one vector (``space="logits"``, the
     paper's default, or ``"probs"``: softmax probabilities). Needs only ``ensemble(x)``'s outputs, so it
     works with every ensemble. Same weight scale as :class:`WeightSpaceRepulsion`.
+
+    Args:
+        weight: multiplier of the value in the training loss (``loss += weight * value``); 0 turns the term off.
+        space: compare ``"logits"`` or softmax ``"probs"``.
+        bandwidth: RBF kernel bandwidth (``None``: the median heuristic).
+        name: logged as ``train/<name>``; default ``"function_repulsion"``.
 
     Example:
         >>> import torch

@@ -40,6 +40,11 @@ class EnsembleClassificationMetrics(nn.Module):
     ``member_acc/<i>, member_nll/<i>, member_brier/<i>, member_ece/<i>`` for every member. Inputs
     that look like probabilities are refused (``ValueError``); without samples every value is NaN,
     with one :class:`~lightning_ensembles.metrics.NoSamplesWarning`.
+
+    Args:
+        num_classes: number of classes ``C``.
+        num_members: number of members ``M``.
+        n_bins: bins of the ECE.
     """
 
     def __init__(self, num_classes: int, num_members: int, n_bins: int = 15) -> None:
@@ -90,6 +95,9 @@ class OODMetrics(nn.Module):
     ``msp``, ``entropy``, ``mi``, ``variation_ratio``, ``max_logit``, ``energy``; which use logits and
     which probabilities: :mod:`lightning_ensembles.metrics.ood_scores`).
     ``update(member_logits (M, B, C), is_ood)``; inputs that look like probabilities are refused.
+
+    Args:
+        scores: the OOD scores to evaluate (default all).
     """
 
     def __init__(self, scores: Sequence[str] | None = None) -> None:

@@ -65,6 +65,22 @@ class EnsembleModule(LightningModule):
     trains one model trains every member of a deep ensemble exactly as if it were alone, for SGD as
     for Adam. The logged ``train/loss`` is the member mean (comparable with a single model's loss).
     Shared weights (BatchEnsemble's ``W``, a LoRA backbone) receive the sum of the members' gradients.
+
+    Args:
+        ensemble: a built :class:`~lightning_ensembles.Ensemble` (give this or ``backbone``).
+        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path.
+        method: how ``backbone`` is ensembled: ``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ... (see
+            ``build_ensemble``).
+        num_members: number of members ``M``.
+        backbone_kwargs: arguments for a backbone given by name.
+        ensemble_kwargs: extra arguments of the ensemble ``method``.
+        optimizer: an optimizer name (``"adam"``, ``"adamw"`` or ``"sgd"``) or a callable ``params -> Optimizer``.
+        lr: learning rate (see the learning-rate convention).
+        weight_decay: weight decay of the optimizer.
+        momentum: momentum of SGD.
+        scheduler: a scheduler name (``"none"`` or ``"cosine"``) or a callable ``optimizer -> scheduler``.
+        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`), each weighted by its
+            ``weight``.
     """
 
     def __init__(

@@ -67,6 +67,31 @@ class EnsembleClassifier(EnsembleModule):
     ``brier``, ``ece``); the evaluation and predict steps also return pixels as samples (``member_logits``
     ``(M, N, C)``, ``N = B * H * W`` in row-major order), so the calibration callbacks work per pixel.
 
+    Args:
+        ensemble: a built :class:`~lightning_ensembles.Ensemble` (give this or ``backbone``).
+        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path.
+        method: how ``backbone`` is ensembled: ``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ... (see
+            ``build_ensemble``).
+        num_members: number of members ``M``.
+        backbone_kwargs: arguments for a backbone given by name.
+        ensemble_kwargs: extra arguments of the ensemble ``method``.
+        optimizer: an optimizer name (``"adam"``, ``"adamw"`` or ``"sgd"``) or a callable ``params -> Optimizer``.
+        lr: learning rate (see the learning-rate convention).
+        weight_decay: weight decay of the optimizer.
+        momentum: momentum of SGD.
+        scheduler: a scheduler name (``"none"`` or ``"cosine"``) or a callable ``optimizer -> scheduler``.
+        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`), each weighted by its
+            ``weight``.
+        label_smoothing: label smoothing of the member cross-entropy, in ``[0, 1)``.
+        n_bins: bins of the logged ECE (``ece``).
+        ood_dataloader_idx: the test dataloader treated as out-of-distribution (``None``: none).
+        loss: ``"cross_entropy"`` or ``"evidential"``.
+        task: ``"multiclass"``, ``"multilabel"`` or ``"dense"``.
+        ignore_index: ``task="dense"``: the target value left out of the loss and the metrics.
+        evidential_annealing_epochs: ``loss="evidential"``: epochs over which the KL term is annealed in.
+        ood_scores: the OOD scores logged (default all).
+        ece_bins: deprecated name of ``n_bins``.
+
     Example:
         >>> import lightning as L
         >>> from lightning_ensembles import EnsembleClassifier

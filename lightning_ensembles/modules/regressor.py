@@ -38,6 +38,25 @@ class EnsembleRegressor(EnsembleModule):
     ``beta / (alpha - 1)``, ``epistemic`` the mean member ``beta / (nu (alpha - 1))`` plus the variance of
     the member means.
 
+    Args:
+        ensemble: a built :class:`~lightning_ensembles.Ensemble` (give this or ``backbone``).
+        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path.
+        method: how ``backbone`` is ensembled: ``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ... (see
+            ``build_ensemble``).
+        num_members: number of members ``M``.
+        backbone_kwargs: arguments for a backbone given by name.
+        ensemble_kwargs: extra arguments of the ensemble ``method``.
+        loss: ``"gaussian"``, ``"mse"`` or ``"evidential"``.
+        num_targets: number of regression targets ``D``.
+        optimizer: an optimizer name (``"adam"``, ``"adamw"`` or ``"sgd"``) or a callable ``params -> Optimizer``.
+        lr: learning rate (see the learning-rate convention).
+        weight_decay: weight decay of the optimizer.
+        momentum: momentum of SGD.
+        scheduler: a scheduler name (``"none"`` or ``"cosine"``) or a callable ``optimizer -> scheduler``.
+        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`), each weighted by its
+            ``weight``.
+        evidential_coeff: ``loss="evidential"``: weight of the evidence regulariser.
+
     Example:
         >>> import lightning as L
         >>> from lightning_ensembles import EnsembleRegressor
