@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from ..calibration.temperature import CalibrationWarning
+from ..ensembles.base import Ensemble
 from ..ensembles.surgery import set_submodule
 from ..metrics import ExpectedCalibrationError, NegativeLogLikelihood
 from ._predictions import EpochBuffer, Predictions, read_predictions, step_outputs
@@ -38,6 +39,7 @@ __all__ = [
     "before_after_metrics",
     "before_after_scores",
     "first_train_loader",
+    "module_ensemble",
     "resolve_attribute",
 ]
 
@@ -67,6 +69,17 @@ def batch_end_hook(stage: Stage) -> Callable[..., None]:
 
     hook.__name__ = hook.__qualname__ = f"on_{'validation' if stage == 'val' else stage}_batch_end"
     return hook
+
+
+def module_ensemble(pl_module: nn.Module, owner: str, fix: str) -> Ensemble:
+    """``pl_module.ensemble``, the ensemble ``owner`` works on; a ``ValueError`` that says ``fix`` if it is none."""
+    ensemble = getattr(pl_module, "ensemble", None)
+    if not isinstance(ensemble, Ensemble):
+        raise ValueError(
+            f"{owner} needs the module's ensemble in `pl_module.ensemble` (a lightning_ensembles Ensemble); "
+            f"{type(pl_module).__name__} has {type(ensemble).__name__}. {fix}"
+        )
+    return ensemble
 
 
 def resolve_attribute(pl_module: nn.Module, attribute: str | None) -> nn.Module:

@@ -98,11 +98,10 @@ class CalibrationMetrics(PredictionReader):
 
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.callbacks import CalibrationMetrics
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> cb = CalibrationMetrics(metrics=["ece", "nll", "mutual_information"])
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)

@@ -10,10 +10,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from ..ensembles.base import Ensemble
 from ..inference.cascade import EnsembleCascade, prediction_metrics
 from ..inference.macs import MacCounter
-from ._base import Stage, batch_end_hook
+from ._base import Stage, batch_end_hook, module_ensemble
 
 __all__ = ["CascadeEvaluation"]
 
@@ -45,12 +44,22 @@ class CascadeEvaluation(Callback):
     in ``callback.results``. Predict: adds ``cascade_probs``, ``cascade_score`` and ``cascade_members_used``
     to each step's output dict.
 
+    Args:
+        exit_rule: ``"window"`` or ``"confidence"``: when the cascade stops adding members.
+        decision: ``"selective"`` (risk control) or ``"ood"`` (OOD detection at ``target_tpr``).
+        target_risk: the selective risk the decision threshold is set for.
+        target_tpr: the in-distribution true-positive rate of the OOD threshold.
+        width: window half-width in quantile units of the validation uncertainty (``float("inf")`` runs every
+            member), or ``"auto"``: the cheapest within the tolerances, fitted on validation data.
+        accuracy_tolerance, coverage_tolerance: how far below the full ensemble ``width="auto"`` may go.
+        score: ``"msp"`` or ``"entropy"``: the confidence score.
+        ood_dataloader_idx: the test dataloader with OOD data (``None``: none).
+
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> cb = CascadeEvaluation(width=float("inf"))
         >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[cb],
         ...                     enable_checkpointing=False, enable_model_summary=False)
@@ -86,13 +95,9 @@ class CascadeEvaluation(Callback):
 
     # ------------------------------------------------------------------ building
     def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ensemble = getattr(pl_module, "ensemble", None)
-        if not isinstance(ensemble, Ensemble):
-            raise ValueError(
-                f"CascadeEvaluation needs `pl_module.ensemble` to be a lightning_ensembles Ensemble; "
-                f"{type(pl_module).__name__} has {type(ensemble).__name__}. Use EnsembleClassifier (or give your "
-                "module an `ensemble` attribute)."
-            )
+        ensemble = module_ensemble(
+            pl_module, "CascadeEvaluation", "Use EnsembleClassifier (or give your module an `ensemble` attribute)."
+        )
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             raise ValueError(

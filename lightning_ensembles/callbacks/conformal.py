@@ -44,11 +44,9 @@ class ConformalPrediction(FitOnValidation):
 
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
-        >>> from lightning_ensembles.callbacks import ConformalPrediction
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> cp = ConformalPrediction(alpha=0.1, method="aps")
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[cp], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)

@@ -9,7 +9,7 @@ import lightning as L
 from .._checks import check_choice
 from ..calibration.laplace import LaplaceEnsemble, fit_laplace, load_laplace_ensemble
 from ..ensembles.base import Ensemble
-from ._base import Stage, SubmoduleSwap
+from ._base import Stage, SubmoduleSwap, module_ensemble
 
 __all__ = ["LastLayerLaplace"]
 
@@ -29,12 +29,19 @@ class LastLayerLaplace(SubmoduleSwap):
     written after ``fit`` (``trainer.save_checkpoint``; checkpoints written during ``fit`` predate the
     fit) and restored with ``trainer.test(ckpt_path=...)``.
 
+    Args:
+        hessian_structure: the Hessian approximation of the last layer (e.g. ``"kron"``, ``"diag"``, ``"full"``).
+        prior_method: ``"gridsearch"`` (validation NLL) or ``"marglik"`` (marginal likelihood, no validation data).
+        num_samples: ``0``: the ``link_approx`` predictive per member; ``S > 0``: ``S`` posterior samples per member.
+        link_approx: the approximation of the predictive with ``num_samples=0`` (e.g. ``"probit"``).
+        grid_size: prior precisions tried by the grid search.
+        seed: the seed of the posterior samples (``num_samples > 0``).
+
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> la = LastLayerLaplace(grid_size=5)
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[la], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)
@@ -62,14 +69,12 @@ class LastLayerLaplace(SubmoduleSwap):
 
     @staticmethod
     def _ensemble(pl_module: L.LightningModule) -> Ensemble:
-        ens = getattr(pl_module, "ensemble", None)
-        if not isinstance(ens, Ensemble):
-            raise ValueError(
-                f"LastLayerLaplace needs the module's ensemble in `pl_module.ensemble` (an Ensemble); "
-                f"{type(pl_module).__name__} has none. Use EnsembleClassifier, or call "
-                "`lightning_ensembles.calibration.fit_laplace(model, train_loader, val_loader)` directly."
-            )
-        return ens
+        return module_ensemble(
+            pl_module,
+            "LastLayerLaplace",
+            "Use EnsembleClassifier, or call "
+            "`lightning_ensembles.calibration.fit_laplace(model, train_loader, val_loader)` directly.",
+        )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ensemble = self._ensemble(pl_module)

@@ -76,12 +76,20 @@ class PosthocCalibration(ProbabilityRecalibration):
     that returns no dict, to ``self.predictions``). The fitted map is saved in the checkpoint's callback
     state as tensors and plain data (loads with ``weights_only=True``).
 
+    Args:
+        method: the calibrator, one of :data:`CALIBRATION_METHODS`.
+        apply_to: ``"ensemble"`` or ``"members"`` (see above).
+        min_samples: fewer validation samples keep the previous map.
+        reg_lambda, reg_mu: regularisation of the ``"vector"``, ``"matrix"`` and ``"dirichlet"`` maps.
+        n_bins: bins of ``"histogram"`` binning.
+        clip: the floor of the calibrated probabilities of ``"histogram"`` and ``"isotonic"``.
+        ece_bins: bins of the logged ECE.
+
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> cal = PosthocCalibration(method="vector")
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[cal], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)

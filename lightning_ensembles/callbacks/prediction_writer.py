@@ -100,11 +100,10 @@ class PredictionWriter(BasePredictionWriter):
 
     Example:
         >>> import lightning as L, tempfile, os, csv
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
         >>> path = os.path.join(tempfile.mkdtemp(), "preds.csv")
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> trainer = L.Trainer(callbacks=[PredictionWriter(path)], logger=False, enable_progress_bar=False,
         ...                     enable_model_summary=False)
         >>> _ = trainer.predict(model, DigitsDataModule(), return_predictions=False)

@@ -28,13 +28,19 @@ class ReliabilityDiagram(PredictionReader):
     ``<log_dir>`` is the first logger's ``log_dir`` or, without one, ``trainer.default_root_dir``.
     The image is ``figsize * dpi`` pixels. Paths written are kept in ``self.paths``.
 
+    Args:
+        n_bins: confidence bins.
+        stages: which of ``"val"`` and ``"test"`` to plot.
+        every_n_epochs: plot validation every this many epochs.
+        figsize: figure size in inches ``(width, height)``.
+        dpi: resolution of the PNG.
+
     Example:
         >>> import lightning as L, tempfile
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.callbacks import ReliabilityDiagram
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> cb = ReliabilityDiagram(stages=["test"])
         >>> trainer = L.Trainer(default_root_dir=tempfile.mkdtemp(), callbacks=[cb], logger=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)

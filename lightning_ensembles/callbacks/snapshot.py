@@ -32,12 +32,18 @@ class SnapshotEnsemble(SubmoduleSwap):
     through :meth:`ensemble`. Snapshots and the schedule are in the checkpoint; the learning rate is
     a function of the global step, so a resumed run continues exactly.
 
+    Args:
+        num_cycles: the number of learning-rate cycles, one snapshot each.
+        attribute: dotted path of the model to snapshot (e.g. ``"ensemble"``); ``None``: the whole module.
+        lr_max: the learning rate at the start of every cycle; ``None``: each optimiser's own.
+        lr_min: the learning rate at the end of every cycle.
+        evaluate: test and predict on the snapshot ensemble (when ``attribute`` names a DeepEnsemble).
+
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=1, optimizer="sgd", lr=0.05,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=1, optimizer="sgd", lr=0.05)
         >>> snap = SnapshotEnsemble(num_cycles=2, attribute="ensemble")
         >>> trainer = L.Trainer(max_epochs=2, callbacks=[snap], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)

@@ -120,18 +120,23 @@ class TemperatureScaling(ProbabilityRecalibration):
     per batch in the order they ran, reset at every predict run). Validation logs
     ``val/ts/temperature`` and the before/after values. The module's own metrics are not changed.
 
+    Args:
+        init: the temperature the L-BFGS fit starts from.
+        max_iter: L-BFGS iterations of a fit.
+        n_bins: bins of the logged ECE.
+        min_samples: fewer validation samples keep the previous temperature.
+        bounds: ``(low, high)``: an NLL-optimal temperature outside keeps the previous one.
+
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
-        >>> from lightning_ensembles.callbacks import TemperatureScaling
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> ts = TemperatureScaling()
         >>> trainer = L.Trainer(max_epochs=2, callbacks=[ts], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)
         >>> trainer.fit(model, DigitsDataModule())
-        >>> ts.temperature > 0
+        >>> 0.05 <= ts.temperature <= 20  # the default bounds
         True
     """
 

@@ -52,12 +52,26 @@ class MemberWeightAveraging(SubmoduleSwap):
     Everything (averages, moments, counters, the SWA schedule) is in the checkpoint, so a resumed
     run continues exactly.
 
+    Args:
+        method: ``"swa"``, ``"ema"`` or ``"swag"``.
+        attribute: dotted path of the model to average (e.g. ``"ensemble"``); ``None``: the whole module.
+        start_epoch: the first epoch averaged: an index, or a fraction of ``max_epochs`` in ``[0, 1)``.
+        interval: ``"epoch"`` or ``"step"``: when updates happen.
+        every_n: update every this many epochs or steps.
+        decay: the EMA decay.
+        swa_lr: the learning rate annealed to from ``start_epoch`` on; ``None``: the module's own schedule.
+        annealing_epochs, annealing_strategy: how ``swa_lr`` is reached (``"cos"`` or ``"linear"``).
+        update_bn: recompute BatchNorm statistics on the training data at the end of ``fit``.
+        max_rank: SWAG: deviations kept for the low-rank covariance.
+        num_samples: SWAG: draws per member evaluated at test and predict (``0``: the SWAG mean).
+        swag_scale: SWAG: scale of the sampled covariance.
+        sample_seed: SWAG: seed of the draws.
+
     Example:
         >>> import lightning as L
-        >>> from lightning_ensembles import EnsembleClassifier
+        >>> from lightning_ensembles import MLP, EnsembleClassifier
         >>> from lightning_ensembles.data import DigitsDataModule
-        >>> model = EnsembleClassifier(backbone="mlp", num_members=2,
-        ...                            backbone_kwargs={"in_features": 64, "out_features": 10})
+        >>> model = EnsembleClassifier(backbone=MLP(64, 10), num_members=2)
         >>> swa = MemberWeightAveraging("swa", attribute="ensemble", start_epoch=1)
         >>> trainer = L.Trainer(max_epochs=2, callbacks=[swa], logger=False, enable_progress_bar=False,
         ...                     enable_checkpointing=False, enable_model_summary=False)
