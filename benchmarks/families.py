@@ -31,7 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_ensembles.backbones import MLP
 from lightning_ensembles.data import DigitsDataModule, MNIST1DDataModule
@@ -48,25 +48,13 @@ from lightning_ensembles.metrics.ood import OODAUROC
 
 try:
     from _timing import interleaved_median_ms
+    from leaderboard import Single
 except ImportError:  # run as a module
     from benchmarks._timing import interleaved_median_ms
+    from benchmarks.leaderboard import Single
 
 OOD_CLASSES = (8, 9)
 AUGMENT = {"digits": ["identity", "shift_1_0", "shift_0_1"], "mnist1d": ["identity", "shift_1", "shift_-1"]}
-
-
-class Single(Ensemble):
-    """One model as a one-member ensemble."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__(1)
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).unsqueeze(0)
-
-    def member(self, index: int) -> nn.Module:
-        return self.net
 
 
 def _data(name: str, seed: int):
