@@ -1,6 +1,7 @@
 """Post-hoc calibration: temperature, vector, matrix and Dirichlet scaling, histogram binning, isotonic
 regression, split-conformal prediction sets, and last-layer Laplace."""
 
+from ._base import calibrated_logits
 from .binning import HistogramBinning, IsotonicCalibration
 from .conformal import ConformalClassifier, conformal_quantile, conformal_scores
 from .laplace import LaplaceEnsemble, fit_laplace, load_laplace_ensemble
@@ -19,6 +20,7 @@ from .temperature import (
 )
 
 __all__ = [
+    "calibrated_logits",
     "DirichletCalibration",
     "HistogramBinning",
     "IsotonicCalibration",

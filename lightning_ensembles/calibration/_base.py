@@ -45,6 +45,19 @@ def check_inputs(x: Tensor, kind: str, target: Tensor | None = None) -> int:
     return n
 
 
+def check_classes(owner: str, x: Tensor, num_classes: int) -> None:
+    """``ValueError`` unless the predictions ``x`` have the ``num_classes`` classes ``owner`` was built for."""
+    if x.shape[-1] != num_classes:
+        raise ValueError(f"{owner} was built for {num_classes} classes, got {x.shape[-1]}.")
+
+
+def fit_refusal(owner: str, x: Tensor, target: Tensor, kind: str, num_classes: int, min_samples: int) -> str | None:
+    """Check the inputs of a fit of ``owner``; the reason to refuse it (too few samples), or ``None`` to fit."""
+    n = check_inputs(x, kind, target)
+    check_classes(owner, x, num_classes)
+    return too_few(owner, n, min_samples)
+
+
 def log_probs_of(x: Tensor, kind: str) -> Tensor:
     """Log-probabilities of the inputs, ``(B, C)`` or ``(M, B, C)`` for member logits (no calibration)."""
     if kind == "probs":
@@ -75,6 +88,24 @@ def too_few(owner: str, n: int, min_samples: int) -> str | None:
             "unreliable; kept the current map"
         )
     return None
+
+
+def calibrated_logits(
+    num_samples: int, num_classes: int = 3, scale: float = 1.0, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Seeded logits ``(N, C)`` (standard normal times ``scale``) and labels ``(N,)`` drawn from their softmax.
+
+    The logits of a perfectly calibrated model, for examples and tests: a calibrator fitted on a distorted
+    copy (e.g. ``3 * logits``, overconfident) should undo the distortion.
+
+    Example:
+        >>> logits, target = calibrated_logits(4, num_classes=5)
+        >>> logits.shape, target.shape
+        (torch.Size([4, 5]), torch.Size([4]))
+    """
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_samples, num_classes, generator=g) * scale
+    return logits, torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
 
 
 class ResizableState(nn.Module):

@@ -25,7 +25,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import MIN_SAMPLES, Kind, ResizableState, average_members, check_inputs, check_kind, refuse, too_few
+from ._base import (
+    MIN_SAMPLES,
+    Kind,
+    ResizableState,
+    average_members,
+    check_classes,
+    check_inputs,
+    check_kind,
+    fit_refusal,
+    refuse,
+)
 
 __all__ = ["HistogramBinning", "IsotonicCalibration", "interp"]
 
@@ -59,10 +69,6 @@ class _OneVsRest(ResizableState):
     def _probs(self, x: Tensor) -> Tensor:
         return x if self.kind == "probs" else x.softmax(-1)
 
-    def _check_classes(self, x: Tensor) -> None:
-        if x.shape[-1] != self.num_classes:
-            raise ValueError(f"{type(self).__name__} was built for {self.num_classes} classes, got {x.shape[-1]}.")
-
     def _map_class(self, p: Tensor, k: int) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -71,10 +77,8 @@ class _OneVsRest(ResizableState):
 
     def fit(self, x: Tensor, target: Tensor):
         """Fit one map per class on validation predictions ``x`` (of ``kind``) and class indices ``target``."""
-        n = check_inputs(x, self.kind, target)
-        self._check_classes(x)
         name = type(self).__name__
-        self.last_reason = too_few(name, n, self.min_samples)
+        self.last_reason = fit_refusal(name, x, target, self.kind, self.num_classes, self.min_samples)
         if self.last_reason:
             refuse(name, self.last_reason)
             return self
@@ -96,7 +100,7 @@ class _OneVsRest(ResizableState):
     def forward(self, x: Tensor) -> Tensor:
         """Calibrated log-probabilities ``(B, C)``."""
         check_inputs(x, self.kind)
-        self._check_classes(x)
+        check_classes(type(self).__name__, x, self.num_classes)
         if not bool(self.fitted):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call `.fit(x, target)` on validation data first.")
         p = self._probs(x.double())
@@ -115,13 +119,12 @@ class HistogramBinning(_OneVsRest):
             member, then averaged) or ``"probs"`` ``(B, C)``.
         n_bins: equal-width probability bins per class.
         clip: smallest calibrated probability before renormalising, in ``(0, 1 / C)``.
-        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        min_samples: with fewer fit samples the current bin values are kept (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(5000, 3, generator=g)
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(5000)
         >>> hb = HistogramBinning(3, n_bins=10).fit(3 * logits, target)  # overconfident logits
         >>> nll = lambda lp: float(torch.nn.functional.nll_loss(lp, target))
         >>> nll(hb(3 * logits)) < nll(torch.log_softmax(3 * logits, -1))
@@ -169,13 +172,12 @@ class IsotonicCalibration(_OneVsRest):
         kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
             member, then averaged) or ``"probs"`` ``(B, C)``.
         clip: smallest calibrated probability before renormalising, in ``(0, 1 / C)``.
-        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        min_samples: with fewer fit samples the current step functions are kept (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(5000, 3, generator=g)
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(5000)
         >>> iso = IsotonicCalibration(3).fit(3 * logits, target)
         >>> nll = lambda lp: float(torch.nn.functional.nll_loss(lp, target))
         >>> nll(iso(3 * logits)) < nll(torch.log_softmax(3 * logits, -1))

@@ -88,10 +88,8 @@ class ConformalClassifier(nn.Module):
         seed: seed of the randomisation.
 
     Example:
-        >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(2000, 5, generator=g) * 2
-        >>> y = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, y = calibrated_logits(2000, num_classes=5, scale=2)
         >>> cp = ConformalClassifier(alpha=0.1, method="thr").fit(logits[:1000].softmax(-1), y[:1000])
         >>> sets = cp.predict_sets(logits[1000:].softmax(-1))
         >>> coverage = sets.gather(1, y[1000:, None]).float().mean()

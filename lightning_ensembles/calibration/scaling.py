@@ -32,7 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import MIN_SAMPLES, Kind, average_members, check_inputs, check_kind, log_probs_of, refuse, too_few
+from ._base import (
+    MIN_SAMPLES,
+    Kind,
+    average_members,
+    check_classes,
+    check_inputs,
+    check_kind,
+    fit_refusal,
+    log_probs_of,
+    refuse,
+)
 
 __all__ = ["DirichletCalibration", "MatrixScaling", "VectorScaling"]
 
@@ -85,12 +95,8 @@ class _LinearCalibrator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Calibrated log-probabilities ``(B, C)``."""
         check_inputs(x, self.kind)
-        self._check_classes(x)
+        check_classes(type(self).__name__, x, self.num_classes)
         return self._map(self._scores(x), self.weight.to(x.dtype), self.bias.to(x.dtype))
-
-    def _check_classes(self, x: Tensor) -> None:
-        if x.shape[-1] != self.num_classes:
-            raise ValueError(f"{type(self).__name__} was built for {self.num_classes} classes, got {x.shape[-1]}.")
 
     # ------------------------------------------------------------------ fit
     def _penalty(self, weight: Tensor, bias: Tensor) -> Tensor:
@@ -108,10 +114,8 @@ class _LinearCalibrator(nn.Module):
 
     def fit(self, x: Tensor, target: Tensor) -> _LinearCalibrator:
         """Fit the map on validation predictions ``x`` (of this calibrator's ``kind``) and class indices ``target``."""
-        n = check_inputs(x, self.kind, target)
-        self._check_classes(x)
         name = type(self).__name__
-        self.last_reason = too_few(name, n, self.min_samples)
+        self.last_reason = fit_refusal(name, x, target, self.kind, self.num_classes, self.min_samples)
         if self.last_reason:
             refuse(name, self.last_reason)
             return self
@@ -136,7 +140,7 @@ class _LinearCalibrator(nn.Module):
         if not (torch.isfinite(weight).all() and torch.isfinite(bias).all() and nll <= nll_identity):
             self.last_reason = refuse(
                 name,
-                f"the fitted map gives a higher NLL ({nll:.6g}) than the identity ({nll_identity:.6g}) on its {n} fit "
+                f"the fitted map gives a higher NLL ({nll:.6g}) than the identity ({nll_identity:.6g}) on its {x.shape[-2]} fit "
                 "samples (the optimisation failed); kept the current map",
             )
             return self
@@ -153,16 +157,15 @@ class VectorScaling(_LinearCalibrator):
         num_classes: number of classes ``C`` (>= 2).
         kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
             member, then averaged) or ``"probs"`` ``(B, C)``.
-        reg_lambda: penalty on the distance of the weights from the identity (0: unpenalised).
-        reg_mu: penalty on the size of the bias (0: unpenalised).
+        reg_lambda: penalty ``lambda / C * sum_c (w_c - 1)^2`` on the scales' distance from 1 (0: none).
+        reg_mu: penalty ``mu / C * sum_c b_c^2`` on the offsets (0: none).
         max_iter: L-BFGS iterations of a fit.
-        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        min_samples: with fewer fit samples the current scales and offsets are kept (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(3000, 3, generator=g)
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(3000)
         >>> vs = VectorScaling(3, reg_lambda=0, reg_mu=0).fit(logits * torch.tensor([3.0, 1.0, 0.5]), target)  # per-class miscalibration
         >>> torch.allclose(vs.weight, torch.tensor([1 / 3, 1.0, 2.0]), atol=0.3)  # undoes the scales
         True
@@ -178,16 +181,15 @@ class MatrixScaling(_LinearCalibrator):
         num_classes: number of classes ``C`` (>= 2).
         kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
             member, then averaged) or ``"probs"`` ``(B, C)``.
-        reg_lambda: penalty on the distance of the weights from the identity (0: unpenalised).
-        reg_mu: penalty on the size of the bias (0: unpenalised).
+        reg_lambda: penalty on the distance of ``W`` from the identity, off the diagonal (ODIR) and on it (0: none).
+        reg_mu: penalty ``mu / C * sum_j b_j^2`` on the bias (0: none).
         max_iter: L-BFGS iterations of a fit.
-        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        min_samples: with fewer fit samples the current matrix and bias are kept (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(3000, 3, generator=g)
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(3000)
         >>> ms = MatrixScaling(3).fit(2 * logits, target)  # 2x too sharp
         >>> nll = lambda lp: float(torch.nn.functional.nll_loss(lp, target))
         >>> abs(nll(ms(2 * logits)) - nll(logits.log_softmax(-1))) < 0.01  # as good as the true model
@@ -205,16 +207,15 @@ class DirichletCalibration(MatrixScaling):
         num_classes: number of classes ``C`` (>= 2).
         kind: what the calibrator is given: ``"logits"`` ``(B, C)``, ``"member_logits"`` ``(M, B, C)`` (mapped per
             member, then averaged) or ``"probs"`` ``(B, C)``.
-        reg_lambda: penalty on the distance of the weights from the identity (0: unpenalised).
-        reg_mu: penalty on the size of the bias (0: unpenalised).
+        reg_lambda: penalty on the distance of the map of ``log p`` from the identity (0: none).
+        reg_mu: penalty on the size of the bias (0: none).
         max_iter: L-BFGS iterations of a fit.
-        min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
+        min_samples: with fewer fit samples the current map is kept (with a ``CalibrationWarning``).
 
     Example:
         >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(3000, 3, generator=g)
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(3000)
         >>> dc = DirichletCalibration(3, kind="probs").fit((3 * logits).softmax(-1), target)  # 3x too sharp
         >>> nll = lambda lp: float(torch.nn.functional.nll_loss(lp, target))
         >>> abs(nll(dc((3 * logits).softmax(-1))) - nll(logits.log_softmax(-1))) < 0.01  # as good as the true model

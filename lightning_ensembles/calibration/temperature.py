@@ -93,10 +93,8 @@ def fit_temperature(x: Tensor, target: Tensor, kind: Kind = "logits", init: floa
     (e.g. in a callback hook of a ``trainer.validate`` run). No safeguard: see :func:`safe_fit_temperature`.
 
     Example:
-        >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(4000, 5, generator=g) * 2
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(4000, num_classes=5, scale=2)
         >>> round(fit_temperature(logits * 5, target), 1)  # logits 5x too sharp -> T close to 5
         5.0
     """
@@ -248,9 +246,8 @@ class TemperatureScaler(nn.Module):
 
     Example:
         >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(2000, 3, generator=g)
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(2000)
         >>> scaler = TemperatureScaler(kind="logits").fit(3 * logits, target)  # 3x too sharp
         >>> 2.5 < float(scaler.temperature) < 3.5, scaler.last_fit.accepted
         (True, True)

@@ -28,6 +28,7 @@ from ..ensembles.base import Ensemble
 from ..ensembles.surgery import set_submodule, set_unregistered
 from ..modules._eval_metrics import EnsembleClassificationMetrics
 from ..modules.base import _module_args_to_ignore, renamed_kwarg
+from ..modules.classifier import predictive_summary
 
 __all__ = ["DistillationModule", "MultiHeadStudent", "distillation_loss", "mixup_inputs"]
 
@@ -333,16 +334,7 @@ class DistillationModule(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        member_probs = self(x).softmax(-1)
-        probs = member_probs.mean(0)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        member_entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(-1).mean(0)
-        return {
-            "probs": probs,
-            "member_probs": member_probs,
-            "entropy": entropy,
-            "mutual_information": entropy - member_entropy,
-        }
+        return predictive_summary(self(x).softmax(-1))
 
 
 def _checkpoint_members(checkpoint: str) -> int:

@@ -11,16 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_TU_NAMES = (
-    "DigitsTUDataModule",
-    "TUCalibration",
-    "TUEnsemble",
-    "TUModel",
-    "TUScaler",
-    "as_tu_model",
-    "from_tu_model",
-    "tu_classification_routine",
-)
+from ._names import TU_NAMES as _TU_NAMES
 
 __all__ = list(_TU_NAMES)
 

@@ -65,9 +65,8 @@ class TUScaler(nn.Module):
     Example:
         >>> import torch
         >>> from torch_uncertainty.post_processing import TemperatureScaler
-        >>> g = torch.Generator().manual_seed(0)
-        >>> logits = torch.randn(2000, 3, generator=g)
-        >>> target = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+        >>> from lightning_ensembles.calibration import calibrated_logits
+        >>> logits, target = calibrated_logits(2000)
         >>> cal = TUScaler(TemperatureScaler(), kind="logits").fit(3 * logits, target)  # 3x too sharp
         >>> 2.5 < cal.scaler.temperature[0].item() < 3.5
         True

@@ -29,23 +29,15 @@ from torch import Tensor, nn
 
 from .._checks import check_choice
 from ..ensembles.base import Ensemble, check_member_outputs
+from ._names import TU_NAMES
 from ._tu import tu
-from ._tu_calibration import TUCalibration, TUScaler
-from ._tu_data import DigitsTUDataModule
+from ._tu_calibration import TUCalibration as TUCalibration  # re-exported (TU_NAMES)
+from ._tu_calibration import TUScaler as TUScaler
+from ._tu_data import DigitsTUDataModule as DigitsTUDataModule
 
 tu()  # fail on import, with the extra to install, rather than on first use
 
-__all__ = [
-    "KINDS",
-    "DigitsTUDataModule",
-    "TUCalibration",
-    "TUEnsemble",
-    "TUModel",
-    "TUScaler",
-    "as_tu_model",
-    "from_tu_model",
-    "tu_classification_routine",
-]
+__all__ = ["KINDS", *TU_NAMES]
 
 #: Which torch-uncertainty ensembles :func:`from_tu_model` wraps, by how they batch members.
 KINDS = ("packed", "mimo", "mc_dropout", "batched", "deep")

@@ -67,20 +67,10 @@ class EnsembleModule(LightningModule):
     Shared weights (BatchEnsemble's ``W``, a LoRA backbone) receive the sum of the members' gradients.
 
     Args:
-        ensemble: a built :class:`~lightning_ensembles.Ensemble` (give this or ``backbone``).
-        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path.
-        method: how ``backbone`` is ensembled: ``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ... (see
-            ``build_ensemble``).
-        num_members: number of members ``M``.
-        backbone_kwargs: arguments for a backbone given by name.
-        ensemble_kwargs: extra arguments of the ensemble ``method``.
-        optimizer: an optimizer name (``"adam"``, ``"adamw"`` or ``"sgd"``) or a callable ``params -> Optimizer``.
-        lr: learning rate (see the learning-rate convention).
-        weight_decay: weight decay of the optimizer.
-        momentum: momentum of SGD.
-        scheduler: a scheduler name (``"none"`` or ``"cosine"``) or a callable ``optimizer -> scheduler``.
-        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`), each weighted by its
-            ``weight``.
+        ensemble, backbone, method, num_members, backbone_kwargs, ensemble_kwargs: the ensemble to train, built
+            or described (see :class:`EnsembleClassifier`).
+        optimizer, lr, weight_decay, momentum, scheduler, regularizers: the optimiser and the extra training
+            terms (see :class:`EnsembleClassifier`).
     """
 
     def __init__(

@@ -69,19 +69,20 @@ class EnsembleClassifier(EnsembleModule):
 
     Args:
         ensemble: a built :class:`~lightning_ensembles.Ensemble` (give this or ``backbone``).
-        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path.
+        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path; its outputs are the
+            class logits.
         method: how ``backbone`` is ensembled: ``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ... (see
             ``build_ensemble``).
         num_members: number of members ``M``.
         backbone_kwargs: arguments for a backbone given by name.
         ensemble_kwargs: extra arguments of the ensemble ``method``.
         optimizer: an optimizer name (``"adam"``, ``"adamw"`` or ``"sgd"``) or a callable ``params -> Optimizer``.
-        lr: learning rate (see the learning-rate convention).
+        lr: learning rate (see the learning-rate convention of :class:`EnsembleModule`).
         weight_decay: weight decay of the optimizer.
         momentum: momentum of SGD.
         scheduler: a scheduler name (``"none"`` or ``"cosine"``) or a callable ``optimizer -> scheduler``.
-        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`), each weighted by its
-            ``weight``.
+        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`, e.g.
+            :class:`~lightning_ensembles.losses.JensenShannon`), each weighted by its ``weight``.
         label_smoothing: label smoothing of the member cross-entropy, in ``[0, 1)``.
         n_bins: bins of the logged ECE (``ece``).
         ood_dataloader_idx: the test dataloader treated as out-of-distribution (``None``: none).
@@ -299,21 +300,34 @@ class EnsembleClassifier(EnsembleModule):
             member_probs = outputs.sigmoid()
             return {"probs": member_probs.mean(0), "member_probs": member_probs}
         axis = 2 if self.hparams.task == "dense" else -1  # dense: the class axis of (M, B, C, *spatial)
-        member_probs = outputs.softmax(dim=axis)
-        probs = member_probs.mean(dim=0)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(axis if axis < 0 else 1)
-        member_entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(axis).mean(0)
-        out = {
-            "probs": probs,
-            "member_probs": member_probs,
-            "entropy": entropy,
-            "mutual_information": entropy - member_entropy,
-        }
+        out = predictive_summary(outputs.softmax(dim=axis), class_axis=axis)
         if self.hparams.loss == "evidential":  # Dirichlet vacuity K / S, mean over members
             out["vacuity"] = dirichlet_uncertainty(outputs.float())["vacuity"].mean(0)
         if self.hparams.task == "dense":  # pixels as samples (M, B * prod(spatial), C), for the calibration callbacks
             out["member_logits"] = outputs.movedim(2, -1).reshape(outputs.shape[0], -1, outputs.shape[2])
         return out
+
+
+def predictive_summary(member_probs: Tensor, class_axis: int = -1) -> dict[str, Tensor]:
+    """``probs`` (the member mean), ``member_probs``, ``entropy`` and ``mutual_information`` of member probabilities.
+
+    ``member_probs`` is ``(M, B, ...)`` with the classes on ``class_axis``; entropies are in nats.
+
+    Example:
+        >>> import torch
+        >>> out = predictive_summary(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))  # two certain members disagree
+        >>> out["probs"], round(float(out["mutual_information"]), 4)
+        (tensor([[0.5000, 0.5000]]), 0.6931)
+    """
+    probs = member_probs.mean(dim=0)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(class_axis if class_axis < 0 else class_axis - 1)
+    member_entropy = -(member_probs * member_probs.clamp_min(1e-12).log()).sum(class_axis).mean(0)
+    return {
+        "probs": probs,
+        "member_probs": member_probs,
+        "entropy": entropy,
+        "mutual_information": entropy - member_entropy,
+    }
 
 
 def format_report(results: dict[str, float], title: str = "test") -> str:

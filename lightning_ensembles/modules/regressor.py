@@ -40,7 +40,8 @@ class EnsembleRegressor(EnsembleModule):
 
     Args:
         ensemble: a built :class:`~lightning_ensembles.Ensemble` (give this or ``backbone``).
-        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path.
+        backbone: the model each member is: a module, a timm name, ``"mlp"`` or a dotted path, with
+            ``2 * num_targets`` outputs for ``loss="gaussian"``, else ``num_targets``.
         method: how ``backbone`` is ensembled: ``"deep"``, ``"packed"``, ``"batch"``, ``"lora"``, ... (see
             ``build_ensemble``).
         num_members: number of members ``M``.
@@ -49,12 +50,12 @@ class EnsembleRegressor(EnsembleModule):
         loss: ``"gaussian"``, ``"mse"`` or ``"evidential"``.
         num_targets: number of regression targets ``D``.
         optimizer: an optimizer name (``"adam"``, ``"adamw"`` or ``"sgd"``) or a callable ``params -> Optimizer``.
-        lr: learning rate (see the learning-rate convention).
+        lr: learning rate (see the learning-rate convention of :class:`EnsembleModule`).
         weight_decay: weight decay of the optimizer.
         momentum: momentum of SGD.
         scheduler: a scheduler name (``"none"`` or ``"cosine"``) or a callable ``optimizer -> scheduler``.
-        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`), each weighted by its
-            ``weight``.
+        regularizers: extra training terms (:class:`~lightning_ensembles.losses.Regularizer`, e.g.
+            :class:`~lightning_ensembles.losses.NegativeCorrelation`), each weighted by its ``weight``.
         evidential_coeff: ``loss="evidential"``: weight of the evidence regulariser.
 
     Example:
