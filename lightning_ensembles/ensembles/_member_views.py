@@ -79,13 +79,13 @@ class _Step:
 
 class _MemberView(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, step: _Step, index: int, *stacked: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, step: _Step, index: int, *stacked: Tensor) -> tuple[Tensor, ...]:
         ctx.step, ctx.index = step, index
         ctx.set_materialize_grads(False)
         return tuple(p[index] for p in stacked)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         step, i = ctx.step, ctx.index
         if torch.is_grad_enabled():  # create_graph=True through the weights: plain differentiable path
             out = []

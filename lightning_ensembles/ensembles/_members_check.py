@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .base import Ensemble
 from .surgery import ConversionError
 from .verify import VerificationReport, make_probe, run_named
 
@@ -20,7 +21,7 @@ __all__ = ["verify_shared_members"]
 
 
 def verify_shared_members(
-    ens: nn.Module,
+    ens: Ensemble,
     backbone: nn.Module,
     example_input: Tensor | None = None,
     input_shape: Sequence[int] | None = None,

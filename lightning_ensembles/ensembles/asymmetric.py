@@ -16,7 +16,6 @@ values by default (``shared_masks=True``); their free weights are initialised in
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import Any, Literal
 
 import torch
@@ -26,7 +25,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .deep import DeepEnsemble
 from .registry import register_method
-from .surgery import ConversionError, replace_modules
+from .surgery import ConversionError, match_paths, replace_modules
 
 __all__ = ["WAsymmetricLayer", "w_asymmetric", "asymmetric_ensemble"]
 
@@ -113,14 +112,7 @@ def w_asymmetric(
     if layers is None:
         targets = names
     else:
-        targets = []
-        for pattern in layers:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise ConversionError(
-                    pattern, f"`layers` pattern matches no Linear/Conv layer; those are e.g. {names[:8]}."
-                )
-            targets += [h for h in hits if h not in targets]
+        targets = match_paths(names, layers, "layers", what="Linear/Conv layer")
     if not targets:
         raise ConversionError("", "the backbone has no nn.Linear or nn.Conv layer to make W-Asymmetric.")
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ())))

@@ -203,6 +203,14 @@ class Ensemble(nn.Module, ABC):
         """
         return {}
 
+    def member_parameter_axes(self) -> dict[str, int]:
+        """Own (per-member) parameters: name in ``named_parameters()`` -> the axis holding the M member blocks.
+
+        The post-conversion checks (:mod:`~lightning_ensembles.ensembles.verify`) perturb and differentiate
+        these blocks. Empty by default (members that share every parameter).
+        """
+        return {}
+
     def member_targets(self, target: Tensor) -> Tensor:
         """Targets matching :meth:`forward`'s member outputs: ``(B, ...) -> (M, B, ...)``.
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ def clear_caches(model: nn.Module) -> None:
     deep-copied and that go stale when the parameters change."""
     for m in model.modules():
         if isinstance(getattr(m, "attention_bias_cache", None), dict):
-            m.attention_bias_cache = {}
+            cast(Any, m).attention_bias_cache = {}  # timm's own dict attribute
 
 
 LAYERS = (nn.Linear, _ConvNd)
@@ -110,7 +110,7 @@ def _reach(start: Any, layer_nodes: dict[Any, str], raw: Any) -> tuple[bool, lis
     return hit_raw, found
 
 
-def trace_layers(model: nn.Module, probe: Tensor, layer_types: tuple[type, ...] = LAYERS) -> LayerFlow:
+def trace_layers(model: nn.Module, probe: Tensor, layer_types: tuple[type[nn.Module], ...] = LAYERS) -> LayerFlow:
     """Trace ``model(probe)`` and classify its ``layer_types`` layers by data flow (see the module docstring)."""
     modes = {m: m.training for m in model.modules()}
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, layer_types)]
@@ -144,7 +144,7 @@ def trace_layers(model: nn.Module, probe: Tensor, layer_types: tuple[type, ...] 
             p.requires_grad_(False)
         model.eval()
         with torch.enable_grad():
-            raw = x.view_as(x).grad_fn.next_functions[0][0] if x.requires_grad else None
+            raw = cast(Any, x.view_as(x).grad_fn).next_functions[0][0] if x.requires_grad else None
             out = model(x)
     finally:
         for p in frozen:
@@ -165,6 +165,7 @@ def trace_layers(model: nn.Module, probe: Tensor, layer_types: tuple[type, ...] 
             if path not in flow.constant:
                 flow.constant.append(path)
             continue
+        found: list[str]
         if inp is x:
             hit_raw, found = True, []
         else:

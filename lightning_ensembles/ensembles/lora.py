@@ -31,7 +31,7 @@ from .layers.lora import (
     _Rows,
 )
 from .registry import register_method
-from .surgery import ConversionError
+from .surgery import ConversionError, set_submodule
 from .verify import VerificationReport, make_probe, verify_ensemble
 
 __all__ = ["LoRAEnsemble", "LoRAFactors", "BatchedLoRALinear", "BatchedLoRAMultiheadAttention", "BatchedLinear"]
@@ -255,10 +255,12 @@ class LoRAEnsemble(Ensemble):
                 new = BatchedLoRALinear(
                     module, num_members, rank, splits, self.scaling, init, init_gain, path, self._rows
                 )
-            model.set_submodule(path, new)
+            set_submodule(model, path, new)
         if head_path is not None:
-            model.set_submodule(
-                head_path, BatchedLinear(model.get_submodule(head_path), num_members, head_init, head_path, self._rows)
+            set_submodule(
+                model,
+                head_path,
+                BatchedLinear(model.get_submodule(head_path), num_members, head_init, head_path, self._rows),
             )
         self.backbone = model
         self.verification = verify_ensemble(self, probe) if verify else VerificationReport(ran=False)
@@ -295,7 +297,7 @@ class LoRAEnsemble(Ensemble):
         index = self._check_index(index)
         model = copy.deepcopy(self.backbone)
         for path in self.adapted_modules + ([self.head_path] if self.head_path else []):
-            model.set_submodule(path, self.backbone.get_submodule(path).merged(index))
+            set_submodule(model, path, self.backbone.get_submodule(path).merged(index))
         model.requires_grad_(True)
         model.train(self.training)
         return model

@@ -16,7 +16,6 @@ All weights are shared, including BatchNorm statistics (as in the paper's code).
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import Any, Literal
 
 import torch
@@ -27,7 +26,7 @@ from .._checks import check_choice
 from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
-from .surgery import ConversionError, replace_modules
+from .surgery import ConversionError, match_paths, replace_modules
 from .verify import VerificationReport
 
 __all__ = ["Masksembles", "MaskedOutput", "generate_masks"]
@@ -92,7 +91,7 @@ def _channels(module: nn.Module) -> tuple[int, int] | None:
     """``(channels, axis)`` of ``module``'s output, or ``None`` if it cannot be told from the module."""
     if isinstance(module, nn.Linear):
         return module.out_features, -1
-    if isinstance(module, _LAYERS):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return module.out_channels, 1
     if isinstance(module, _BatchNorm):
         return module.num_features, 1
@@ -112,7 +111,14 @@ class MaskedOutput(nn.Module):
         >>> y = layer(torch.randn(3 * 2, 4)).view(3, 2, 12)
         >>> bool((y[0, :, 4:] == 0).all() and (y[1, :, :4] == 0).all())
         True
+
+    Args:
+        module: the layer whose output is masked.
+        masks: ``(M, C)`` binary masks, one row per member (see :func:`generate_masks`).
+        channel_dim: the channel axis of ``module``'s output for one member, ``-1`` or ``1``.
     """
+
+    masks: Tensor  # registered buffer, (M, C)
 
     def __init__(self, module: nn.Module, masks: Tensor, channel_dim: int) -> None:
         super().__init__()
@@ -207,14 +213,7 @@ class Masksembles(Ensemble):
             if not targets:
                 raise ConversionError("", "no hidden Linear/Conv layer to mask; name layers with `after=[...]`.")
         else:
-            targets = []
-            for pattern in after:
-                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-                if not hits:
-                    raise ConversionError(
-                        pattern, f"`after` pattern matches no module; module paths are e.g. {names[:8]}."
-                    )
-                targets += [h for h in hits if h not in targets]
+            targets = match_paths(names, after, "after")
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ())))
 
         def build(path: str, mod: nn.Module) -> nn.Module:

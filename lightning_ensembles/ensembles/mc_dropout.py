@@ -25,7 +25,6 @@ and stays off too.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
-from .surgery import ConversionError
+from .surgery import ConversionError, match_paths
 from .verify import VerificationReport
 
 __all__ = ["MCDropout", "MCDropoutMember", "seeded_uniform"]
@@ -207,16 +206,9 @@ def _prepare(
         if p is None or p <= 0:
             raise ValueError("`insert_before` needs a dropout rate: pass p=0.1 (or another value in (0, 1)).")
         names = [n for n, _ in model.named_modules() if n]
-        for pattern in insert_before:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise ConversionError(
-                    pattern, f"`insert_before` pattern matches no module; module paths are e.g. {names[:8]}."
-                )
-            for n in hits:
-                if n not in inserted:
-                    model.get_submodule(n).register_forward_pre_hook(_DropoutBefore(p))
-                    inserted.append(n)
+        inserted = match_paths(names, insert_before, "insert_before")
+        for n in inserted:
+            model.get_submodule(n).register_forward_pre_hook(_DropoutBefore(p))
     drops = [n for n, m in model.named_modules() if isinstance(m, _DROPOUT_MODULES)]
     if p is None and not inserted and drops:
         rates = {n: model.get_submodule(n).p for n in drops}

@@ -40,7 +40,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,7 @@ from .dataflow import clear_caches, trace_layers
 from .layers.packed import GroupedLinear, PackedAttention, PackedLayerNorm, PackedMultiheadAttention
 from .registry import register_method
 from .reinit import reinitialize
-from .surgery import ConversionError, leaf_parameter_owners
+from .surgery import ConversionError, leaf_parameter_owners, set_submodule, set_unregistered
 from .verify import VerificationReport, call_site, make_probe, run_named, verify_ensemble
 
 _CONVERT_ADVICE = (
@@ -128,7 +128,7 @@ _INTERCEPT = {
 def _parse(kind: str, args: tuple, kwargs: dict) -> tuple[Any, Any, int]:
     """(tensor or tensors, argument, dim) of an intercepted call."""
     if kind == "cat":
-        tensors = args[0] if args else kwargs.get("tensors")
+        tensors = args[0] if args else kwargs["tensors"]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
         return list(tensors), None, dim
     if kind in ("split", "chunk"):
@@ -204,24 +204,25 @@ class _ChannelOps(TorchFunctionMode):
             self.log.append((key, [tuple(t.shape) for t in x] if kind == "cat" else tuple(x.shape)))
             return func(*args, **kwargs)
         if self.reference is not None:
-            self._learn(key, where, kind, args, kwargs)
+            self._learn(self.reference, key, where, kind, args, kwargs)
         rule = self.rules.get(key)
         if rule is None:
             return func(*args, **kwargs)
         return self._apply(rule, where, kind, func, args, kwargs)
 
     # ---------------------------------------------------------------- learning on the probe
-    def _learn(self, key: tuple, where: str, kind: str, args: tuple, kwargs: dict) -> None:
+    def _learn(self, reference: list, key: tuple, where: str, kind: str, args: tuple, kwargs: dict) -> None:
         k = len(self.log)
-        if k >= len(self.reference) or self.reference[k][0] != key:
+        if k >= len(reference) or reference[k][0] != key:
             raise ConversionError(
                 where,
                 "the packed model's channel operations do not follow the backbone's (the "
                 "control flow depends on the channel widths); convert this model by hand.",
             )
-        ref = self.reference[k][1]
+        ref = reference[k][1]
         self.log.append(key)
         x, arg, dim = _parse(kind, args, kwargs)
+        rule: tuple[Any, ...]
         if kind == "cat":
             d = dim % x[0].dim()
             member = [t.shape[d] != r[d] for t, r in zip(x, ref)]
@@ -318,12 +319,12 @@ class _ChannelOps(TorchFunctionMode):
         if kind == "narrow":
             start, length = (_scale(v % c if i == 0 else v, c, w, where) for i, v in enumerate(arg))
             return None if dry else xm.narrow(d + 1, start, length).flatten(d, d + 1)
-        idx = _basic_index(arg, x.dim())
+        idx = cast(list, _basic_index(arg, x.dim()))  # a basic index: the rule was learnt on one
         a, b, step = idx[d].indices(c)
         if step != 1:
             raise ConversionError(where, "a strided slice of the packed channel axis cannot be applied per member.")
-        per = slice(_scale(a, c, w, where), _scale(max(b, a), c, w, where))
-        new = idx[:d] + [slice(None), per] + idx[d + 1 :]
+        member_slice = slice(_scale(a, c, w, where), _scale(max(b, a), c, w, where))
+        new = idx[:d] + [slice(None), member_slice] + idx[d + 1 :]
         d_out = d - sum(isinstance(i, int) for i in idx[:d])
         return None if dry else xm[tuple(new)].flatten(d_out, d_out + 1)
 
@@ -334,12 +335,21 @@ class _ChannelOps(TorchFunctionMode):
 
 class ChannelOpsModule(nn.Module):
     """A packed network whose forward runs under the per-member channel rewrite (a member of a packed
-    backbone that splits or slices channels with the backbone's widths)."""
+    backbone that splits or slices channels with the backbone's widths).
+
+    Args:
+        module: the packed network.
+        rules: the channel-operation rewrites learnt at conversion (kept out of the module tree).
+        num_members: M of ``module``.
+    """
+
+    _rules: dict
 
     def __init__(self, module: nn.Module, rules: dict, num_members: int = 1) -> None:
         super().__init__()
         self.module = module
-        self.__dict__["_rules"], self.num_members = rules, num_members
+        self.num_members = num_members
+        set_unregistered(self, "_rules", rules)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with _ChannelOps(self.num_members, self._rules):
@@ -388,7 +398,7 @@ class _Packer:
         return g
 
     # -------------------------------------------------------------- layers
-    def linear(self, path: str, lin: nn.Linear) -> tuple[nn.Module, dict[str, int]]:
+    def linear(self, path: str, lin: nn.Linear) -> tuple[nn.Module, dict[str, int | None]]:
         first, last = path in self.first, path in self.last
         out_p = self.m * lin.out_features if last else self.packed(lin.out_features)
         if first:
@@ -400,12 +410,12 @@ class _Packer:
             return new, {"weight": 0, "bias": 0}
         in_p = self.packed(lin.in_features)
         g = self._gamma(path, in_p // self.m, out_p // self.m, 1)
-        new = GroupedLinear(in_p, out_p, self.m * g, bias=lin.bias is not None)
+        grouped = GroupedLinear(in_p, out_p, self.m * g, bias=lin.bias is not None)
         if self.parts.get(path, 1) > 1 and self.m > 1:
-            new.output_parts = (self.m, self.parts[path])
-        return new, {"weight": 0, "bias": 0}
+            grouped.output_parts = (self.m, self.parts[path])
+        return grouped, {"weight": 0, "bias": 0}
 
-    def conv(self, path: str, conv: _ConvNd) -> tuple[nn.Module, dict[str, int]]:
+    def conv(self, path: str, conv: _ConvNd) -> tuple[nn.Module, dict[str, int | None]]:
         first, last = path in self.first, path in self.last
         transposed = conv.transposed
         out_p = self.m * conv.out_channels if last else self.packed(conv.out_channels)
@@ -450,12 +460,13 @@ class _Packer:
                 raise ConversionError(
                     path, f"GroupNorm: per-member width {w} is not divisible by num_groups={mod.num_groups}."
                 )
-            new = copy.deepcopy(mod)
-            new.num_groups, new.num_channels = self.m * mod.num_groups, self.m * w
+            gn = copy.deepcopy(mod)
+            gn.num_groups, gn.num_channels = self.m * mod.num_groups, self.m * w
             if mod.affine:
-                new.weight, new.bias = nn.Parameter(torch.ones(self.m * w)), nn.Parameter(torch.zeros(self.m * w))
-            return new, {"weight": 0, "bias": 0}
+                gn.weight, gn.bias = nn.Parameter(torch.ones(self.m * w)), nn.Parameter(torch.zeros(self.m * w))
+            return gn, {"weight": 0, "bias": 0}
         # LayerNorm (channel-last) or timm LayerNorm2d (channel-first)
+        mod = cast(nn.LayerNorm, mod)
         if len(mod.normalized_shape) != 1:
             raise ConversionError(
                 path,
@@ -468,7 +479,7 @@ class _Packer:
             and type(mod).__name__ != "LayerNorm"
         ):
             raise ConversionError(path, f"{type(mod).__name__} overrides LayerNorm.forward; cannot pack it safely.")
-        new = PackedLayerNorm(
+        ln = PackedLayerNorm(
             self.packed(mod.normalized_shape[0]),
             self.m,
             mod.eps,
@@ -476,9 +487,9 @@ class _Packer:
             mod.bias is not None,
             channel_dim=1 if _is_layernorm2d(mod) else -1,
         )
-        return new, {"weight": 0, "bias": 0}
+        return ln, {"weight": 0, "bias": 0}
 
-    def mha(self, path: str, mod: nn.MultiheadAttention) -> tuple[nn.Module, dict[str, int]]:
+    def mha(self, path: str, mod: nn.MultiheadAttention) -> tuple[nn.Module, dict[str, int | None]]:
         if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
             raise ConversionError(
                 path,
@@ -526,7 +537,7 @@ class _Packer:
                 # contiguous. A fused q/k/v (or k/v) projection computes member-major [q k v]_i blocks, so its
                 # output is reordered part-major [q_0..q_M | k_0.. | v_0..]; the module's own reshape to
                 # (3, heads, head_dim) then gives member i heads i*h..(i+1)*h-1. The verification decides.
-                module.num_heads = self.m * module.num_heads
+                cast(Any, module).num_heads *= self.m  # an attention module's own int attribute
                 for child_name, parts in (("qkv", 3), ("kv", 2)):
                     child = getattr(module, child_name, None)
                     if isinstance(child, nn.Linear) and child.out_features == parts * child.in_features:
@@ -551,7 +562,7 @@ class _Packer:
                     "Replace it, or wrap it so its parameters act on the channel (last) axis.",
                 )
             for n in names:
-                p = module._parameters[n]
+                p = cast(nn.Parameter, module._parameters[n])  # leaf_parameter_owners lists set parameters only
                 full = f"{path}.{n}" if path else n
                 if p.dim() == 0 or p.numel() == 1:
                     raise ConversionError(
@@ -627,26 +638,21 @@ def _source_for_grouped(src: nn.Module, packed_template: nn.Module) -> nn.Module
     src = copy.deepcopy(src)
     for path, mod in packed_template.named_modules():
         if isinstance(mod, GroupedLinear):
-            lin = src.get_submodule(path)
+            lin = cast(nn.Linear, src.get_submodule(path))
             lin.weight = nn.Parameter(lin.weight.detach()[None])
         elif isinstance(mod, PackedMultiheadAttention):
-            mha = src.get_submodule(path)
+            mha = cast(nn.MultiheadAttention, src.get_submodule(path))
             holder = nn.Module()
-            holder.in_proj_weight = nn.Parameter(mha.in_proj_weight.detach()[None])
-            holder.in_proj_bias = (
-                nn.Parameter(mha.in_proj_bias.detach()[None]) if mha.in_proj_bias is not None else None
-            )
-            holder.out_proj_weight = nn.Parameter(mha.out_proj.weight.detach()[None])
-            holder.out_proj_bias = (
-                nn.Parameter(mha.out_proj.bias.detach()[None]) if mha.out_proj.bias is not None else None
-            )
-            _set(src, path, holder)
+            # PackedMultiheadAttention's tensor names, each with a member axis of 1
+            for name, t in (
+                ("in_proj_weight", mha.in_proj_weight),
+                ("in_proj_bias", mha.in_proj_bias),
+                ("out_proj_weight", mha.out_proj.weight),
+                ("out_proj_bias", mha.out_proj.bias),
+            ):
+                setattr(holder, name, None if t is None else nn.Parameter(t.detach()[None]))
+            set_submodule(src, path, holder)
     return src
-
-
-def _set(model: nn.Module, path: str, new: nn.Module) -> None:
-    *parents, leaf = path.split(".")
-    setattr(model.get_submodule(".".join(parents)) if parents else model, leaf, new)
 
 
 @register_method("packed")
@@ -708,6 +714,13 @@ class PackedEnsemble(Ensemble):
         >>> torch.allclose(ens.member(1)(torch.ones(2, 4)), ens(torch.ones(2, 4))[1], atol=1e-6)
         True
     """
+
+    model: nn.Module
+    _out_axis: int
+    _num_outputs: int
+    _rules: dict  # channel-operation rewrites, outside the module tree
+    _backbone_structure: nn.Module  # the backbone on the meta device, outside the module tree
+    _member_template: nn.Module | None = None  # the 1-member packed network member() fills, built on first use
 
     def __init__(
         self,
@@ -786,7 +799,9 @@ class PackedEnsemble(Ensemble):
             )
         last_mod = backbone.get_submodule(self.last_layer[0])
         self._out_axis = -1 if isinstance(last_mod, nn.Linear) else 1
-        self._num_outputs = last_mod.out_features if isinstance(last_mod, nn.Linear) else last_mod.out_channels
+        self._num_outputs = (
+            last_mod.out_features if isinstance(last_mod, nn.Linear) else cast(_ConvNd, last_mod).out_channels
+        )
 
         def width(c: int) -> int:
             return math.ceil(alpha * c / m - 1e-9)  # tolerance: alpha * c / m computed in floating point
@@ -794,14 +809,14 @@ class PackedEnsemble(Ensemble):
         self._width = width
         # The backbone's structure without data (meta device), kept out of the module tree; member() rebuilds
         # a 1-member packed network from it.
-        self.__dict__["_backbone_structure"] = copy.deepcopy(backbone).to("meta")
+        set_unregistered(self, "_backbone_structure", copy.deepcopy(backbone).to("meta"))
         packer = _Packer(
             m, width, gamma, min_channels_per_group, self.first_layer, self.last_layer, self.no_gamma_layers
         )
         self.model = packer.build(backbone)
         self.converted, self.gamma_reductions = packer.converted, packer.gamma_reductions
         self._member_axes = packer.member_axes
-        self.__dict__["_rules"] = {}
+        set_unregistered(self, "_rules", {})
         if probe is not None:
             self._learn_channel_ops(backbone, probe, flow)
         self.channel_sites = sorted(
@@ -824,7 +839,10 @@ class PackedEnsemble(Ensemble):
         sources = [_source_for_grouped(s, self.model) for s in sources] if (init == "copy" or exact) else sources
         _fill_from_sources(self.model, sources, self._member_axes, width_exact=init == "copy" or exact)
         self.train(backbone.training)  # keep the backbone's train/eval mode
-        self.verification = verify_ensemble(self, probe) if verify else VerificationReport(ran=False)
+        # verify=True always made a probe
+        self.verification = (
+            verify_ensemble(self, probe) if verify and probe is not None else VerificationReport(ran=False)
+        )
 
     def _learn_channel_ops(self, backbone: nn.Module, probe: Tensor, flow: Any) -> None:
         """Run backbone and packed model side by side on the probe: learn the channel-op rewrites and the output axis."""
@@ -843,7 +861,7 @@ class PackedEnsemble(Ensemble):
                 mod.training = t
             clear_caches(backbone)
             clear_caches(self.model)
-        self.__dict__["_rules"] = learner.rules if any(r[0] != "plain" for r in learner.rules.values()) else {}
+        set_unregistered(self, "_rules", learner.rules if any(r[0] != "plain" for r in learner.rules.values()) else {})
         if not isinstance(out, Tensor) or not isinstance(ref_out, Tensor) or out.dim() != ref_out.dim():
             raise ConversionError(
                 "", f"the backbone returns {type(ref_out).__name__}; PackedEnsemble needs one output tensor."
@@ -899,7 +917,7 @@ class PackedEnsemble(Ensemble):
     def member(self, index: int) -> nn.Module:
         """A standalone network equal to member ``index`` (its block of every packed tensor, as a 1-member model)."""
         index = self._check_index(index)
-        template = self.__dict__.get("_member_template")
+        template = self._member_template
         if template is None:
             # Per-layer gamma decisions match the ensemble's: the 1-member packer derives them from the
             # same per-member widths with the same rule.
@@ -913,7 +931,7 @@ class PackedEnsemble(Ensemble):
                 self.no_gamma_layers,
             )
             template = packer.build(self._unpacked_structure())
-            self.__dict__["_member_template"] = template
+            set_unregistered(self, "_member_template", template)
         member = copy.deepcopy(template)
         dst = dict(member.named_parameters()) | dict(member.named_buffers())
         src = dict(self.model.named_parameters()) | dict(self.model.named_buffers())

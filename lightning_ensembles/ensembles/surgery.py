@@ -25,6 +25,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import fnmatch
+from collections.abc import Iterable, Sequence
 from typing import Callable
 
 from torch import nn
@@ -37,6 +39,7 @@ __all__ = [
     "set_submodule",
     "set_unregistered",
     "leaf_parameter_owners",
+    "match_paths",
 ]
 
 Predicate = Callable[[str, nn.Module], bool]
@@ -128,6 +131,25 @@ def convert(model: nn.Module, predicate: Predicate, factory: Factory) -> tuple[n
     """:func:`replace_modules` on a deep copy: returns ``(converted_copy, converted_paths)``."""
     new = copy.deepcopy(model)
     return new, replace_modules(new, predicate, factory)
+
+
+def match_paths(paths: Sequence[str], patterns: Iterable[str], argument: str, what: str = "module") -> list[str]:
+    """The ``paths`` that ``fnmatch`` patterns select, in pattern order, each once.
+
+    A pattern that selects nothing is a :class:`ConversionError` naming it, the ``argument`` it came from
+    and a few of the ``paths`` (the ``what`` it may name).
+
+    Example:
+        >>> match_paths(["net.0", "net.1", "head"], ["net.*", "net.1"], "after")
+        ['net.0', 'net.1']
+    """
+    found: list[str] = []
+    for pattern in patterns:
+        hits = [p for p in paths if fnmatch.fnmatchcase(p, pattern)]
+        if not hits:
+            raise ConversionError(pattern, f"`{argument}` pattern matches no {what}; those are e.g. {list(paths)[:8]}.")
+        found += [h for h in hits if h not in found]
+    return found
 
 
 def leaf_parameter_owners(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:

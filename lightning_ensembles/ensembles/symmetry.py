@@ -31,6 +31,7 @@ from .base import Ensemble, check_member_outputs
 from .lora import _find_head
 from .registry import register_method
 from .reinit import reinitialize
+from .surgery import set_submodule
 
 __all__ = ["MultiSymmetryEnsemble", "SymmetryMember", "GROUPS", "transform", "greedy_member_selection"]
 
@@ -103,7 +104,7 @@ class SymmetryMember(nn.Module):
                 f"head {head_path!r} is a {type(self.head).__name__}; it must be the classification nn.Linear."
             )
         body = backbone
-        body.set_submodule(head_path, nn.Identity())
+        set_submodule(body, head_path, nn.Identity())
         self.body = body
         self.aux_head = (
             nn.Linear(self.head.in_features, GROUPS[self.group]) if self.hypothesis == "equivariant" else None
@@ -119,7 +120,7 @@ class SymmetryMember(nn.Module):
     def as_backbone(self) -> nn.Module:
         """A standalone copy with the backbone's original structure (head restored, no auxiliary head)."""
         model = copy.deepcopy(self.body)
-        model.set_submodule(self.head_path, copy.deepcopy(self.head))
+        set_submodule(model, self.head_path, copy.deepcopy(self.head))
         return model
 
 

@@ -40,6 +40,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
+from .base import Ensemble
 from .dataflow import clear_caches
 from .surgery import ConversionError
 
@@ -92,7 +94,7 @@ def call_site(skip_internal: bool = True, skip_torch: bool = False) -> tuple[str
     are skipped (``skip_torch``: every torch frame, to name the user's line); ``internal`` is True when the caller itself lives inside torch or in this package's
     ensemble layers (their operations are implementation details, not the backbone's code).
     """
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     skip = _TORCH_DIR if skip_torch else _WRAPPER_FILES
     # Other torch-function modes (the packed channel rewrite) sit between a nested mode and the caller.
     while frame is not None and (frame.f_code.co_filename.startswith(skip) or frame.f_code.co_name in _MODE_FRAMES):
@@ -258,7 +260,7 @@ def _preserved(model: nn.Module, device: torch.device) -> Iterator[None]:
         clear_caches(model)
 
 
-def _own_blocks(ens: nn.Module) -> list[tuple[str, nn.Parameter, int]]:
+def _own_blocks(ens: Ensemble) -> list[tuple[str, nn.Parameter, int]]:
     params = dict(ens.named_parameters())
     return [(n, params[n], axis) for n, axis in ens.member_parameter_axes().items() if n in params]
 
@@ -274,7 +276,7 @@ _ADVICE = (
 
 
 def verify_ensemble(
-    ens: nn.Module,
+    ens: Ensemble,
     probe: Tensor,
     atol: float = 1e-4,
     rtol: float = 1e-4,
@@ -430,7 +432,7 @@ def _misordered(owner: Tensor) -> bool:
     return False
 
 
-def locate_coupling(ens: nn.Module, probe: Tensor, scale: float = 0.5) -> tuple[str, str] | None:
+def locate_coupling(ens: Ensemble, probe: Tensor, scale: float = 0.5) -> tuple[str, str] | None:
     """``(module_path, description)`` of the first operation whose output mixes two members, or ``None``.
 
     Perturbs each member's own tensors in turn (evaluation mode) and compares every recorded operation

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..ensembles.base import Ensemble
 from ..ensembles.deep import DeepEnsemble, stack_member_keys
+from ..ensembles.surgery import set_submodule
 from .member_shard import MemberShard, _all_gather_cat
 
 __all__ = ["MemberParallelStrategy"]
@@ -92,7 +93,7 @@ class MemberParallelStrategy(DDPStrategy):
         """Gather every rank's trained members back into full DeepEnsembles (on every rank)."""
         if self._shards:
             for path, shard in self._shards.items():
-                _set_submodule(self.lightning_module, path, shard.gather())
+                set_submodule(self.lightning_module, path, shard.gather())
             self._shards = {}
         super().on_train_end()
 
@@ -216,15 +217,9 @@ def shard_deep_ensembles(module: nn.Module, rank: int, world_size: int) -> dict[
     shards = {}
     for path, ens in found:
         shard = MemberShard(ens, rank=rank, world_size=world_size)
-        _set_submodule(module, path, shard)
+        set_submodule(module, path, shard)
         shards[path] = shard
     return shards
-
-
-def _set_submodule(root: nn.Module, path: str, value: nn.Module) -> None:
-    *parents, leaf = path.split(".")
-    owner = root.get_submodule(".".join(parents)) if parents else root
-    setattr(owner, leaf, value)
 
 
 def _split_shard_key(key: str, shards: Mapping[str, MemberShard]) -> tuple[str | None, str]:
