@@ -5,12 +5,15 @@ Speed is measured by benchmarks/compile.py, not asserted here.
 
 import warnings
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from torch import nn
 
-from lightning_ensembles import DeepEnsemble
+from lightning_ensembles import DeepEnsemble, EnsembleClassifier
+from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.ensembles.registry import build_ensemble
 
 
@@ -77,3 +80,43 @@ def test_compiled_training_matches_eager_without_recompiles(method):
     twin.eval()
     with torch.no_grad():
         assert torch.allclose(compiled(x), twin(x), atol=1e-5)
+
+
+class _CompileCounters(L.Callback):
+    """Training losses, and dynamo's compiled-frame count at the start of every epoch and at the end."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.frames: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.frames.append(torch._dynamo.utils.counters["frames"]["ok"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_fit_end(self, trainer, pl_module):
+        self.frames.append(torch._dynamo.utils.counters["frames"]["ok"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_ensemble_trains_in_lightning_fit(method):
+    """An EnsembleClassifier whose ensemble is compiled in place (``ensemble.compile()``) trains in a fit:
+    the loss goes down, no graph breaks, and after the first epoch (training, validation and the smaller
+    last batch all seen) nothing is compiled again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        kw = dict(target_modules=["1", "3"]) if method == "lora" else {}
+        ensemble = build_ensemble(method, backbone, num_members=3, **kw)
+    model = EnsembleClassifier(ensemble=ensemble, lr=1e-2)
+    ensemble.compile(backend="eager")  # in place: parameter names and state-dict keys unchanged
+    counters = _CompileCounters()
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=6, limit_val_batches=2, callbacks=[counters])
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0, dict(
+        torch._dynamo.utils.counters["graph_break"]
+    )
+    assert counters.frames[0] < counters.frames[1] == counters.frames[-1]  # compiled in epoch 1 only
+    losses = counters.losses
+    assert sum(losses[-6:]) < 0.9 * sum(losses[:6])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from .base import Ensemble
 from .dataflow import clear_caches
 from .registry import register_method
 from .reinit import reinitialize
+from .surgery import set_unregistered
 
 __all__ = ["DeepEnsemble"]
 
@@ -51,7 +53,10 @@ def _set_tensor(module: nn.Module, dotted: str, value: Tensor, parameter: bool) 
         owner._buffers[leaf] = value
 
 
-def _slot_table(template: nn.Module, names: list[str]) -> list[tuple[dict, str, int, Tensor]]:
+_Slot = tuple[dict, str, int, Tensor]  # (owner's _parameters or _buffers dict, key, index into names, own tensor)
+
+
+def _slot_table(template: nn.Module, names: list[str]) -> list[_Slot]:
     """Where each of ``names`` (parameters, then buffers) lives in ``template``, tied copies included.
 
     Entries are ``(owner's _parameters or _buffers dict, key, index into names, template's own tensor)``.
@@ -121,6 +126,13 @@ class DeepEnsemble(Ensemble):
         True
     """
 
+    # Set in __init__; the first three outside the module tree (`set_unregistered`).
+    _template: nn.Module
+    _grad_buffers: GradBuffers
+    _scratch: Scratch
+    params: nn.Module
+    buffers_: nn.Module
+
     def __init__(
         self,
         backbone: nn.Module | str,
@@ -177,10 +189,10 @@ class DeepEnsemble(Ensemble):
             self.buffers_.register_buffer(name.replace(".", _SEP), value.clone(), persistent=name in persistent)
         # The template holds no data (meta device); it only supplies the computation (`_call_member`).
         # Kept out of the module tree so its (empty) tensors are not parameters of the ensemble.
-        self.__dict__["_template"] = copy.deepcopy(members[0]).to("meta")
+        set_unregistered(self, "_template", copy.deepcopy(members[0]).to("meta"))
         self._vmap_failed: str | None = None
-        self.__dict__["_grad_buffers"] = GradBuffers()
-        self.__dict__["_scratch"] = Scratch()
+        set_unregistered(self, "_grad_buffers", GradBuffers())
+        set_unregistered(self, "_scratch", Scratch())
 
     def _register_params(self, stacked: dict[str, Tensor], requires_grad: dict[str, bool] | None = None) -> None:
         """Register ``{name: (M, ...)}`` as this ensemble's parameters, in its ``storage`` layout."""
@@ -196,7 +208,7 @@ class DeepEnsemble(Ensemble):
         """Keep the same values in ``storage``. Creates new parameter objects: only before an optimiser holds them."""
         if storage == self.storage:
             return
-        containers = list(self.params._parameters.values()) or [ps[0] for ps in self.params._modules.values()]
+        containers = self._stacked_params() or [ps[0] for ps in self._per_member_params()]
         grad = {n: bool(p.requires_grad) for n, p in zip(self._param_names, containers)}
         stacked = {n: p.detach().clone() for n, p in self.stacked_parameters().items()}
         self.storage = storage
@@ -285,6 +297,24 @@ class DeepEnsemble(Ensemble):
             return "vmap"
         return self.__dict__.get("_measured_inference", "measure")
 
+    def compiled_execution(self, device: torch.device) -> str:
+        """What ``forward`` traces under ``torch.compile`` on ``device``: ``"vmap"`` or ``"unrolled"``.
+
+        ``"unrolled"`` is every member called one after another on views of the stored tensors, all in
+        one graph. It is taken for ``execution="loop"``, per-member storage, a backbone vmap cannot run,
+        and (``execution="auto"``) on CPU: there vmap's batched matmuls reach each activation through a
+        broadcasting view, so the partitioner saves ReLU's backward mask as a bool tensor instead of
+        reusing the saved activation, and inductor's CPU kernels write bool tensors element by element
+        (20x slower than eager at 2**18 elements). A compiled ``DeepEnsemble(mlp, 8)`` training step
+        was 1.4-1.8x its eager time with vmap, 0.6-0.8x unrolled (``benchmarks/compile.py``).
+        On accelerators vmap is kept: one batched kernel per layer.
+        """
+        if self.storage != "stacked" or self._vmap_failed is not None or self.execution == "loop":
+            return "unrolled"
+        if self.execution == "vmap" or device.type != "cpu":
+            return "vmap"
+        return "unrolled"
+
     @torch.no_grad()
     def _measure_inference(self, x: Tensor) -> str:
         """Time both executions on ``x`` once (eval mode, no grad: no side effects) and keep the faster.
@@ -310,15 +340,15 @@ class DeepEnsemble(Ensemble):
                 for _ in range(block[name]):
                     run(x)
                 best[name] = min(best[name], (time.perf_counter() - t0) / block[name])
-        choice = min(best, key=best.get)
-        self.__dict__["_measured_inference"] = choice
+        choice = min(best, key=lambda name: best[name])
+        set_unregistered(self, "_measured_inference", choice)
         return choice
 
     def _slots(self) -> list[tuple[dict, str, int, Tensor]]:
         cached = self.__dict__.get("_slot_cache")
         if cached is None or cached[0] is not self._template:
             cached = (self._template, _slot_table(self._template, self._param_names + self._buffer_names))
-            self.__dict__["_slot_cache"] = cached
+            set_unregistered(self, "_slot_cache", cached)
         return cached[1]
 
     def _call_member(self, tensors: list[Tensor], x: Tensor) -> Tensor:
@@ -337,33 +367,45 @@ class DeepEnsemble(Ensemble):
             for store, key, _, own in slots:
                 store[key] = own
 
+    # Registration order is stacking order (replacing an entry keeps its place in the dict).
+    def _stacked_params(self) -> list[Tensor]:
+        """The stacked ``(M, ...)`` parameters (``storage="stacked"``; empty for per-member storage)."""
+        return cast(list[Tensor], list(self.params._parameters.values()))
+
+    def _per_member_params(self) -> list[nn.ParameterList]:
+        """One ``ParameterList`` of M tensors per parameter (``storage="per_member"``; else empty)."""
+        return cast(list[nn.ParameterList], list(self.params._modules.values()))
+
+    def _stacked_buffers(self) -> list[Tensor]:
+        return cast(list[Tensor], list(self.buffers_._buffers.values()))
+
     def _stacked_lists(self) -> tuple[list[Tensor], list[Tensor]]:
         # Registration order is stacking order (replacing an entry keeps its place in the dict).
         if self.storage == "stacked":
-            return list(self.params._parameters.values()), list(self.buffers_._buffers.values())
-        params = [torch.stack(list(per_member)) for per_member in self.params._modules.values()]
-        return params, list(self.buffers_._buffers.values())
+            return self._stacked_params(), self._stacked_buffers()
+        params = [torch.stack(list(per_member)) for per_member in self._per_member_params()]
+        return params, self._stacked_buffers()
 
     def _member_param_lists(self) -> list[list[Tensor]]:
         """``result[i]`` is member ``i``'s own parameters (``storage="per_member"``), in stacking order."""
-        per_tensor = [list(per_member) for per_member in self.params._modules.values()]
+        per_tensor = [list(per_member) for per_member in self._per_member_params()]
         return [list(ps) for ps in zip(*per_tensor)]
 
     def _own_tensors(self) -> list[Tensor]:
         """Every tensor the ensemble stores: stacked or per-member parameters, then stacked buffers."""
         if self.storage == "stacked":
-            params = list(self.params._parameters.values())
+            params = self._stacked_params()
         else:
-            params = [p for per_member in self.params._modules.values() for p in per_member]
-        return params + list(self.buffers_._buffers.values())
+            params = [p for per_member in self._per_member_params() for p in per_member]
+        return params + self._stacked_buffers()
 
     def _member_tensors(self, i: int) -> list[Tensor]:
         """Member ``i``'s parameters then buffers (views of the stacked storage, or its own tensors)."""
         if self.storage == "stacked":
-            params = [p[i] for p in self.params._parameters.values()]
+            params = [p[i] for p in self._stacked_params()]
         else:
-            params = [per_member[i] for per_member in self.params._modules.values()]
-        return params + [b[i] for b in self.buffers_._buffers.values()]
+            params = [per_member[i] for per_member in self._per_member_params()]
+        return params + [b[i] for b in self._stacked_buffers()]
 
     @torch.no_grad()
     def _inference_members(self) -> list[nn.Module]:
@@ -387,13 +429,15 @@ class DeepEnsemble(Ensemble):
         return cached[1]
 
     def _forward_loop(self, x: Tensor) -> Tensor:
-        buffers = list(self.buffers_._buffers.values())
+        buffers = self._stacked_buffers()
         if self.storage == "stacked":
-            params = list(self.params._parameters.values())
+            params = self._stacked_params()
             recorded = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-            member_params = member_views(params, self._grad_buffers) if recorded else []
+            member_params: list[Sequence[Tensor]] = []
+            if recorded:
+                member_params = list(member_views(params, self._grad_buffers))
         else:  # every member has its own parameters: run them as they are, like separate models
-            member_params = self._member_param_lists()
+            member_params = list(self._member_param_lists())
             recorded = torch.is_grad_enabled() and any(p.requires_grad for p in member_params[0])
         if not recorded and not self.training:
             return torch.stack([m(x) for m in self._inference_members()])
@@ -436,8 +480,8 @@ class DeepEnsemble(Ensemble):
             return self._forward_unrolled(x)
         if torch.compiler.is_compiling():
             # Inside torch.compile: no one-off timing and no caches keyed on storage addresses (both
-            # break the graph); vmap compiles to batched matmuls, per-member storage runs unrolled.
-            if self.storage == "stacked" and self._vmap_failed is None and self.execution != "loop":
+            # break the graph). See `compiled_execution` for which of vmap and the unrolled members.
+            if self.compiled_execution(x.device) == "vmap":
                 return self._forward_vmap(x)
             return self._forward_unrolled(x)
         execution = self.resolved_execution(x.device)
@@ -527,7 +571,7 @@ def stack_member_keys(state: dict[str, Tensor], prefix: str = "") -> dict[str, T
         name, _, index = key[len(head) :].rpartition(".")
         if key.startswith(head) and name and "." not in name and index.isdigit():
             groups.setdefault(head + name, {})[int(index)] = value
-            out.setdefault(head + name, None)  # keep the key order
+            out.setdefault(head + name, cast(Tensor, None))  # keep the key order (filled in below)
         else:
             out[key] = value
     for key, members in groups.items():
