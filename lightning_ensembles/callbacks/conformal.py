@@ -27,7 +27,9 @@ class ConformalPrediction(FitOnValidation):
     :class:`~lightning_ensembles.callbacks.Ensembling` providing the member outputs, cannot carry it:
     the sets of its batches are in ``self.predictions``, one CPU tensor per batch, reset at every
     predict run). The threshold is saved in checkpoints. Every kind of prediction works at every
-    stage: the sets are built from the ensemble probabilities (mean of member softmax).
+    stage: the sets are built from the ensemble probabilities (mean of member softmax). Every test and
+    predict run draws the randomisation afresh from ``seed``, so its sets depend only on the threshold
+    and the data (the same after reloading a checkpoint).
 
     A stand-alone ``trainer.validate`` recalibrates (also under ``inference_mode=True``). A validation
     run without samples (an empty dataloader, batches without targets) keeps the previous threshold
@@ -66,6 +68,7 @@ class ConformalPrediction(FitOnValidation):
     ) -> None:
         super().__init__()
         self.conformal = ConformalClassifier(alpha, method, randomized, penalty, k_reg, seed)
+        self.seed = seed
         self._metrics: dict[str, Metric] = {}
         self.last_results: dict[str, float] = {}
 
@@ -100,6 +103,7 @@ class ConformalPrediction(FitOnValidation):
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._require_fit("test")
+        self.conformal.generator.manual_seed(self.seed)
         self._metrics = {"coverage": SetCoverage().to(pl_module.device), "set_size": SetSize().to(pl_module.device)}
 
     def _test_batch(self, preds: Predictions, outputs: Any, dataloader_idx: int) -> None:
@@ -115,6 +119,10 @@ class ConformalPrediction(FitOnValidation):
             value = metric.compute()
             self.last_results[name] = float(value)
             pl_module.log(f"test/conformal/{name}", value, add_dataloader_idx=False)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_predict_epoch_start(trainer, pl_module)
+        self.conformal.generator.manual_seed(self.seed)
 
     def _predict_batch(self, preds: Predictions, outputs: Any, returned: Any) -> None:
         sets = self._sets(preds, outputs)
