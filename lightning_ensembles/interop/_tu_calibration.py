@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..calibration._base import MIN_SAMPLES, average_members, check_inputs, check_kind, refuse, too_few
 from ..callbacks.posthoc_calibration import PosthocCalibration
-from ..modules.base import renamed_kwarg
 from ._tu import tu
 
 __all__ = ["TUCalibration", "TUScaler"]
@@ -195,8 +194,8 @@ class TUCalibration(PosthocCalibration):
         apply_to: ``"ensemble"`` or ``"members"``, see above.
         refit: refit the scaler at every validation epoch; ``False`` applies it as given.
         min_samples: fewer fit samples than this keep the current map (with a ``CalibrationWarning``).
-        n_bins: bins of the logged ECE.
-        ece_bins: deprecated name of ``n_bins``.
+        ece_bins: bins of the logged ECE (as :class:`~lightning_ensembles.callbacks.PosthocCalibration`'s, whose
+            ``n_bins`` is the bin count of histogram binning).
 
     Example:
         >>> import lightning as L
@@ -219,11 +218,9 @@ class TUCalibration(PosthocCalibration):
         apply_to: str = "ensemble",
         refit: bool = True,
         min_samples: int = MIN_SAMPLES,
-        n_bins: int = 15,
-        ece_bins: int | None = None,
+        ece_bins: int = 15,
     ) -> None:
-        n_bins = renamed_kwarg("TUCalibration", "ece_bins", ece_bins, "n_bins", n_bins)
-        super().__init__(method="temperature", apply_to=apply_to, min_samples=min_samples, ece_bins=n_bins)
+        super().__init__(method="temperature", apply_to=apply_to, min_samples=min_samples, ece_bins=ece_bins)
         self._template = TUScaler(scaler, self.kind, min_samples=min_samples, refit=refit)
         self.method = f"tu_{type(scaler).__name__}"
         self.refit = refit
