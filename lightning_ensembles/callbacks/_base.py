@@ -6,6 +6,8 @@
   :mod:`~lightning_ensembles.callbacks._predictions` describes, go to one ``_update``.
 - :class:`FitOnValidation`: fitted on the first validation dataloader at every validation epoch end.
 - :class:`ProbabilityRecalibration`: such a fitted map turns predictions into ``"calibrated_probs"``.
+- :func:`batch_end_hook`: one typed batch-end hook for every stage; :func:`resolve_attribute`,
+  :func:`first_train_loader`, :func:`module_ensemble`: what the callbacks look up in a module or Trainer.
 """
 
 from __future__ import annotations
