@@ -42,7 +42,17 @@ class WAsymmetricLayer(nn.Module):
         [3, 3, 3, 3]
         >>> layer(torch.randn(2, 16)).shape
         torch.Size([2, 4])
+
+    Args:
+        layer: the ``nn.Linear`` or ``nn.Conv1d/2d/3d`` to convert (taken over; its weights are kept).
+        num_fixed: weights per output unit frozen (below the fan-in).
+        scale: standard deviation of the fixed values.
+        generator: random source of the fixed positions and values (a fresh seed by default).
+        path: the layer's path in the model, named by errors.
     """
+
+    fixed_mask: Tensor  # registered buffer, the weight's shape
+    fixed_values: Tensor  # registered buffer, the weight's shape
 
     def __init__(
         self,

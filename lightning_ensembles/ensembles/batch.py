@@ -19,13 +19,14 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._checks import check_choice
+from ._member_major import member_major_targets, run_member_major
 from .base import Ensemble
 from .dataflow import trace_layers
 from .layers.batch import _RANK1, BatchEnsembleLayer, PerMemberBatchNorm, PerMemberLinear
@@ -168,7 +169,7 @@ class BatchEnsemble(Ensemble):
             if isinstance(mod, _BatchNorm):
                 return PerMemberBatchNorm(mod, m, path)
             if path == head:
-                return PerMemberLinear(mod, m, path)
+                return PerMemberLinear(cast(nn.Linear, mod), m, path)  # the head is an nn.Linear
             return BatchEnsembleLayer(mod, m, path)
 
         self.model, self.converted = convert(
@@ -178,7 +179,7 @@ class BatchEnsemble(Ensemble):
             raise ValueError("`backbone` has no Linear or Conv layer to convert; BatchEnsemble needs at least one.")
         self.reset_fast_weights()
         self.train(backbone.training)  # keep the backbone's train/eval mode
-        if verify:
+        if verify and probe is not None:  # verify=True always made a probe
             # split mode gives each member its own rows in training: a probe of M * B rows
             rows = probe.repeat(m, *([1] * (probe.dim() - 1))) if batch_mode == "split" else probe
             self.verification = verify_ensemble(self, rows, advice=_ADVICE)
@@ -211,15 +212,7 @@ class BatchEnsemble(Ensemble):
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)`` (``(M, B // M, ...)`` for ``batch_mode="split"`` in training)."""
-        if self.training and self.batch_mode == "split":
-            if x.shape[0] % self.num_members:
-                raise ValueError(
-                    f"batch_mode='split' needs a batch size divisible by num_members={self.num_members}, got "
-                    f"{x.shape[0]}. Change the batch size or use batch_mode='repeat'."
-                )
-            return self.model(x).unflatten(0, (self.num_members, -1))
-        xs = x.unsqueeze(0).expand(self.num_members, *x.shape).flatten(0, 1)
-        return self.model(xs).unflatten(0, (self.num_members, -1))
+        return run_member_major(self.model, x, self.num_members, self.training and self.batch_mode == "split")
 
     def stacked_parameters(self) -> dict[str, Tensor]:
         """The member-specific parameters, member axis first: ``{name: (M, ...)}``.
@@ -229,29 +222,32 @@ class BatchEnsemble(Ensemble):
         member, they cancel in any distance between members' full parameter vectors, so weight-space
         repulsion over these tensors equals repulsion over the members' whole weights.
         """
-        out = {}
+        out: dict[str, Tensor] = {}
         for prefix, module in self.model.named_modules():
-            if isinstance(module, (BatchEnsembleLayer, PerMemberBatchNorm, PerMemberLinear)):
+            if isinstance(module, _MEMBER_LAYERS):
                 for name, p in module.named_parameters(recurse=False):
                     out[f"{prefix}.{name}" if prefix else name] = p
         return out
 
     def member_targets(self, target: Tensor) -> Tensor:
         """Targets matching :meth:`forward`'s member outputs: ``(M, B, ...)`` repeated, or split in training."""
-        if self.training and self.batch_mode == "split":
-            return target.unflatten(0, (self.num_members, -1))
-        return target.unsqueeze(0).expand(self.num_members, *target.shape)
+        return member_major_targets(target, self.num_members, self.training and self.batch_mode == "split")
 
     def member(self, index: int) -> nn.Module:
         """A standalone copy of the backbone with member ``index``'s fused weights (plain layers)."""
         index = self._check_index(index)
         model = copy.deepcopy(self.model)
-        replace_modules(model, lambda p, mod: isinstance(mod, _MEMBER_LAYERS), lambda p, mod: mod.member_layer(index))
+        replace_modules(model, lambda p, mod: isinstance(mod, _MEMBER_LAYERS), lambda p, mod: _member_layer(mod, index))
         model.train(self.training)
         return model
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, init={self.init!r}, batch_mode={self.batch_mode!r}, converted={len(self.converted)} layers"
+
+
+def _member_layer(module: nn.Module, index: int) -> nn.Module:
+    """The plain layer of member ``index`` that a converted layer (one of ``_MEMBER_LAYERS``) stands for."""
+    return cast(BatchEnsembleLayer | PerMemberBatchNorm | PerMemberLinear, module).member_layer(index)
 
 
 def _inside_mha(model: nn.Module, path: str) -> bool:

@@ -16,7 +16,7 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from torch import Tensor, nn
 
@@ -50,6 +50,10 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "*attn.v_proj",
     "*attn.out_proj",
 )
+
+
+#: The modules LoRAEnsemble puts in the backbone (each has ``merged(index)``).
+_Adapted = BatchedLoRALinear | BatchedLoRAMultiheadAttention | BatchedLinear
 
 
 def _find_head(backbone: nn.Module, head: str | None, data_last: list[str] | None = None) -> str | None:
@@ -251,19 +255,25 @@ class LoRAEnsemble(Ensemble):
                     module, num_members, rank, self.scaling, init, init_gain, path, self._rows
                 )
             else:
-                splits = 3 if fused_qkv and path.rsplit(".", 1)[-1] == "qkv" and module.out_features % 3 == 0 else 1
+                linear = cast(nn.Linear, module)  # targets are Linear or MultiheadAttention modules
+                splits = 3 if fused_qkv and path.rsplit(".", 1)[-1] == "qkv" and linear.out_features % 3 == 0 else 1
                 new = BatchedLoRALinear(
-                    module, num_members, rank, splits, self.scaling, init, init_gain, path, self._rows
+                    linear, num_members, rank, splits, self.scaling, init, init_gain, path, self._rows
                 )
             set_submodule(model, path, new)
         if head_path is not None:
             set_submodule(
                 model,
                 head_path,
-                BatchedLinear(model.get_submodule(head_path), num_members, head_init, head_path, self._rows),
+                BatchedLinear(
+                    cast(nn.Linear, model.get_submodule(head_path)), num_members, head_init, head_path, self._rows
+                ),
             )
         self.backbone = model
-        self.verification = verify_ensemble(self, probe) if verify else VerificationReport(ran=False)
+        # verify=True always made a probe
+        self.verification = (
+            verify_ensemble(self, probe) if verify and probe is not None else VerificationReport(ran=False)
+        )
 
     _inner_prefix = "backbone."
 
@@ -297,7 +307,7 @@ class LoRAEnsemble(Ensemble):
         index = self._check_index(index)
         model = copy.deepcopy(self.backbone)
         for path in self.adapted_modules + ([self.head_path] if self.head_path else []):
-            set_submodule(model, path, self.backbone.get_submodule(path).merged(index))
+            set_submodule(model, path, cast(_Adapted, self.backbone.get_submodule(path)).merged(index))
         model.requires_grad_(True)
         model.train(self.training)
         return model
@@ -311,7 +321,7 @@ class LoRAEnsemble(Ensemble):
         """Trainable / frozen parameter counts against a deep ensemble of M full backbones."""
         trainable = self.trainable_parameters()
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        head = self.backbone.get_submodule(self.head_path)._template if self.head_path else None
+        head = cast(BatchedLinear, self.backbone.get_submodule(self.head_path))._template if self.head_path else None
         single = frozen + (sum(p.numel() for p in head.parameters()) if head is not None else 0)
         deep = self.num_members * single
         return {

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._checks import check_choice
+from ._member_major import member_major_targets, run_member_major
 from ._members_check import verify_shared_members
 from .base import Ensemble
 from .registry import register_method
@@ -243,22 +244,11 @@ class Masksembles(Ensemble):
 
     def forward(self, x: Tensor) -> Tensor:
         """Member outputs ``(M, B, ...)`` (``(M, B // M, ...)`` for ``batch_mode="split"`` in training)."""
-        m = self.num_members
-        if self.training and self.batch_mode == "split":
-            if x.shape[0] % m:
-                raise ValueError(
-                    f"batch_mode='split' needs a batch size divisible by num_members={m}, got "
-                    f"{x.shape[0]}. Change the batch size or use batch_mode='repeat'."
-                )
-            return self.model(x).unflatten(0, (m, -1))
-        xs = x.unsqueeze(0).expand(m, *x.shape).flatten(0, 1)
-        return self.model(xs).unflatten(0, (m, -1))
+        return run_member_major(self.model, x, self.num_members, self.training and self.batch_mode == "split")
 
     def member_targets(self, target: Tensor) -> Tensor:
         """Targets matching :meth:`forward`: repeated, or split in training with ``batch_mode="split"``."""
-        if self.training and self.batch_mode == "split":
-            return target.unflatten(0, (self.num_members, -1))
-        return target.unsqueeze(0).expand(self.num_members, *target.shape)
+        return member_major_targets(target, self.num_members, self.training and self.batch_mode == "split")
 
     def masks(self) -> dict[str, Tensor]:
         """``{module path: (M, C) masks}`` of every mask layer."""

@@ -25,7 +25,7 @@ and stays off too.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -134,10 +134,10 @@ class _Sampler(TorchFunctionMode):
             else:
                 kwargs = {**kwargs, "p": p}
             return func(*args, **kwargs)
-        return self._masked(x, p, feature, alpha, inplace or inplace_fn)
+        return self._masked(self.seeds, x, p, feature, alpha, inplace or inplace_fn)
 
-    def _masked(self, x: Tensor, p: float, feature: bool, alpha: bool, inplace: bool) -> Tensor:
-        m = self.seeds.shape[0]
+    def _masked(self, seeds: Tensor, x: Tensor, p: float, feature: bool, alpha: bool, inplace: bool) -> Tensor:
+        m = seeds.shape[0]
         if x.dim() == 0 or x.shape[0] % self.rows:
             raise ConversionError(
                 "",
@@ -151,7 +151,7 @@ class _Sampler(TorchFunctionMode):
         numel = 1
         for s in mask_shape:
             numel *= s
-        keep = (seeded_uniform(self.seeds, call, numel) >= p).to(x.dtype).view(m, 1, *mask_shape)
+        keep = (seeded_uniform(seeds, call, numel) >= p).to(x.dtype).view(m, 1, *mask_shape)
         xm = x.view(m, -1, *per_row)
         if alpha:
             # ATen's alpha dropout: dropped units go to SELU's saturation value, then an affine map
@@ -200,7 +200,7 @@ def _prepare(
     for mod in model.modules():
         drop = getattr(mod, "attn_drop", None)
         if getattr(mod, "fused_attn", False) and isinstance(drop, nn.Dropout) and (drop.p > 0 or p):
-            mod.fused_attn = False  # timm: the unfused path calls attn_drop, which MC-Dropout catches
+            cast(Any, mod).fused_attn = False  # timm: the unfused path calls attn_drop, which MC-Dropout catches
     inserted: list[str] = []
     if insert_before:
         if p is None or p <= 0:
@@ -247,7 +247,15 @@ def _run(model: nn.Module, x: Tensor, seeds: Tensor | None, samples: int, p: flo
 
 
 class MCDropoutMember(nn.Module):
-    """One fixed MC-Dropout sample of a backbone (what :meth:`MCDropout.member` returns): ``(B, ...) -> (B, ...)``."""
+    """One fixed MC-Dropout sample of a backbone (what :meth:`MCDropout.member` returns): ``(B, ...) -> (B, ...)``.
+
+    Args:
+        model: the backbone, prepared by :class:`MCDropout` (dropout calls caught).
+        seed: the sample's seed (its dropout masks).
+        p: the dropout rate override, or ``None`` for the backbone's own rates.
+    """
+
+    seeds: Tensor  # registered buffer, (1,)
 
     def __init__(self, model: nn.Module, seed: Tensor, p: float | None) -> None:
         super().__init__()
@@ -293,6 +301,8 @@ class MCDropout(Ensemble):
         >>> torch.allclose(ens.member(3)(torch.ones(1, 4)), ens(torch.ones(1, 4))[3])
         True
     """
+
+    seeds: Tensor  # registered buffer, (M,): member i's dropout masks in evaluation
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ from scratch).
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,8 @@ __all__ = ["MIMO", "MIMOInput", "MIMOOutput"]
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _check_layer(path: str, layer: nn.Module, role: str) -> None:
+def _check_layer(path: str, layer: nn.Module, role: str) -> nn.Linear | _ConvNd:
+    """``layer`` if MIMO can widen it as its ``role`` layer (dense ``Linear``/``Conv``), else a ConversionError."""
     if not isinstance(layer, _LAYERS) or isinstance(layer, nn.modules.conv._ConvTransposeNd):
         raise ConversionError(
             path,
@@ -57,9 +58,10 @@ def _check_layer(path: str, layer: nn.Module, role: str) -> None:
             "its channels cannot be widened per member. Name a dense layer with "
             f"`{role}_layer=`.",
         )
+    return layer
 
 
-def _widened(layer: nn.Module, in_mult: int, out_mult: int) -> nn.Module:
+def _widened(layer: nn.Linear | _ConvNd, in_mult: int, out_mult: int) -> nn.Linear | _ConvNd:
     """A fresh layer of ``layer``'s class with ``in_mult`` x the inputs and ``out_mult`` x the outputs."""
     w = layer.weight
     if isinstance(layer, nn.Linear):
@@ -70,7 +72,8 @@ def _widened(layer: nn.Module, in_mult: int, out_mult: int) -> nn.Module:
             device=w.device,
             dtype=w.dtype,
         )
-    return type(layer)(
+    conv_class = cast(Any, type(layer))  # Conv1d/2d/3d: one constructor, sizes of their own dimension
+    return conv_class(
         layer.in_channels * in_mult,
         layer.out_channels * out_mult,
         layer.kernel_size,
@@ -100,15 +103,17 @@ class MIMOInput(nn.Module):
         True
     """
 
+    layer: nn.Linear | _ConvNd
+
     def __init__(self, layer: nn.Module, num_members: int, init: str = "copy", path: str = "") -> None:
         super().__init__()
-        _check_layer(path, layer, "first")
+        layer = _check_layer(path, layer, "first")
         self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
         self.layer = _widened(layer, num_members, 1)
         if init == "copy":
             with torch.no_grad():
                 self.layer.weight.copy_(torch.cat([layer.weight / num_members] * num_members, dim=1))
-                if layer.bias is not None:
+                if layer.bias is not None and self.layer.bias is not None:
                     self.layer.bias.copy_(layer.bias)
 
     #: batch size B of the current MIMO call, set by :class:`MIMO` so a misplaced input layer is caught.
@@ -137,15 +142,17 @@ class MIMOOutput(nn.Module):
         torch.Size([10, 3])
     """
 
+    layer: nn.Linear | _ConvNd
+
     def __init__(self, layer: nn.Module, num_members: int, init: str = "copy", path: str = "") -> None:
         super().__init__()
-        _check_layer(path, layer, "last")
+        layer = _check_layer(path, layer, "last")
         self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
         self.layer = _widened(layer, 1, num_members)
         if init == "copy":
             with torch.no_grad():
                 self.layer.weight.copy_(torch.cat([layer.weight] * num_members, dim=0))
-                if layer.bias is not None:
+                if layer.bias is not None and self.layer.bias is not None:
                     self.layer.bias.copy_(torch.cat([layer.bias] * num_members))
 
     expected_batch: int | None = None
@@ -171,7 +178,20 @@ class _MIMOMember(nn.Module):
         self.model, self.num_members, self.index = model, num_members, index
 
     def forward(self, x: Tensor) -> Tensor:
-        return MIMO.forward_slots(self, x.unsqueeze(0).expand(self.num_members, *x.shape))[self.index]
+        return _forward_slots(self.model, x.unsqueeze(0).expand(self.num_members, *x.shape))[self.index]
+
+
+def _forward_slots(model: nn.Module, xs: Tensor) -> Tensor:
+    """``model`` (a MIMO-converted network) with slot ``m`` fed ``xs[m]``; head outputs ``(M, B, ...)``."""
+    m = xs.shape[0]
+    layers = [mod for mod in model.modules() if isinstance(mod, (MIMOInput, MIMOOutput))]
+    for layer in layers:
+        layer.expected_batch = xs.shape[1]
+    try:
+        return model(xs.flatten(0, 1)).unflatten(0, (m, -1))
+    finally:
+        for layer in layers:
+            layer.expected_batch = None
 
 
 @register_method("mimo")
@@ -230,7 +250,7 @@ class MIMO(Ensemble):
         layers = [p for p, m in backbone.named_modules() if isinstance(m, _LAYERS)]
         first = first_layer if first_layer is not None else (layers[0] if layers else None)
         last = last_layer if last_layer is not None else (layers[-1] if layers else None)
-        if first is None:
+        if first is None or last is None:
             raise ConversionError("", "the backbone has no nn.Linear or nn.Conv layer to widen for MIMO.")
         names = dict(backbone.named_modules())
         for path, role in ((first, "first_layer"), (last, "last_layer")):
@@ -284,14 +304,7 @@ class MIMO(Ensemble):
             raise ValueError(
                 f"`xs` must hold one input per member on axis 0 ({self.num_members}), got {tuple(xs.shape)}."
             )
-        layers = [m for m in self.model.modules() if isinstance(m, (MIMOInput, MIMOOutput))]
-        for layer in layers:
-            layer.expected_batch = xs.shape[1]
-        try:
-            return self.model(xs.flatten(0, 1)).unflatten(0, (self.num_members, -1))
-        finally:
-            for layer in layers:
-                layer.expected_batch = None
+        return _forward_slots(self.model, xs)
 
     def forward(self, x: Tensor) -> Tensor:
         """Evaluation: ``(M, B, ...)`` on the same input. Training: ``(M, B * R, ...)`` in tiled batch order."""

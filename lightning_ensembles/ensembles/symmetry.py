@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,15 @@ class SymmetryMember(nn.Module):
         >>> m = SymmetryMember(MLP(64, 10, hidden=(32,)), "equivariant-rot90", head_path="net.3")
         >>> m(torch.randn(2, 1, 8, 8)).shape, m.aux_head.out_features
         (torch.Size([2, 10]), 4)
+
+    Args:
+        backbone: the member's network (taken over: its head is moved out).
+        symmetry: the member's hypothesis, one of :func:`available_symmetries`.
+        head_path: path of the backbone's classification ``nn.Linear``.
     """
+
+    head: nn.Linear
+    aux_head: nn.Linear | None
 
     def __init__(self, backbone: nn.Module, symmetry: str, head_path: str) -> None:
         super().__init__()
@@ -98,11 +106,10 @@ class SymmetryMember(nn.Module):
         self.symmetry = symmetry
         self.hypothesis, _, self.group = symmetry.partition("-")
         self.head_path = head_path
-        self.head = backbone.get_submodule(head_path)
-        if not isinstance(self.head, nn.Linear):
-            raise ValueError(
-                f"head {head_path!r} is a {type(self.head).__name__}; it must be the classification nn.Linear."
-            )
+        head = backbone.get_submodule(head_path)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"head {head_path!r} is a {type(head).__name__}; it must be the classification nn.Linear.")
+        self.head = head
         body = backbone
         set_submodule(body, head_path, nn.Identity())
         self.body = body
@@ -256,7 +263,10 @@ class MultiSymmetryEnsemble(Ensemble):
 
     def member(self, index: int) -> nn.Module:
         """Standalone copy of member ``index`` with the backbone's structure (no auxiliary head)."""
-        return self.members[self._check_index(index)].as_backbone()
+        return self._members()[self._check_index(index)].as_backbone()
+
+    def _members(self) -> list[SymmetryMember]:
+        return [cast(SymmetryMember, m) for m in self.members]
 
     def _random_elements(self, group: str, n: int, device: torch.device, p_non_identity: float) -> Tensor:
         size = GROUPS[group]
@@ -267,7 +277,7 @@ class MultiSymmetryEnsemble(Ensemble):
     def training_outputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Member logits for the classification loss, the mean auxiliary loss, and logs (see class doc)."""
         outs, extra, logs = [], x.new_zeros(()), {}
-        for i, m in enumerate(self.members):
+        for i, m in enumerate(self._members()):
             if m.hypothesis == "invariant":
                 g = self._random_elements(m.group, x.shape[0], x.device, self.p_transform)
                 xg = transform(x, m.group, g)
@@ -287,7 +297,7 @@ class MultiSymmetryEnsemble(Ensemble):
                 feats = m.features(torch.cat([x, transform(x, m.group, g)]))  # one pass for both views
                 clean, moved = feats.chunk(2)
                 logits = m.head(clean)
-                aux_logits = m.aux_head(moved)
+                aux_logits = cast(nn.Linear, m.aux_head)(moved)  # equivariant members have one
                 aux = F.cross_entropy(aux_logits, g)
                 extra = extra + self.aux_weight * aux
                 logs[f"aux_loss/{i}"] = aux.detach()
@@ -306,7 +316,7 @@ class MultiSymmetryEnsemble(Ensemble):
     @torch.no_grad()
     def predict_transformation(self, x: Tensor, index: int) -> Tensor:
         """Equivariant member ``index``'s logits over group elements for (transformed) inputs ``x``."""
-        m = self.members[self._check_index(index)]
+        m = self._members()[self._check_index(index)]
         if m.aux_head is None:
             equivariant = [i for i, s in enumerate(self.symmetries) if s.startswith("equivariant")]
             raise ValueError(

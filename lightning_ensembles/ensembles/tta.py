@@ -51,7 +51,8 @@ def _shift(x: Tensor, offsets: tuple[int, ...]) -> Tensor:
     flat = x.reshape(-1, 1, *x.shape[-k:])  # replicate padding wants (N, C, *spatial)
     padded = F.pad(flat, pad, mode="replicate")
     index = tuple(slice(max(-d, 0), max(-d, 0) + n) for d, n in zip(offsets, x.shape[-k:]))
-    return padded[(..., *index)].reshape(*lead, *x.shape[-k:])
+    key: tuple[Any, ...] = (..., *index)
+    return padded[key].reshape(*lead, *x.shape[-k:])
 
 
 def _crop(x: Tensor, border: int, where: str) -> Tensor:
@@ -203,6 +204,7 @@ class TTAEnsemble(Ensemble):
         if not transforms:
             raise ValueError("`transforms` must list at least one augmentation, e.g. ['identity', 'hflip'].")
         augs = [_as_module(t) for t in transforms]
+        inner: nn.Module
         if inner_method is not None:
             if isinstance(model, Ensemble):
                 raise ValueError("`inner_method` builds the inner ensemble from a backbone; got an Ensemble already.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -92,12 +92,14 @@ class MemberParallelStrategy(DDPStrategy):
     def on_train_end(self) -> None:
         """Gather every rank's trained members back into full DeepEnsembles (on every rank)."""
         if self._shards:
+            module = self.lightning_module
+            assert isinstance(module, L.LightningModule)
             for path, shard in self._shards.items():
-                set_submodule(self.lightning_module, path, shard.gather())
+                set_submodule(module, path, shard.gather())
             self._shards = {}
         super().on_train_end()
 
-    def _set_mode(self, mode: str) -> None:
+    def _set_mode(self, mode: Literal["replicated", "sharded"]) -> None:
         for shard in self._shards.values():
             shard.mode = mode
 
@@ -143,10 +145,12 @@ class MemberParallelStrategy(DDPStrategy):
             lo, hi = shard.offset, shard.offset + shard.members_per_rank
             for key in [k for k in state if k.startswith(f"{path}.")]:
                 state[f"{path}.local.{key[len(path) + 1 :]}"] = state.pop(key)[lo:hi]
-        self.lightning_module.load_state_dict(state, strict=strict)
+        module = self.lightning_module
+        assert isinstance(module, L.LightningModule)
+        module.load_state_dict(state, strict=strict)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        state = super().optimizer_state(optimizer)
+        state: dict[str, Any] = super().optimizer_state(optimizer)
         if not (self._shards and self._distributed):
             return state
         # ``state_dict()`` shares its per-parameter dicts with the live optimiser: build new ones.
