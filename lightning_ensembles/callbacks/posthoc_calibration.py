@@ -33,6 +33,7 @@ def build_calibrator(
     clip: float = 1e-4,
 ) -> nn.Module:
     """A fresh calibrator ``method`` (one of :data:`CALIBRATION_METHODS`) for ``num_classes`` inputs of ``kind``."""
+    check_choice("method", method, CALIBRATION_METHODS)
     if method == "temperature":
         return TemperatureScaler(kind=kind, min_samples=min_samples, bounds=TEMPERATURE_BOUNDS)
     if method == "vector":
@@ -42,9 +43,7 @@ def build_calibrator(
         return cls(num_classes, kind, reg_lambda=reg_lambda, reg_mu=reg_mu, min_samples=min_samples)
     if method == "histogram":
         return HistogramBinning(num_classes, kind, n_bins=n_bins, clip=clip, min_samples=min_samples)
-    if method == "isotonic":
-        return IsotonicCalibration(num_classes, kind, clip=clip, min_samples=min_samples)
-    raise ValueError(f"unknown calibration method {method!r}; choose from {list(CALIBRATION_METHODS)}.")
+    return IsotonicCalibration(num_classes, kind, clip=clip, min_samples=min_samples)
 
 
 class PosthocCalibration(ProbabilityRecalibration):

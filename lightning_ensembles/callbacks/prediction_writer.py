@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from .._checks import check_choice
 from ..metrics.diversity import entropy
 
 Format = Literal["auto", "csv", "npy"]
@@ -115,10 +116,8 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, path: str | os.PathLike, format: Format = "auto", members: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.path = Path(path)
-        fmt = format if format != "auto" else ("npy" if self.path.suffix == ".npy" else "csv")
-        if fmt not in ("csv", "npy"):
-            raise ValueError(f"`format` must be 'csv', 'npy' or 'auto', got {format!r}.")
-        self.format = fmt
+        check_choice("format", format, ("csv", "npy", "auto"))
+        self.format = format if format != "auto" else ("npy" if self.path.suffix == ".npy" else "csv")
         self.members = members
         self._part: Any = None
         self._columns: list[str] | None = None
