@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .base import Ensemble
 from .surgery import ConversionError
-from .verify import VerificationReport, make_probe, run_named
+from .verify import VerificationReport, evaluation_outputs, make_probe, run_named
 
 __all__ = ["verify_shared_members"]
 
@@ -37,13 +37,7 @@ def verify_shared_members(
     try:
         ens.eval()
         with torch.no_grad():
-            out = run_named(ens, probe, "the converted ensemble's forward (evaluation mode)", advice)
-            if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != m:
-                raise ConversionError(
-                    "",
-                    f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, "
-                    f"not member outputs (M={m}, B, ...). Does the backbone return one tensor?",
-                )
+            out = evaluation_outputs(ens, probe, advice)
             tol = atol + rtol * (float(out.abs().max()) if out.numel() else 0.0)
             worst = 0.0
             for i in range(m):

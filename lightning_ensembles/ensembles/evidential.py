@@ -26,18 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice
+from ..backbones import resolve_backbone
 from ..losses.evidential import nig_constrain
 from .surgery import set_submodule
 
 __all__ = ["DirichletHead", "NIGHead", "evidential_head"]
 
 _EVIDENCE = ("softplus", "relu", "exp")
-
-
-def _resolve(backbone: nn.Module | str, backbone_kwargs: dict[str, Any] | None) -> nn.Module:
-    from ..backbones import resolve_backbone
-
-    return resolve_backbone(backbone, backbone_kwargs)
 
 
 class DirichletHead(nn.Module):
@@ -52,15 +48,19 @@ class DirichletHead(nn.Module):
         True
         >>> torch.allclose(log_alpha.softmax(-1), log_alpha.exp() / log_alpha.exp().sum(-1, keepdim=True))
         True
+
+    Args:
+        backbone: the network, or a backbone name built with ``backbone_kwargs``.
+        activation: the evidence function, ``"softplus"``, ``"relu"`` or ``"exp"``.
+        backbone_kwargs: arguments building ``backbone`` when it is a name.
     """
 
     def __init__(
         self, backbone: nn.Module | str, activation: str = "softplus", backbone_kwargs: dict[str, Any] | None = None
     ) -> None:
         super().__init__()
-        if activation not in _EVIDENCE:
-            raise ValueError(f"`activation` (the evidence function) must be one of {_EVIDENCE}, got {activation!r}.")
-        self.backbone = _resolve(backbone, backbone_kwargs)
+        check_choice("activation", activation, _EVIDENCE, "It is the evidence function.")
+        self.backbone = resolve_backbone(backbone, backbone_kwargs)
         self.activation = activation
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -89,13 +89,18 @@ class NIGHead(nn.Module):
         >>> gamma, nu, alpha, beta = net(torch.randn(5, 2)).chunk(4, -1)
         >>> gamma.shape, bool((nu > 0).all() and (alpha > 1).all() and (beta > 0).all())
         (torch.Size([5, 1]), True)
+
+    Args:
+        backbone: the network, or a backbone name built with ``backbone_kwargs``.
+        head: path of the output ``nn.Linear`` (default: the last one).
+        backbone_kwargs: arguments building ``backbone`` when it is a name.
     """
 
     def __init__(
         self, backbone: nn.Module | str, head: str | None = None, backbone_kwargs: dict[str, Any] | None = None
     ) -> None:
         super().__init__()
-        model = _resolve(backbone, backbone_kwargs)
+        model = resolve_backbone(backbone, backbone_kwargs)
         linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         if head is None:
             if not linears:
@@ -133,8 +138,7 @@ class NIGHead(nn.Module):
 
 def evidential_head(backbone: nn.Module | str, kind: str = "dirichlet", **kwargs: Any) -> nn.Module:
     """Convert ``backbone``'s head: ``kind="dirichlet"`` -> :class:`DirichletHead`, ``"nig"`` -> :class:`NIGHead`."""
+    check_choice("kind", kind, ("dirichlet", "nig"), "Use 'dirichlet' for classification, 'nig' for regression.")
     if kind == "dirichlet":
         return DirichletHead(backbone, **kwargs)
-    if kind == "nig":
-        return NIGHead(backbone, **kwargs)
-    raise ValueError(f"`kind` must be 'dirichlet' (classification) or 'nig' (regression), got {kind!r}.")
+    return NIGHead(backbone, **kwargs)

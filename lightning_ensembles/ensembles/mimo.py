@@ -101,6 +101,13 @@ class MIMOInput(nn.Module):
         >>> x = torch.randn(2, 4)
         >>> torch.allclose(wide(x.repeat(3, 1)), lin(x), atol=1e-6)  # init="copy": blocks W / M
         True
+
+    Args:
+        layer: the backbone's input ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (dense).
+        num_members: M.
+        init: ``"copy"``: every member's block is ``W / M`` (the widened layer computes the backbone's on
+            equal member inputs); otherwise the fresh layer's default initialisation.
+        path: the layer's path in the model, named by errors.
     """
 
     layer: nn.Linear | _ConvNd
@@ -140,6 +147,12 @@ class MIMOOutput(nn.Module):
         >>> head = MIMOOutput(nn.Linear(8, 3), num_members=2)
         >>> head(torch.randn(5, 8)).shape
         torch.Size([10, 3])
+
+    Args:
+        layer: the backbone's output ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (dense).
+        num_members: M.
+        init: ``"copy"``: every head starts as ``layer``; otherwise the fresh layer's default initialisation.
+        path: the layer's path in the model, named by errors.
     """
 
     layer: nn.Linear | _ConvNd

@@ -49,6 +49,10 @@ Factory = Callable[[str, nn.Module], nn.Module]
 class ConversionError(ValueError):
     """A module cannot be converted; ``path`` names it ("" is the root model).
 
+    Args:
+        path: the module's dotted path in the model.
+        reason: why it cannot be converted (and the fix).
+
     Example:
         >>> str(ConversionError("layer1.0.conv1", "width 3 is not divisible by 4"))
         "cannot convert module 'layer1.0.conv1': width 3 is not divisible by 4"

@@ -89,6 +89,9 @@ class Augmentation(nn.Module):
         >>> x = torch.arange(4.0).view(1, 1, 4)
         >>> Augmentation("hflip")(x).tolist(), Augmentation("shift_1")(x).tolist()
         ([[[3.0, 2.0, 1.0, 0.0]]], [[[0.0, 0.0, 1.0, 2.0]]])
+
+    Args:
+        name: one of the names in the module docstring (``"hflip"``, ``"rot90"``, ``"shift_1"``, ...).
     """
 
     def __init__(self, name: str) -> None:

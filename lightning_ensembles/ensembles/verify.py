@@ -52,7 +52,15 @@ from .base import Ensemble
 from .dataflow import clear_caches
 from .surgery import ConversionError
 
-__all__ = ["VerificationReport", "verify_ensemble", "make_probe", "module_context", "locate_coupling", "call_site"]
+__all__ = [
+    "VerificationReport",
+    "verify_ensemble",
+    "evaluation_outputs",
+    "make_probe",
+    "module_context",
+    "locate_coupling",
+    "call_site",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: not torch_uncertainty/
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -275,6 +283,21 @@ _ADVICE = (
 )
 
 
+def evaluation_outputs(ens: Ensemble, probe: Tensor, advice: str = "") -> Tensor:
+    """``ens(probe)``, which must be member outputs ``(M, B, ...)``; a :class:`ConversionError` otherwise.
+
+    A failing forward names the module it failed in (:func:`run_named`).
+    """
+    out = run_named(ens, probe, "the converted ensemble's forward (evaluation mode)", advice)
+    if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != ens.num_members:
+        raise ConversionError(
+            "",
+            f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, not "
+            f"member outputs (M={ens.num_members}, B, ...). Does the backbone return one tensor?",
+        )
+    return out
+
+
 def verify_ensemble(
     ens: Ensemble,
     probe: Tensor,
@@ -294,13 +317,7 @@ def verify_ensemble(
     with _preserved(ens, device):
         ens.eval()
         with torch.no_grad():
-            out = run_named(ens, probe, "the converted ensemble's forward (evaluation mode)", advice)
-        if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != m:
-            raise ConversionError(
-                "",
-                f"the converted ensemble returned {getattr(out, 'shape', type(out).__name__)}, not "
-                f"member outputs (M={m}, B, ...). Does the backbone return one tensor?",
-            )
+            out = evaluation_outputs(ens, probe, advice)
         own = _own_blocks(ens)
         if not own:
             raise ConversionError("", "the ensemble reports no per-member tensors; independence cannot be checked.")

@@ -54,6 +54,9 @@ class MemberParallelStrategy(DDPStrategy):
     between ranks without DDP's gradient averaging), and ``M`` must be divisible by ``W``; both raise a
     ``ValueError`` naming the fix. Registered as ``strategy="member_parallel"``.
 
+    Args:
+        **kwargs: passed to Lightning's ``DDPStrategy`` (``process_group_backend``, ``timeout``, ...).
+
     Example:
         >>> import lightning as L
         >>> from lightning_ensembles.strategies import MemberParallelStrategy

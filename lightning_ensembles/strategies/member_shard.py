@@ -74,6 +74,12 @@ class MemberShard(Ensemble):
 
     Outside ``torch.distributed`` (world size 1) it is just the local ensemble.
 
+    Args:
+        ensemble: the full DeepEnsemble (every rank builds the same one); its members are copied.
+        rank: this process's rank ``r``, in ``[0, world_size)``.
+        world_size: the number of processes ``W``; must divide ``M``.
+        mode: ``"replicated"`` or ``"sharded"`` (see above).
+
     Example:
         >>> import torch
         >>> from lightning_ensembles import DeepEnsemble
