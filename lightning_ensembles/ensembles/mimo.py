@@ -87,6 +87,13 @@ def _widened(layer: nn.Linear | _ConvNd, in_mult: int, out_mult: int) -> nn.Line
     )
 
 
+@torch.no_grad()
+def _load(layer: nn.Linear | _ConvNd, weight: Tensor, bias: Tensor | None) -> None:
+    layer.weight.copy_(weight)
+    if bias is not None and layer.bias is not None:
+        layer.bias.copy_(bias)
+
+
 class MIMOInput(nn.Module):
     """The input layer of M sub-networks: member-major ``(M * B, ..., C)`` in, ``(B, ...)`` out.
 
@@ -117,11 +124,9 @@ class MIMOInput(nn.Module):
         layer = _check_layer(path, layer, "first")
         self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
         self.layer = _widened(layer, num_members, 1)
-        if init == "copy":
-            with torch.no_grad():
-                self.layer.weight.copy_(torch.cat([layer.weight / num_members] * num_members, dim=1))
-                if layer.bias is not None and self.layer.bias is not None:
-                    self.layer.bias.copy_(layer.bias)
+        if init == "copy":  # member blocks W / M on the input axis; the bias once
+            w = layer.weight.detach()
+            _load(self.layer, torch.cat([w / num_members] * num_members, dim=1), layer.bias)
 
     #: batch size B of the current MIMO call, set by :class:`MIMO` so a misplaced input layer is caught.
     expected_batch: int | None = None
@@ -162,11 +167,9 @@ class MIMOOutput(nn.Module):
         layer = _check_layer(path, layer, "last")
         self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
         self.layer = _widened(layer, 1, num_members)
-        if init == "copy":
-            with torch.no_grad():
-                self.layer.weight.copy_(torch.cat([layer.weight] * num_members, dim=0))
-                if layer.bias is not None and self.layer.bias is not None:
-                    self.layer.bias.copy_(torch.cat([layer.bias] * num_members))
+        if init == "copy":  # every head is the backbone's
+            bias = None if layer.bias is None else torch.cat([layer.bias.detach()] * num_members)
+            _load(self.layer, torch.cat([layer.weight.detach()] * num_members, dim=0), bias)
 
     expected_batch: int | None = None
 
