@@ -3,13 +3,15 @@
     python benchmarks/compile.py                 # MLP 64-256-256-10, batch 128, Adam, 2 threads
     python benchmarks/compile.py --quick         # fewer repetitions
     python benchmarks/compile.py --clock wall    # wall clock instead of process CPU time
+    python benchmarks/compile.py --repeat 3      # three timing passes per model: ratios as median [min-max]
 
 Every model is compiled with ``torch.compile(model)`` (default mode); the loss, backward and Adam step
 stay eager, as in a Lightning ``training_step`` calling a compiled model. Timings are interleaved
 (every variant in turn, rotating which goes first) and use process CPU time by default, which a
 loaded shared machine disturbs less than wall time. Columns:
 
-    train x / infer x   compiled time / eager time (< 1: compile gains), training step / no-grad forward
+    train x / infer x   compiled time / eager time (< 1: compile gains), training step / no-grad forward;
+                        with --repeat N: the median of N timing passes and [their min-max]
     breaks              graph breaks (torch._dynamo.explain) in training mode and in eval mode
     recompiles          frames compiled during 3 steady-state training steps after the warm-up (want 0)
 """
@@ -82,6 +84,17 @@ def interleaved(fns: dict, reps: int, clock, inner: int = 5) -> dict[str, float]
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def med(passes: list[dict[str, float]], key: str) -> float:
+    return statistics.median(p[key] for p in passes)
+
+
+def ratios(passes: list[dict[str, float]]) -> str:
+    """compiled / eager: the median over timing passes, and with several passes [min-max]."""
+    r = [p["compiled"] / p["eager"] for p in passes]
+    text = f"{statistics.median(r):.2f}"
+    return text if len(r) == 1 else f"{text} [{min(r):.2f}-{max(r):.2f}]"
+
+
 def graph_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     out = []
     for train in (True, False):
@@ -99,16 +112,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--only", nargs="*", help="substrings of model names to run")
+    parser.add_argument("--repeat", type=int, default=1, help="timing passes per model (the spread is printed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     reps = 7 if args.quick else 21
+    width = 8 if args.repeat == 1 else 18
     torch.manual_seed(0)
     x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
     print(f"torch {torch.__version__}, {args.threads} threads, batch 128, Adam, {args.clock} clock, {reps} rounds")
     print(
-        f"{'model':<20} {'train ms eager':>14} {'compiled':>9} {'train x':>8} {'infer ms eager':>15} "
-        f"{'compiled':>9} {'infer x':>8} {'breaks':>7} {'recompiles':>10}"
+        f"{'model':<20} {'train ms eager':>14} {'compiled':>9} {'train x':>{width}} {'infer ms eager':>15} "
+        f"{'compiled':>9} {'infer x':>{width}} {'breaks':>7} {'recompiles':>10}"
     )
     for name, model in models().items():
         if args.only and not any(s in name for s in args.only):
@@ -126,16 +141,16 @@ def main() -> None:
         for _ in range(3):
             compiled_step()
         recompiles = torch._dynamo.utils.counters["frames"]["ok"] - frames
-        train = interleaved({"eager": eager_step, "compiled": compiled_step}, reps, clock)
+        train = [interleaved({"eager": eager_step, "compiled": compiled_step}, reps, clock) for _ in range(args.repeat)]
         model.eval()
         eager_inf, compiled_inf = infer(model, x), infer(compiled, x)
         for _ in range(3):
             compiled_inf()
             eager_inf()
-        inf = interleaved({"eager": eager_inf, "compiled": compiled_inf}, reps, clock)
+        inf = [interleaved({"eager": eager_inf, "compiled": compiled_inf}, reps, clock) for _ in range(args.repeat)]
         print(
-            f"{name:<20} {train['eager']:>14.2f} {train['compiled']:>9.2f} {train['compiled'] / train['eager']:>8.2f} "
-            f"{inf['eager']:>15.2f} {inf['compiled']:>9.2f} {inf['compiled'] / inf['eager']:>8.2f} "
+            f"{name:<20} {med(train, 'eager'):>14.2f} {med(train, 'compiled'):>9.2f} {ratios(train):>{width}} "
+            f"{med(inf, 'eager'):>15.2f} {med(inf, 'compiled'):>9.2f} {ratios(inf):>{width}} "
             f"{'%d/%d' % breaks:>7} {recompiles:>10}",
             flush=True,
         )

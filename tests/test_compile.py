@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from conftest import quiet_trainer
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.decomposition import select_decomp_table
 
 from lightning_ensembles import DeepEnsemble, EnsembleClassifier
 from lightning_ensembles.data import DigitsDataModule
@@ -80,6 +83,37 @@ def test_compiled_training_matches_eager_without_recompiles(method):
     twin.eval()
     with torch.no_grad():
         assert torch.allclose(compiled(x), twin(x), atol=1e-5)
+
+
+def _saved_dtypes_backend(saved: list[torch.dtype]):
+    """AOTAutograd with inductor's decompositions and partitioner, no codegen: records what the forward saves."""
+
+    def forward_compiler(gm: torch.fx.GraphModule, example_inputs):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        saved.extend(a.meta["val"].dtype for a in out.args[0] if isinstance(a, torch.fx.Node))
+        return gm
+
+    return aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=lambda gm, example_inputs: gm,
+        partition_fn=min_cut_rematerialization_partition,
+        decompositions=select_decomp_table(),
+    )
+
+
+# Packed and LoRA join once their layers run the compile-time custom ops (layers/_compiled.py).
+NO_MASK_METHODS = ["deep", "batch"]
+
+
+@pytest.mark.parametrize("method", NO_MASK_METHODS)
+def test_compiled_training_saves_no_bool_masks(method):
+    """The forward saves activations for the backward, not ReLU masks as bool tensors: inductor's CPU
+    kernels write those element by element, which made compiled ensembles train slower than eager."""
+    ens = _build(method)
+    saved: list[torch.dtype] = []
+    out = torch.compile(ens, backend=_saved_dtypes_backend(saved))(torch.randn(6, 8))
+    out.sum().backward()
+    assert saved and torch.bool not in saved, saved
 
 
 class _CompileCounters(L.Callback):

@@ -297,23 +297,26 @@ class DeepEnsemble(Ensemble):
             return "vmap"
         return self.__dict__.get("_measured_inference", "measure")
 
-    def compiled_execution(self, device: torch.device) -> str:
+    def compiled_execution(self, device: torch.device, grad: bool | None = None) -> str:
         """What ``forward`` traces under ``torch.compile`` on ``device``: ``"vmap"`` or ``"unrolled"``.
 
+        ``grad`` is whether autograd records the call (default: ``torch.is_grad_enabled()``).
         ``"unrolled"`` is every member called one after another on views of the stored tensors, all in
         one graph. It is taken for ``execution="loop"``, per-member storage, a backbone vmap cannot run,
-        and (``execution="auto"``) on CPU: there vmap's batched matmuls reach each activation through a
-        broadcasting view, so the partitioner saves ReLU's backward mask as a bool tensor instead of
-        reusing the saved activation, and inductor's CPU kernels write bool tensors element by element
-        (20x slower than eager at 2**18 elements). A compiled ``DeepEnsemble(mlp, 8)`` training step
-        was 1.4-1.8x its eager time with vmap, 0.6-0.8x unrolled (``benchmarks/compile.py``).
-        On accelerators vmap is kept: one batched kernel per layer.
+        and, for ``execution="auto"`` on CPU, when autograd records the call or the backbone is
+        convolutional (batched convolutions are slower there). Why not vmap for training on CPU: its
+        batched matmuls reach each activation through a broadcasting view, so AOTAutograd's partitioner
+        saves ReLU's backward mask as a bool tensor instead of reusing the saved activation, and
+        inductor's CPU kernels write bool tensors element by element (about 20x slower than eager at
+        2**18 elements): a compiled ``DeepEnsemble(mlp, 8)`` training step took 1.4-1.7x its eager time
+        with vmap, 0.85-0.95x unrolled (``benchmarks/compile.py``, 1 thread). On accelerators vmap is kept.
         """
         if self.storage != "stacked" or self._vmap_failed is not None or self.execution == "loop":
             return "unrolled"
         if self.execution == "vmap" or device.type != "cpu":
             return "vmap"
-        return "unrolled"
+        grad = torch.is_grad_enabled() if grad is None else grad
+        return "unrolled" if grad or self._convolutional else "vmap"
 
     @torch.no_grad()
     def _measure_inference(self, x: Tensor) -> str:
