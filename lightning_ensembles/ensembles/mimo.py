@@ -94,7 +94,22 @@ def _load(layer: nn.Linear | _ConvNd, weight: Tensor, bias: Tensor | None) -> No
         layer.bias.copy_(bias)
 
 
-class MIMOInput(nn.Module):
+class _Widened(nn.Module):
+    """A backbone layer widened for M members: M x its inputs (``"first"``) or M x its outputs (``"last"``)."""
+
+    layer: nn.Linear | _ConvNd
+    #: batch size B of the current MIMO call, set by :class:`MIMO` so a misplaced layer is caught.
+    expected_batch: int | None = None
+
+    def __init__(self, layer: nn.Module, num_members: int, role: str, path: str) -> None:
+        super().__init__()
+        source = _check_layer(path, layer, role)
+        self.num_members, self.linear = num_members, isinstance(source, nn.Linear)
+        m = num_members
+        self.layer = _widened(source, m, 1) if role == "first" else _widened(source, 1, m)
+
+
+class MIMOInput(_Widened):
     """The input layer of M sub-networks: member-major ``(M * B, ..., C)`` in, ``(B, ...)`` out.
 
     Member ``m``'s activations go to input channels ``[m * C, (m + 1) * C)`` of one wide layer.
@@ -117,19 +132,11 @@ class MIMOInput(nn.Module):
         path: the layer's path in the model, named by errors.
     """
 
-    layer: nn.Linear | _ConvNd
-
     def __init__(self, layer: nn.Module, num_members: int, init: str = "copy", path: str = "") -> None:
-        super().__init__()
-        layer = _check_layer(path, layer, "first")
-        self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
-        self.layer = _widened(layer, num_members, 1)
+        super().__init__(layer, num_members, "first", path)
         if init == "copy":  # member blocks W / M on the input axis; the bias once
-            w = layer.weight.detach()
-            _load(self.layer, torch.cat([w / num_members] * num_members, dim=1), layer.bias)
-
-    #: batch size B of the current MIMO call, set by :class:`MIMO` so a misplaced input layer is caught.
-    expected_batch: int | None = None
+            w = cast(Tensor, layer.weight).detach()
+            _load(self.layer, torch.cat([w / num_members] * num_members, dim=1), cast("Tensor | None", layer.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.expected_batch
@@ -144,7 +151,7 @@ class MIMOInput(nn.Module):
         return self.layer(xm.movedim(0, 1).flatten(1, 2))  # (M, B, C, *S) -> (B, M * C, *S)
 
 
-class MIMOOutput(nn.Module):
+class MIMOOutput(_Widened):
     """The M heads: ``(B, ...)`` in, member-major ``(M * B, ..., C_out)`` out; head ``m`` = channels ``[m * C, (m + 1) * C)``.
 
     Example:
@@ -160,18 +167,11 @@ class MIMOOutput(nn.Module):
         path: the layer's path in the model, named by errors.
     """
 
-    layer: nn.Linear | _ConvNd
-
     def __init__(self, layer: nn.Module, num_members: int, init: str = "copy", path: str = "") -> None:
-        super().__init__()
-        layer = _check_layer(path, layer, "last")
-        self.num_members, self.linear = num_members, isinstance(layer, nn.Linear)
-        self.layer = _widened(layer, 1, num_members)
+        super().__init__(layer, num_members, "last", path)
         if init == "copy":  # every head is the backbone's
-            bias = None if layer.bias is None else torch.cat([layer.bias.detach()] * num_members)
-            _load(self.layer, torch.cat([layer.weight.detach()] * num_members, dim=0), bias)
-
-    expected_batch: int | None = None
+            w, b = cast(Tensor, layer.weight).detach(), cast("Tensor | None", layer.bias)
+            _load(self.layer, torch.cat([w] * num_members, dim=0), None if b is None else torch.cat([b] * num_members))
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.expected_batch
@@ -200,7 +200,7 @@ class _MIMOMember(nn.Module):
 def _forward_slots(model: nn.Module, xs: Tensor) -> Tensor:
     """``model`` (a MIMO-converted network) with slot ``m`` fed ``xs[m]``; head outputs ``(M, B, ...)``."""
     m = xs.shape[0]
-    layers = [mod for mod in model.modules() if isinstance(mod, (MIMOInput, MIMOOutput))]
+    layers = [mod for mod in model.modules() if isinstance(mod, _Widened)]
     for layer in layers:
         layer.expected_batch = xs.shape[1]
     try:
