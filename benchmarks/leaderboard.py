@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ensembles.backbones import CNN1D, MLP
 from lightning_ensembles.data import DigitsDataModule, MNIST1DDataModule, ToyRegressionDataModule
-from lightning_ensembles.ensembles.base import Ensemble, split_gaussian
+from lightning_ensembles.ensembles.base import Ensemble, split_gaussian, training_outputs
 from lightning_ensembles.ensembles.registry import ENSEMBLE_METHODS, _load_builtin_methods, build_ensemble
 from lightning_ensembles.ensembles.tta import TTAEnsemble
 from lightning_ensembles.metrics.calibration import ExpectedCalibrationError
@@ -192,10 +192,7 @@ def build(task: Task, method: str, single: nn.Module | None = None, example: Ten
 
 
 def _loss(task: Task, model: Ensemble, x: Tensor, y: Tensor) -> Tensor:
-    if hasattr(model, "training_outputs"):  # per-member inputs/auxiliary heads (symmetry ensembles)
-        out, extra, _ = model.training_outputs(x, y)
-    else:
-        out, extra = model(x), None
+    out, extra, _ = training_outputs(model, x, y)  # own objective: per-member inputs, auxiliary heads
     target = model.member_targets(y if task.kind == "classification" else y)
     if task.kind == "classification":
         loss = F.cross_entropy(out.flatten(0, 1), target.flatten())

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice
-from ..ensembles.base import Ensemble, check_member_outputs
+from ..ensembles.base import Ensemble, OwnObjective, check_member_outputs
 from ._names import TU_NAMES
 from ._tu import tu
 from ._tu_calibration import TUCalibration as TUCalibration  # re-exported (TU_NAMES)
@@ -86,7 +86,7 @@ class TUModel(nn.Module):
 
     def _check_training(self, batch: int) -> None:
         name = type(self.ensemble).__name__
-        if hasattr(self.ensemble, "training_outputs"):
+        if isinstance(self.ensemble, OwnObjective):
             raise ValueError(
                 f"{name} trains with its own objective (`training_outputs`: transformed inputs, extra loss terms), "
                 "which torch-uncertainty's routine cannot call. Train it with EnsembleClassifier and evaluate it "

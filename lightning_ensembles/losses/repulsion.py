@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice
+from ..ensembles.base import Ensemble
 from ._checks import check_pairwise
 from .base import Term
 from .kernels import log_kde
@@ -37,8 +38,7 @@ def member_parameter_matrix(ensemble: nn.Module | None) -> Tensor:
     ``BatchEnsemble`` do, the last two with their member-specific tensors). ``member(i)`` is no substitute: it
     returns a detached copy, so gradients would never reach the ensemble.
     """
-    stacked = getattr(ensemble, "stacked_parameters", None)
-    if ensemble is None or not callable(stacked):
+    if not isinstance(ensemble, Ensemble):
         kind = "no ensemble" if ensemble is None else type(ensemble).__name__
         raise ValueError(
             f"weight-space repulsion needs the members' parameters as an (M, P) matrix, but got {kind}: it "
@@ -46,7 +46,7 @@ def member_parameter_matrix(ensemble: nn.Module | None) -> Tensor:
             "ensembles use FunctionSpaceRepulsion or InputGradientRepulsion, which only need `ensemble(x)`."
         )
     m = getattr(ensemble, "num_members", None)
-    tensors = [p for p in stacked().values() if p.requires_grad]
+    tensors = [p for p in ensemble.stacked_parameters().values() if p.requires_grad]
     if not tensors:
         raise ValueError(f"{type(ensemble).__name__}.stacked_parameters() holds no trainable tensors to repel.")
     bad = [tuple(p.shape) for p in tensors if p.dim() == 0 or (m is not None and p.shape[0] != m)]

@@ -10,7 +10,7 @@ from lightning import LightningModule
 from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 
-from ..ensembles.base import Ensemble
+from ..ensembles.base import Ensemble, OwnObjective
 from ..ensembles.deep import adopt_checkpoint_storage
 from ..ensembles.registry import build_ensemble
 from ..losses.base import Regularizer, regularizer_from_config
@@ -155,11 +155,10 @@ class EnsembleModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        training_outputs = getattr(self.ensemble, "training_outputs", None)
-        if training_outputs is not None:
+        if isinstance(self.ensemble, OwnObjective):
             # Ensembles with per-member training behaviour (e.g. MultiSymmetryEnsemble: transformed
             # inputs, auxiliary heads) give their member outputs and extra loss themselves.
-            outputs, extra, logs = training_outputs(x, y)
+            outputs, extra, logs = self.ensemble.training_outputs(x, y)
             for name, value in logs.items():
                 self.log(f"train/{name}", value.detach() if isinstance(value, Tensor) else value)
         else:
