@@ -35,18 +35,17 @@ class LitClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_nll", F.cross_entropy(logits, y))
-        self.val_acc(logits, y)
-        self.log("val_acc", self.val_acc)
+        self._evaluate(batch, "val", self.val_acc)
 
     def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test", self.test_acc)
+
+    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self(x)
-        self.log("test_nll", F.cross_entropy(logits, y))
-        self.test_acc(logits, y)
-        self.log("test_acc", self.test_acc)
+        self.log(f"{stage}_nll", F.cross_entropy(logits, y))
+        accuracy(logits, y)
+        self.log(f"{stage}_acc", accuracy)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from _common import parse_args, trainer
 
-from lightning_ensembles import EnsembleClassifier
+from lightning_ensembles import MLP, EnsembleClassifier
 from lightning_ensembles.data import DigitsDataModule
 from lightning_ensembles.metrics import OODAUROC
 
@@ -21,12 +21,7 @@ def main() -> None:
     args = parse_args(__doc__)
     L.seed_everything(0)
     dm = DigitsDataModule(ood_classes=(8, 9))
-    model = EnsembleClassifier(
-        backbone="mlp",
-        num_members=5,
-        lr=3e-3,
-        backbone_kwargs={"in_features": 64, "out_features": 10, "hidden": [128, 128]},
-    )
+    model = EnsembleClassifier(backbone=MLP(64, 10, hidden=(128, 128)), num_members=5, lr=3e-3)
     t = trainer(args, epochs=40)
     t.fit(model, dm)
     res = t.test(model, dm, verbose=False)[0]
