@@ -223,10 +223,21 @@ class LoRAEnsemble(Ensemble):
             if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
                 targets.append(n)
         if not targets:
-            available = [n for n, m in names.items() if isinstance(m, (nn.Linear, nn.MultiheadAttention)) and n]
+            available = [
+                n
+                for n, m in names.items()
+                if isinstance(m, (nn.Linear, nn.MultiheadAttention)) and n and n != head_path
+            ]
+            head_hit = head_path is not None and any(fnmatch.fnmatchcase(head_path, p) for p in patterns)
+            why = (
+                f"{head_path!r} is the per-member head (head={head!r}): each member trains its own full copy of it, "
+                "so LoRA does not adapt it; pass head=None to adapt it with LoRA instead. "
+                if head_hit
+                else ""
+            )
             raise ConversionError(
                 "",
-                f"`target_modules`={patterns} matched no nn.Linear or nn.MultiheadAttention in the backbone. "
+                f"`target_modules`={patterns} matched no nn.Linear or nn.MultiheadAttention in the backbone. {why}"
                 f"Available: {available[:20]}{' ...' if len(available) > 20 else ''}. Patterns use fnmatch, "
                 "e.g. '*attn.qkv' or 'layers.*.self_attn'.",
             )
