@@ -308,8 +308,8 @@ class DeepEnsemble(Ensemble):
         batched matmuls reach each activation through a broadcasting view, so AOTAutograd's partitioner
         saves ReLU's backward mask as a bool tensor instead of reusing the saved activation, and
         inductor's CPU kernels write bool tensors element by element (about 20x slower than eager at
-        2**18 elements): a compiled ``DeepEnsemble(mlp, 8)`` training step took 1.4-1.7x its eager time
-        with vmap, 0.85-0.95x unrolled (``benchmarks/compile.py``, 1 thread). On accelerators vmap is kept.
+        2**18 elements): a compiled ``DeepEnsemble(mlp, 8)`` training step took 1.4-1.9x its eager time
+        with vmap, 0.8-1.0x unrolled (``benchmarks/compile.py``, 1 thread). On accelerators vmap is kept.
         """
         if self.storage != "stacked" or self._vmap_failed is not None or self.execution == "loop":
             return "unrolled"
