@@ -101,11 +101,7 @@ def _saved_dtypes_backend(saved: list[torch.dtype]):
     )
 
 
-# Packed and LoRA join once their layers run the compile-time custom ops (layers/_compiled.py).
-NO_MASK_METHODS = ["deep", "batch"]
-
-
-@pytest.mark.parametrize("method", NO_MASK_METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_compiled_training_saves_no_bool_masks(method):
     """The forward saves activations for the backward, not ReLU masks as bool tensors: inductor's CPU
     kernels write those element by element, which made compiled ensembles train slower than eager."""

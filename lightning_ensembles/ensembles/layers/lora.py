@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..surgery import set_unregistered
+from ._compiled import member_linear
 
 __all__ = ["LoRAFactors", "BatchedLoRALinear", "BatchedLinear", "BatchedLoRAMultiheadAttention"]
 
@@ -84,19 +85,17 @@ class LoRAFactors(nn.Module):
         ``block`` restricts to one output block (e.g. only the ``k`` slice of a fused projection).
         """
         m = self.num_members
-        lead = x.shape[:-1]
-        xm = x.reshape(m, -1, self.in_features)  # (M, N, in): member i owns rows [i*B, (i+1)*B)
+        # member i owns rows [i*B, (i+1)*B) of x; z (..., r) per block
         if block is not None:
-            z = torch.bmm(xm, self.A[:, block].transpose(1, 2))  # (M, N, r)
-            out = torch.bmm(z, self.B[:, block].transpose(1, 2))  # (M, N, out / splits)
-            return (self.scaling * out).reshape(*lead, -1)
-        z = torch.bmm(xm, self.A.reshape(m, -1, self.in_features).transpose(1, 2))  # (M, N, splits * r)
+            z = member_linear(x, self.A[:, block])  # (..., r)
+            return self.scaling * member_linear(z, self.B[:, block])  # (..., out / splits)
+        z = member_linear(x, self.A.reshape(m, -1, self.in_features))  # (..., splits * r)
         if self.splits == 1:
-            out = torch.bmm(z, self.B[:, 0].transpose(1, 2))
+            out = member_linear(z, self.B[:, 0])
         else:  # each block's rank-r code goes through its own B only
-            z = z.view(m, z.shape[1], self.splits, self.rank)
-            out = torch.einsum("mnsr,msor->mnso", z, self.B).reshape(m, z.shape[1], self.out_features)
-        return (self.scaling * out).reshape(*lead, self.out_features)
+            zm = z.reshape(m, -1, self.splits, self.rank)
+            out = torch.einsum("mnsr,msor->mnso", zm, self.B).reshape(*x.shape[:-1], self.out_features)
+        return self.scaling * out
 
     def delta_weight(self, index: int) -> Tensor:
         """``scaling * B_i A_i`` of member ``index`` as one ``(out, in)`` matrix (blocks stacked on out)."""
@@ -216,13 +215,7 @@ class BatchedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_rows(x, self._rows, self.num_members, self.path)
-        lead = x.shape[:-1]
-        xm = x.reshape(self.num_members, -1, self.in_features)
-        if self.bias is None:
-            out = torch.bmm(xm, self.weight.transpose(1, 2))
-        else:
-            out = torch.baddbmm(self.bias.unsqueeze(1), xm, self.weight.transpose(1, 2))
-        return out.reshape(*lead, self.out_features)
+        return member_linear(x, self.weight, self.bias)
 
     def merged(self, index: int) -> nn.Linear:
         """Member ``index``'s head as a plain ``nn.Linear``."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..surgery import ConversionError
+from ._compiled import grouped_matmul
 
 __all__ = ["GroupedLinear", "PackedLayerNorm", "PackedMultiheadAttention", "PackedAttention"]
 
@@ -56,8 +57,7 @@ class GroupedLinear(nn.Module):
     output_parts: tuple[int, int] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        xg = x.reshape(-1, self.groups, self.in_features // self.groups).transpose(0, 1)  # (G, N, in_g)
-        y = torch.bmm(xg, self.weight.transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+        y = grouped_matmul(x, self.weight)
         y = y if self.bias is None else y + self.bias
         if self.output_parts is not None:
             y = y.unflatten(-1, (*self.output_parts, -1)).transpose(-3, -2).flatten(-3)
