@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _models import fit_digits_mlp
 
 from lightning_ensembles.calibration import (
     MIN_SAMPLES,
@@ -73,12 +74,7 @@ def digits_probs():
     x = x.flatten(1)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     tr, held = perm[:900], perm[900:]
-    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[tr]), y[tr]).backward()
-        opt.step()
+    net = fit_digits_mlp(x[tr], y[tr], hidden=128, steps=200)
     with torch.no_grad():
         return net(x[held]), y[held]
 

@@ -168,10 +168,10 @@ def test_dense_task_trains_logs_pixel_metrics_and_feeds_calibration_callbacks():
 
 
 def test_multilabel_task_on_digit_pairs():
+    from _models import mlp_classifier
     from conftest import quiet_trainer
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_ensembles import EnsembleClassifier
     from lightning_ensembles.data.digits import load_digits_tensors
 
     torch.manual_seed(0)
@@ -181,13 +181,7 @@ def test_multilabel_task_on_digit_pairs():
     y = torch.zeros(1200, 10, dtype=torch.long)
     y[torch.arange(1200), yd[a]] = 1
     y[torch.arange(1200), yd[b]] = 1
-    model = EnsembleClassifier(
-        backbone="mlp",
-        num_members=2,
-        task="multilabel",
-        lr=3e-3,
-        backbone_kwargs={"in_features": 128, "out_features": 10},
-    )
+    model = mlp_classifier(2, in_features=128, task="multilabel", lr=3e-3)
     trainer = quiet_trainer(max_epochs=6, num_sanity_val_steps=0)
     trainer.fit(
         model,

@@ -163,6 +163,7 @@ def test_evidential_training_learns_and_flags_unseen_inputs_by_vacuity():
 
 # ---------------------------------------------------------------- through the modules
 def test_evidential_classifier_trains_reports_vacuity_and_reloads(tmp_path):
+    from _models import mlp_classifier
     from conftest import quiet_trainer
 
     from lightning_ensembles import EnsembleClassifier
@@ -170,13 +171,7 @@ def test_evidential_classifier_trains_reports_vacuity_and_reloads(tmp_path):
 
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=64)
-    model = EnsembleClassifier(
-        backbone="mlp",
-        num_members=2,
-        loss="evidential",
-        lr=3e-3,
-        backbone_kwargs={"in_features": 64, "out_features": 10},
-    )
+    model = mlp_classifier(2, loss="evidential", lr=3e-3)
     assert isinstance(model.ensemble.member(0), DirichletHead)
     trainer = quiet_trainer(max_epochs=4, num_sanity_val_steps=0)
     trainer.fit(model, dm)

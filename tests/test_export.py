@@ -8,6 +8,7 @@ import warnings
 import pytest
 import timm
 import torch
+from _models import tiny_vit
 from torch import nn
 
 from lightning_ensembles.ensembles.registry import ENSEMBLE_METHODS, _load_builtin_methods, build_ensemble
@@ -36,19 +37,7 @@ def _mlp() -> nn.Module:
 BACKBONES = {
     "mlp": (_mlp, (5, 8)),
     "conv": (lambda: timm.create_model("resnet10t", pretrained=False, num_classes=4), (2, 3, 32, 32)),
-    "vit": (
-        lambda: timm.create_model(
-            "vit_tiny_patch16_224",
-            pretrained=False,
-            num_classes=4,
-            img_size=16,
-            patch_size=8,
-            depth=1,
-            embed_dim=32,
-            num_heads=2,
-        ),
-        (2, 3, 16, 16),
-    ),
+    "vit": (lambda: tiny_vit(num_classes=4, img_size=16, depth=1, embed_dim=32, num_heads=2), (2, 3, 16, 16)),
 }
 
 

@@ -6,6 +6,7 @@ from _family_checks import (
     cli_fit_with_diversity_averaging_and_calibration,
     ensembling_callback_fit,
 )
+from _models import tiny_vit
 from torch import nn
 
 from lightning_ensembles.backbones import MLP
@@ -138,10 +139,7 @@ def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
 
 
 def test_timm_vit_tokens_masked_on_the_channel_axis():
-    timm = pytest.importorskip("timm")
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3
-    ).eval()
+    vit = tiny_vit().eval()
     ens = Masksembles(vit, num_members=2, scale=2.0, seed=0).eval()
     assert "blocks.0.mlp.fc1" in ens.converted and "head" not in ens.converted and ens.verification.passed
     captured = {}

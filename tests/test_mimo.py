@@ -6,6 +6,7 @@ from _family_checks import (
     cli_fit_with_diversity_averaging_and_calibration,
     ensembling_callback_fit,
 )
+from _models import tiny_vit
 from conftest import quiet_trainer
 from torch import nn
 
@@ -184,10 +185,7 @@ def test_cli_with_diversity_term_weight_averaging_and_calibration(tmp_path):
 
 
 def test_timm_vit_patch_embedding_and_head():
-    timm = pytest.importorskip("timm")
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3
-    ).eval()
+    vit = tiny_vit().eval()
     ens = MIMO(vit, num_members=2).eval()
     assert ens.converted == ["patch_embed.proj", "head"] and ens.verification.passed
     x = torch.randn(2, 3, 32, 32)

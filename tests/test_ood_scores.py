@@ -79,6 +79,7 @@ def test_metric_set_logs_every_selected_score_and_ranks():
 
 
 def test_classifier_logs_the_selected_scores_per_score():
+    from _models import mlp_classifier
     from conftest import quiet_trainer
 
     from lightning_ensembles import EnsembleClassifier
@@ -86,13 +87,7 @@ def test_classifier_logs_the_selected_scores_per_score():
 
     torch.manual_seed(0)
     dm = DigitsDataModule(ood_classes=(8, 9))
-    model = EnsembleClassifier(
-        backbone="mlp",
-        num_members=3,
-        lr=3e-3,
-        ood_scores=["energy", "max_logit", "variation_ratio"],
-        backbone_kwargs={"in_features": 64, "out_features": 10},
-    )
+    model = mlp_classifier(3, lr=3e-3, ood_scores=["energy", "max_logit", "variation_ratio"])
     trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=0)
     trainer.fit(model, dm)
     res = trainer.test(model, dm, verbose=False)[0]
