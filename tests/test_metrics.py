@@ -7,29 +7,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from _metric_runs import run
+from _models import fit_digits_mlp
 from scipy.stats import norm as scipy_norm
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from lightning_ensembles.metrics import (
-    AURC,
-    FPR95,
-    OODAUPR,
-    OODAUROC,
+from lightning_ensembles.metrics.calibration import (
     AdaptiveCalibrationError,
-    BrierScore,
-    ClassificationMetrics,
     ClasswiseCalibrationError,
-    CoverageAtRisk,
-    Disagreement,
     ExpectedCalibrationError,
-    GaussianNLL,
-    IntervalCoverage,
-    MutualInformation,
-    NegativeLogLikelihood,
-    PredictiveEntropy,
-    QuantileCalibrationError,
-    RegressionMetrics,
 )
+from lightning_ensembles.metrics.diversity import Disagreement, MutualInformation, PredictiveEntropy
+from lightning_ensembles.metrics.ood import FPR95, OODAUPR, OODAUROC
+from lightning_ensembles.metrics.presets import ClassificationMetrics, RegressionMetrics
+from lightning_ensembles.metrics.regression import GaussianNLL, IntervalCoverage, QuantileCalibrationError
+from lightning_ensembles.metrics.scoring import BrierScore, NegativeLogLikelihood
+from lightning_ensembles.metrics.selective import AURC, CoverageAtRisk
 
 TOL = 1e-6
 
@@ -56,12 +49,7 @@ def trained_members():
     members = []
     for seed in range(3):
         torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        for _ in range(120):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[tr]), y[tr]).backward()
-            opt.step()
+        net = fit_digits_mlp(x[tr], y[tr], hidden=64, steps=120)
         with torch.no_grad():
             members.append(net(x[te]).softmax(-1))
     return torch.stack(members), y[te]
@@ -143,14 +131,6 @@ def np_fpr_at(scores, labels, recall=0.95):
 def np_entropy(p):
     with np.errstate(divide="ignore", invalid="ignore"):
         return -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=-1)
-
-
-def run(metric, *args, batches=1):
-    n = args[0].shape[-2] if args[0].dim() == 3 else args[0].shape[0]
-    bounds = np.linspace(0, n, batches + 1).astype(int)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        metric.update(*[a[:, lo:hi] if a.dim() == 3 else a[lo:hi] for a in args])
-    return float(metric.compute())
 
 
 # ------------------------------------------------------------------ hand-checkable values (REFERENCES.md)

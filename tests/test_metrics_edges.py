@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _metric_runs import run
 from conftest import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,14 +44,6 @@ from lightning_ensembles.metrics import (
     SetSize,
     TopLabelAccuracy,
 )
-
-
-def run(metric, *args, batches=1):
-    n = args[0].shape[-2] if args[0].dim() == 3 else args[0].shape[0]
-    bounds = np.linspace(0, n, batches + 1).astype(int)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        metric.update(*[a[:, lo:hi] if a.dim() == 3 else a[lo:hi] for a in args])
-    return float(metric.compute())
 
 
 # ================================================================== tied confidences
@@ -522,15 +515,30 @@ def test_module_metric_sets_refuse_probabilities():
     OODMetrics().update(logits, is_ood=False)
 
 
-class _ProbsUnderLogitsKey(L.LightningModule):
-    def __init__(self, key):
+class _LinearTestOutputs(L.LightningModule):
+    """A 16 -> 10 linear layer; ``test_step`` returns ``self.outputs(logits, targets)``."""
+
+    def __init__(self):
         super().__init__()
         self.net = nn.Linear(16, 10)
-        self.key = key
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        probs = self.net(x).softmax(-1)
+        return self.outputs(self.net(x), y)
+
+
+def _random_loader() -> DataLoader:
+    """Two batches of 32 random 16-feature inputs with targets among 10 classes."""
+    return DataLoader(TensorDataset(torch.randn(64, 16), torch.randint(0, 10, (64,))), batch_size=32)
+
+
+class _ProbsUnderLogitsKey(_LinearTestOutputs):
+    def __init__(self, key):
+        super().__init__()
+        self.key = key
+
+    def outputs(self, logits, y):
+        probs = logits.softmax(-1)
         return {self.key: probs if self.key == "logits" else probs[None].repeat(2, 1, 1), "target": y}
 
 
@@ -538,22 +546,16 @@ class _ProbsUnderLogitsKey(L.LightningModule):
 def test_calibration_metrics_refuse_probabilities_under_a_logits_key(key):
     from lightning_ensembles.callbacks import CalibrationMetrics
 
-    loader = DataLoader(TensorDataset(torch.randn(64, 16), torch.randint(0, 10, (64,))), batch_size=32)
+    loader = _random_loader()
     trainer = quiet_trainer(callbacks=[CalibrationMetrics(metrics=["ece", "nll"])])
     with pytest.raises(ValueError, match="look like probabilities.*'(member_)?probs'"):
         trainer.test(_ProbsUnderLogitsKey(key), loader, verbose=False)
 
 
-class _MaskedLogits(L.LightningModule):
+class _MaskedLogits(_LinearTestOutputs):
     """Logits with a masked class (-inf): valid logits, whose softmax gives that class probability 0."""
 
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(16, 10)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.net(x)
+    def outputs(self, logits, y):
         logits[:, 9] = float("-inf")
         return {"logits": logits, "target": y % 9}
 
@@ -561,25 +563,20 @@ class _MaskedLogits(L.LightningModule):
 def test_calibration_metrics_take_logits_with_a_masked_class():
     from lightning_ensembles.callbacks import CalibrationMetrics
 
-    loader = DataLoader(TensorDataset(torch.randn(64, 16), torch.randint(0, 10, (64,))), batch_size=32)
+    loader = _random_loader()
     cb = CalibrationMetrics(metrics=["ece", "nll"])
     quiet_trainer(callbacks=[cb]).test(_MaskedLogits(), loader, verbose=False)
     assert all(math.isfinite(v) for v in cb.last_results["test"].values())
 
 
-class _OffProbs(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(16, 10)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        return {"probs": self.net(x).softmax(-1) * 1.01, "target": y}  # float32 rows off by 1e-2
+class _OffProbs(_LinearTestOutputs):
+    def outputs(self, logits, y):
+        return {"probs": logits.softmax(-1) * 1.01, "target": y}  # float32 rows off by 1e-2
 
 
 def test_calibration_metrics_still_refuse_float32_rows_off_by_1e_2():
     from lightning_ensembles.callbacks import CalibrationMetrics
 
-    loader = DataLoader(TensorDataset(torch.randn(64, 16), torch.randint(0, 10, (64,))), batch_size=32)
+    loader = _random_loader()
     with pytest.raises(ValueError, match="sum to 1.*tolerance 0.001 for torch.float32"):
         quiet_trainer(callbacks=[CalibrationMetrics(metrics=["ece"])]).test(_OffProbs(), loader, verbose=False)
