@@ -67,9 +67,9 @@ def ensembling_callback_fit(method: str, num_members: int, method_kwargs: dict[s
     from lightning_ensembles.data import DigitsDataModule
 
     class User(L.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, model: nn.Module) -> None:
             super().__init__()
-            self.model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
+            self.model = model
 
         def forward(self, x):
             return self.model(x)
@@ -85,7 +85,7 @@ def ensembling_callback_fit(method: str, num_members: int, method_kwargs: dict[s
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-    module = User()
+    module = User(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10)))
     cb = Ensembling(method=method, num_members=num_members, method_kwargs=method_kwargs)
     trainer = quiet_trainer(max_epochs=1, callbacks=[cb, CalibrationMetrics()])
     trainer.fit(module, DigitsDataModule(batch_size=64))

@@ -6,15 +6,10 @@ from typing import Any
 
 import lightning as L
 
-#: No logger, progress bar, model summary or checkpoints unless a test asks for them.
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    enable_checkpointing=False,
-)
+#: What the tests' trainers leave off unless a test asks for it.
+OFF = ("logger", "enable_progress_bar", "enable_model_summary", "enable_checkpointing")
+#: One CPU device; no logger, progress bar, model summary or checkpoints.
+QUIET = {"accelerator": "cpu", "devices": 1, **dict.fromkeys(OFF, False)}
 
 
 def quiet_trainer(**overrides: Any) -> L.Trainer:

@@ -2,6 +2,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from _ensembling import ensembled_for_training
 from conftest import quiet_trainer
 from lightning.pytorch.cli import LightningCLI
 from user_project.classifier import LitClassifier, TupleClassifier
@@ -38,10 +39,7 @@ def test_unchanged_module_trains_as_an_ensemble_and_logs_ensemble_accuracy():
 def test_each_member_gets_its_own_loss_under_the_users_training_step():
     torch.manual_seed(0)
     module = LitClassifier()
-    cb = Ensembling(num_members=3)
-    cb.apply(module)
-    cb._patch_training_step(module)
-    module.train()
+    ensembled_for_training(module, num_members=3)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss = module.training_step((x, y), 0)
     members = module.model.ensemble(x)

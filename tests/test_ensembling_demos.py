@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _ensembling import ensembled_for_training
 from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos import BoringModel, DemoModel, LightningTransformer
@@ -252,10 +253,7 @@ def test_split_mode_gives_each_sample_to_one_member_also_for_flattened_token_out
 
 def test_randomness_before_the_forward_is_replayed_for_every_member():
     module = MixupClassifier()
-    cb = Ensembling(num_members=3)
-    cb.apply(module)
-    cb._patch_training_step(module)
-    module.train()
+    cb = ensembled_for_training(module, num_members=3)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     for step in range(3):  # the first step finds out that NumPy is used, the second knows,
         if step == 2:  # the third starts drawing from NumPy after steps that did not
@@ -361,10 +359,8 @@ def test_one_member_through_the_callback_keeps_the_member_axis_and_index():
     results = metrics.compute()
     assert float(results["val/member_acc/0"]) == pytest.approx(float(trainer.callback_metrics["val_acc"]), abs=1e-6)
     # Training with one member: the step sees the member's own output (no passes to average).
-    fresh, one = LitClassifier(), Ensembling(num_members=1)
-    one.apply(fresh)
-    one._patch_training_step(fresh)
-    fresh.train()
+    fresh = LitClassifier()
+    ensembled_for_training(fresh, num_members=1)
     torch.testing.assert_close(
         fresh.training_step((x[:8], y[:8]), 0), F.cross_entropy(fresh.model.ensemble(x[:8])[0], y[:8])
     )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("torch_uncertainty")
 
+from _fresh_python import import_error_output  # noqa: E402
 from conftest import quiet_trainer  # noqa: E402
 from torch_uncertainty.methods import batch_ensemble, mc_dropout  # noqa: E402
 from torch_uncertainty.models.mlp import mimo_mlp, packed_mlp  # noqa: E402
@@ -366,17 +365,8 @@ def test_digits_tu_datamodule_serves_test_and_ood_loaders(digits):
 
 
 def test_interop_without_the_extra_names_the_install():
-    code = (
-        "import sys; sys.modules['torch_uncertainty'] = None\n"
-        "import lightning_ensembles.interop as interop\n"
-        "try:\n"
-        "    interop.from_tu_model\n"
-        "except ImportError as e:\n"
-        "    print('MSG', e)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pip install 'lightning-ensembles[interop]'" in proc.stdout
+    prelude = "import sys; sys.modules['torch_uncertainty'] = None\nimport lightning_ensembles.interop as interop\n"
+    assert "pip install 'lightning-ensembles[interop]'" in import_error_output(prelude, "interop.from_tu_model")
 
 
 def test_docs_snippets_run():
