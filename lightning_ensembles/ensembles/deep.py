@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import stack_module_state, vmap
 
+from .._checks import check_choice
 from ..backbones import resolve_backbone
 from ._member_views import GradBuffers, Scratch, member_views
 from .base import Ensemble
@@ -143,12 +144,9 @@ class DeepEnsemble(Ensemble):
         storage: Literal["auto", "stacked", "per_member"] = "auto",
     ) -> None:
         super().__init__(num_members)
-        if init not in ("reinit", "copy"):
-            raise ValueError(f"`init` must be 'reinit' or 'copy', got {init!r}.")
-        if execution not in ("auto", "vmap", "loop"):
-            raise ValueError(f"`execution` must be 'auto', 'vmap' or 'loop', got {execution!r}.")
-        if storage not in ("auto", "stacked", "per_member"):
-            raise ValueError(f"`storage` must be 'auto', 'stacked' or 'per_member', got {storage!r}.")
+        check_choice("init", init, ("reinit", "copy"))
+        check_choice("execution", execution, ("auto", "vmap", "loop"))
+        check_choice("storage", storage, ("auto", "stacked", "per_member"))
         self.init = init
         self.execution = execution
         self.reinit_redrawn: list[str] = []
