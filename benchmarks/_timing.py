@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
 
 
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
@@ -42,3 +45,15 @@ def interleaved_median_ms(
                 fn()
             times[k].append((time.perf_counter() - t0) / inner)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def parse_with_threads(parser: argparse.ArgumentParser, default: int = 1) -> argparse.Namespace:
+    """Parse ``parser``'s arguments plus ``--threads`` (torch intra-op threads) and apply that setting.
+
+    One thread is the default: the benchmarks' models are small, and on a shared 2-core machine more
+    threads contend for the cores (measured 10-50x slower for tiny MLPs and the zoo's conversions).
+    """
+    parser.add_argument("--threads", type=int, default=default, help="torch intra-op threads (default %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

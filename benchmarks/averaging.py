@@ -28,6 +28,11 @@ from lightning_ensembles.averaging import EMA, SWA, SWAG, CombinatorialEnsemble,
 from lightning_ensembles.averaging.snapshot import cyclic_cosine_lr, snapshot_ensemble
 from lightning_ensembles.data import DigitsDataModule, MNIST1DDataModule
 
+try:
+    from _timing import parse_with_threads
+except ImportError:  # run as a module
+    from benchmarks._timing import parse_with_threads
+
 
 def _splits(name: str):
     dm = DigitsDataModule() if name == "digits" else MNIST1DDataModule(num_samples=4000)
@@ -143,14 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and one seed")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads; on a shared 2-core machine 1 thread was ~10x faster than 2 for these tiny MLPs",
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     seeds = 1 if args.quick else args.seeds
     settings = {"digits": (20 if args.quick else 60, 0.05), "mnist1d": (10 if args.quick else 40, 0.05)}
     for name, (epochs, lr) in settings.items():

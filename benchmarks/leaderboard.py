@@ -350,23 +350,27 @@ def run_task(
 
 
 # ------------------------------------------------------------------------------------------- report
-CLS_COLS = [
-    ("acc", "accuracy", 4),
-    ("nll", "NLL", 3),
-    ("brier", "Brier", 4),
-    ("ece", "ECE", 4),
-    ("aurc", "AURC", 4),
-    ("ood_auroc", "OOD AUROC", 3),
-    ("shift_acc", "shift acc", 3),
-    ("shift_ece", "shift ECE", 3),
-]
-REG_COLS = [
-    ("nll", "NLL", 3),
-    ("rmse", "RMSE", 3),
-    ("nll_in", "NLL (train range)", 3),
-    ("nll_gap", "NLL (gap)", 3),
-    ("std_gap_ratio", "std gap / range", 2),
-]
+#: Reported metrics of the classification tasks: key -> (column header, digits shown).
+CLS_FORMAT = {
+    "acc": ("accuracy", 4),
+    "nll": ("NLL", 3),
+    "brier": ("Brier", 4),
+    "ece": ("ECE", 4),
+    "aurc": ("AURC", 4),
+    "ood_auroc": ("OOD AUROC", 3),
+    "shift_acc": ("shift acc", 3),
+    "shift_ece": ("shift ECE", 3),
+}
+#: ... and of the regression tasks.
+REG_FORMAT = {
+    "nll": CLS_FORMAT["nll"],
+    "rmse": ("RMSE", 3),
+    "nll_in": ("NLL (train range)", 3),
+    "nll_gap": ("NLL (gap)", 3),
+    "std_gap_ratio": ("std gap / range", 2),
+}
+CLS_COLS = [(k, *v) for k, v in CLS_FORMAT.items()]
+REG_COLS = [(k, *v) for k, v in REG_FORMAT.items()]
 LOWER_IS_BETTER = {"nll", "brier", "ece", "aurc", "shift_ece", "rmse", "nll_in", "nll_gap"}
 
 

@@ -22,6 +22,11 @@ from lightning_ensembles.data import DigitsDataModule, MNIST1DDataModule
 from lightning_ensembles.ensembles.batch import BatchEnsemble
 from lightning_ensembles.ensembles.packed import PackedEnsemble
 
+try:
+    from _timing import parse_with_threads
+except ImportError:  # run as a module
+    from benchmarks._timing import parse_with_threads
+
 
 def _data(name: str, seed: int):
     dm = DigitsDataModule(seed=seed) if name == "digits" else MNIST1DDataModule(seed=seed)
@@ -93,9 +98,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
-    args = parser.parse_args()
+    args = parse_with_threads(parser, default=2)
     seeds, epochs = (1, 10) if args.quick else (args.seeds, args.epochs)
-    torch.set_num_threads(2)
     print(
         f"MLP 128-128, Adam 1e-3, batch 64, up to {epochs} epochs (epoch of best validation NLL), "
         f"{seeds} seed(s); M=4\n"

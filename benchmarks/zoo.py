@@ -40,6 +40,11 @@ from lightning_ensembles.ensembles.lora import LoRAEnsemble
 from lightning_ensembles.ensembles.packed import PackedEnsemble
 from lightning_ensembles.ensembles.surgery import ConversionError
 
+try:
+    from _timing import parse_with_threads
+except ImportError:  # run as a module
+    from benchmarks._timing import parse_with_threads
+
 M = 2
 K = 5  # classes
 V = dict(img_size=32)
@@ -303,16 +308,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
     parser.add_argument("--no-tu", action="store_true", help="skip torch-uncertainty's builders")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per (model, method)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (1: on a shared machine more threads contend and run 10-50x slower)",
-    )
-    args = parser.parse_args()
+    args = parse_with_threads(parser)
     names = args.models or (QUICK if args.quick else list(ZOO))
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     counts = {m: Counter() for m in args.methods}
     rows = []
     for name in names:

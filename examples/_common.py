@@ -32,3 +32,10 @@ def trainer(args: argparse.Namespace, epochs: int, **kwargs) -> L.Trainer:
     options.update(kwargs)
     options.update(smoke)
     return L.Trainer(**options)
+
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> Path:
+    """Write a matplotlib figure to ``path`` (100 dpi) and say where."""
+    fig.savefig(path, dpi=100, **savefig_kwargs)
+    print(f"wrote {path}")
+    return path

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _common import parse_args, trainer  # noqa: E402
+from _common import parse_args, save_figure, trainer  # noqa: E402
 
 from lightning_ensembles import EnsembleRegressor  # noqa: E402
 from lightning_ensembles.data import ToyRegressionDataModule  # noqa: E402
@@ -54,19 +54,15 @@ def main() -> None:
     ax.set_ylim(-8, 8)
     ax.legend(loc="upper center", ncol=3, fontsize=8)
     ax.set_title("Deep ensemble of 5 Gaussian MLPs: aleatoric vs epistemic uncertainty")
-    path = args.out / "regression_band.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    print(f"wrote {path}")
+    save_figure(fig, args.out / "regression_band.png", bbox_inches="tight")
     # Calibration of the predictive intervals on the test split: expected vs observed coverage.
     xte, yte = dm.splits["test"].tensors
     with torch.no_grad():
         test = model.predict_step((xte,), 0)
     qce = QuantileCalibrationError()
     qce.update(test["mean"], test["variance"], yte.reshape(test["mean"].shape))
-    fig, _ = qce.plot()
-    path = args.out / "regression_coverage.png"
-    fig.savefig(path, dpi=100)
-    print(f"quantile calibration error {float(qce.compute()):.4f}; wrote {path}")
+    print(f"quantile calibration error {float(qce.compute()):.4f}")
+    save_figure(qce.plot()[0], args.out / "regression_coverage.png")
 
 
 if __name__ == "__main__":

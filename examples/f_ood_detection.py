@@ -10,7 +10,7 @@ The ROC curve of mutual information is written to outputs/examples/ood_roc_mi.pn
 
 import lightning as L
 import torch
-from _common import parse_args, trainer
+from _common import parse_args, save_figure, trainer
 
 from lightning_ensembles import MLP, EnsembleClassifier
 from lightning_ensembles.data import DigitsDataModule
@@ -36,10 +36,7 @@ def main() -> None:
     for is_ood, batches in enumerate(preds):
         mi = torch.cat([b["mutual_information"] for b in batches]).double()
         roc.update(mi, torch.full_like(mi, is_ood, dtype=torch.long))
-    fig, _ = roc.plot()
-    path = args.out / "ood_roc_mi.png"
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    save_figure(roc.plot()[0], args.out / "ood_roc_mi.png")
 
 
 if __name__ == "__main__":
