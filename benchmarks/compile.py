@@ -4,6 +4,7 @@
     python benchmarks/compile.py --quick         # fewer repetitions
     python benchmarks/compile.py --clock wall    # wall clock instead of process CPU time
     python benchmarks/compile.py --repeat 3      # three timing passes per model: ratios as median [min-max]
+    python benchmarks/compile.py --fit           # the same models trained by Lightning (Trainer.fit)
 
 Every model is compiled with ``torch.compile(model)`` (default mode); the loss, backward and Adam step
 stay eager, as in a Lightning ``training_step`` calling a compiled model. Timings are interleaved
@@ -14,20 +15,28 @@ loaded shared machine disturbs less than wall time. Columns:
                         with --repeat N: the median of N timing passes and [their min-max]
     breaks              graph breaks (torch._dynamo.explain) in training mode and in eval mode
     recompiles          frames compiled during 3 steady-state training steps after the warm-up (want 0)
+
+With ``--fit`` each model trains in ``Trainer.fit`` (ensembles as ``EnsembleClassifier(ensemble=...)``,
+the single MLP as a plain LightningModule; compiled in place with ``model.compile()``), 3 epochs of 30
+batches without validation; ``train x`` is then the median CPU time of a whole Lightning training batch
+(``on_train_batch_start`` to ``on_train_batch_end``) in epochs 2-3, compiled / eager, fits alternating.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 import warnings
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ensembles import DeepEnsemble
+from lightning_ensembles import DeepEnsemble, EnsembleClassifier
 from lightning_ensembles.ensembles.registry import build_ensemble
 
 
@@ -106,6 +115,76 @@ def graph_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return out[0], out[1]
 
 
+class _SingleClassifier(L.LightningModule):
+    """The single MLP as a user's plain LightningModule (cross-entropy, Adam)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class _StepTimer(L.Callback):
+    """CPU time of each training batch after the first epoch (compilation and warm-up happen there)."""
+
+    def __init__(self, clock) -> None:
+        self.clock, self.times, self._t0 = clock, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = self.clock()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch >= 1:
+            self.times.append(self.clock() - self._t0)
+
+
+def fit_step_ms(name: str, compiled: bool, clock) -> float:
+    """Median ms of a steady-state Lightning training batch of model ``name``, eager or compiled in place."""
+    torch.manual_seed(0)
+    model = models()[name]
+    module = _SingleClassifier(model) if name == "single MLP" else EnsembleClassifier(ensemble=model, lr=1e-3)
+    if compiled:
+        torch._dynamo.reset()
+        model.compile()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(128 * 30, 64, generator=g), torch.randint(0, 10, (128 * 30,), generator=g))
+    timer = _StepTimer(clock)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(module, DataLoader(data, batch_size=128, shuffle=True, generator=g))
+    return 1e3 * statistics.median(timer.times)
+
+
+def fit_table(args, clock) -> None:
+    print(f"Lightning fit: median training batch (ms), epochs 2-3 of 3 x 30 batches; {args.repeat} alternating pairs")
+    print(f"{'model':<20} {'train ms eager':>14} {'compiled':>9} {'train x':>18}")
+    for name in models():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        passes = []
+        for _ in range(args.repeat):
+            passes.append({"eager": fit_step_ms(name, False, clock), "compiled": fit_step_ms(name, True, clock)})
+        print(
+            f"{name:<20} {med(passes, 'eager'):>14.2f} {med(passes, 'compiled'):>9.2f} {ratios(passes):>18}", flush=True
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -113,11 +192,17 @@ def main() -> None:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--only", nargs="*", help="substrings of model names to run")
     parser.add_argument("--repeat", type=int, default=1, help="timing passes per model (the spread is printed)")
+    parser.add_argument("--fit", action="store_true", help="time training inside Lightning's Trainer.fit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     reps = 7 if args.quick else 21
     width = 8 if args.repeat == 1 else 18
+    if args.fit:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        print(f"torch {torch.__version__}, {args.threads} threads, batch 128, Adam, {args.clock} clock")
+        return fit_table(args, clock)
     torch.manual_seed(0)
     x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
     print(f"torch {torch.__version__}, {args.threads} threads, batch 128, Adam, {args.clock} clock, {reps} rounds")
