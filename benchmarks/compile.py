@@ -157,16 +157,8 @@ def fit_step_ms(name: str, compiled: bool, clock) -> float:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(128 * 30, 64, generator=g), torch.randint(0, 10, (128 * 30,), generator=g))
     timer = _StepTimer(clock)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
+    quiet = dict.fromkeys(("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, limit_val_batches=0, callbacks=[timer], **quiet)
     trainer.fit(module, DataLoader(data, batch_size=128, shuffle=True, generator=g))
     return 1e3 * statistics.median(timer.times)
 
