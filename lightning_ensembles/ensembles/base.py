@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice
+from .._checks import check_choice, check_member_outputs
 from ..backbones import resolve_backbone
 
 __all__ = [
@@ -31,19 +31,6 @@ __all__ = [
 
 #: Smallest predicted variance; keeps Gaussian NLL finite.
 MIN_VARIANCE = 1e-6
-
-
-def check_member_outputs(outputs: Tensor, num_members: int | None = None, name: str = "outputs") -> None:
-    """Raise a ``ValueError`` unless ``outputs`` has the member axis first, ``(M, B, ...)``."""
-    if not isinstance(outputs, Tensor):
-        raise ValueError(f"`{name}` must be a tensor of member outputs (M, B, ...), got {type(outputs).__name__}.")
-    if outputs.dim() < 2:
-        raise ValueError(
-            f"`{name}` must have the member axis first, shape (M, B, ...); got shape {tuple(outputs.shape)}. "
-            "Stack single-model outputs with `outputs.unsqueeze(0)`."
-        )
-    if num_members is not None and outputs.shape[0] != num_members:
-        raise ValueError(f"`{name}` has {outputs.shape[0]} members on axis 0, expected {num_members}.")
 
 
 def aggregate_log_probs(logits: Tensor) -> Tensor:

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._checks import check_shared_examples
 from ..ensembles.surgery import set_unregistered
-from ._checks import check_shared_examples
 
 __all__ = ["Regularizer", "Term", "regularizer_from_config"]
 

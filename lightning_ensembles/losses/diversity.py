@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice
+from .._checks import check_choice, check_class_target, check_logits, check_pairwise, check_same_batch
 from ..ensembles.base import aggregate_log_probs, split_gaussian
-from ._checks import check_class_target, check_logits, check_pairwise, check_same_batch
 from .base import Term
 
 __all__ = [

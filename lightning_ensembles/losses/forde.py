@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_class_target, check_logits, check_shared_examples
+from .._checks import check_class_target, check_logits, check_shared_examples
 from .base import Term
 
 __all__ = ["member_input_gradients", "forde_repulsion", "InputGradientRepulsion"]

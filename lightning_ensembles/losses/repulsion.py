@@ -21,9 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice
+from .._checks import check_choice, check_pairwise
 from ..ensembles.base import Ensemble
-from ._checks import check_pairwise
 from .base import Term
 from .kernels import log_kde
 
