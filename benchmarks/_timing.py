@@ -47,13 +47,15 @@ def interleaved_median_ms(
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def parse_with_threads(parser: argparse.ArgumentParser, default: int = 1) -> argparse.Namespace:
+def parse_with_threads(
+    parser: argparse.ArgumentParser, default: int = 1, argv: list[str] | None = None
+) -> argparse.Namespace:
     """Parse ``parser``'s arguments plus ``--threads`` (torch intra-op threads) and apply that setting.
 
     One thread is the default: the benchmarks' models are small, and on a shared 2-core machine more
     threads contend for the cores (measured 10-50x slower for tiny MLPs and the zoo's conversions).
     """
     parser.add_argument("--threads", type=int, default=default, help="torch intra-op threads (default %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args

@@ -39,6 +39,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ensembles import DeepEnsemble, EnsembleClassifier
 from lightning_ensembles.ensembles.registry import build_ensemble
 
+try:
+    from _timing import parse_with_threads
+except ImportError:  # run as a module
+    from benchmarks._timing import parse_with_threads
+
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -180,13 +185,11 @@ def fit_table(args, clock) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--only", nargs="*", help="substrings of model names to run")
     parser.add_argument("--repeat", type=int, default=1, help="timing passes per model (the spread is printed)")
     parser.add_argument("--fit", action="store_true", help="time training inside Lightning's Trainer.fit")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser, default=2)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     reps = 7 if args.quick else 21
     width = 8 if args.repeat == 1 else 18

@@ -16,7 +16,7 @@ import argparse
 import timm
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_median_ms
+from _timing import interleaved_median_ms, parse_with_threads
 from torch import nn
 
 from lightning_ensembles import MLP, DeepEnsemble
@@ -108,12 +108,10 @@ def bench(name: str, factory, x, y, m: int, reps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--optimizer", choices=("adam", "adam-fused", "sgd"), default="adam")
     parser.add_argument("--only", default="", help="run only the backbones whose name contains this text")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser, default=2)
     OPTIMIZER["kind"] = args.optimizer
     torch.manual_seed(0)
     reps = 3 if args.quick else args.reps

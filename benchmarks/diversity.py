@@ -37,6 +37,11 @@ from lightning_ensembles.losses import (
 )
 from lightning_ensembles.metrics import Disagreement, ExpectedCalibrationError, NegativeLogLikelihood
 
+try:
+    from _timing import parse_with_threads
+except ImportError:  # run as a module
+    from benchmarks._timing import parse_with_threads
+
 M = 4
 LR = 3e-3
 
@@ -137,10 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and one seed")
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models, no contention)")
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"], choices=["digits", "mnist1d"])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     seeds = args.seeds or (1 if args.quick else 2)
     epochs = {"digits": 10 if args.quick else 20, "mnist1d": 6 if args.quick else 12}
     reps = 5 if args.quick else 10

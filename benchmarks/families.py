@@ -47,10 +47,10 @@ from lightning_ensembles.metrics.diversity import pairwise_disagreement
 from lightning_ensembles.metrics.ood import OODAUROC
 
 try:
-    from _timing import interleaved_median_ms
+    from _timing import interleaved_median_ms, parse_with_threads
     from leaderboard import Single
 except ImportError:  # run as a module
-    from benchmarks._timing import interleaved_median_ms
+    from benchmarks._timing import interleaved_median_ms, parse_with_threads
     from benchmarks.leaderboard import Single
 
 OOD_CLASSES = (8, 9)
@@ -263,7 +263,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 epochs, fewer timing repetitions")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (timings depend on it)")
     parser.add_argument(
         "--clock",
         choices=("cpu", "wall"),
@@ -271,8 +270,7 @@ def main() -> None:
         help="cpu: process CPU time per call (robust on a loaded machine, meant for --threads 1); "
         "wall: wall-clock time",
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     seeds = [0] if args.quick else list(range(args.seeds))
     epochs = 5 if args.quick else args.epochs
     reps = 5 if args.quick else 25

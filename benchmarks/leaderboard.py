@@ -53,6 +53,11 @@ from lightning_ensembles.metrics.diversity import pairwise_disagreement
 from lightning_ensembles.metrics.ood import OODAUROC
 from lightning_ensembles.metrics.selective import AURC
 
+try:
+    from _timing import parse_with_threads
+except ImportError:  # run as a module
+    from benchmarks._timing import parse_with_threads
+
 NUM_MEMBERS = 4
 LR = 3e-3
 BATCH = 64
@@ -493,10 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         default=os.path.join(os.path.dirname(__file__), "..", "docs"),
         help="folder for leaderboard.md and img/leaderboard_*.png",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--jobs", type=int, default=1, help="(task, seed) runs in parallel processes")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser, argv=argv)
     seeds = list(range(args.seeds))
     epochs = args.epochs
     tasks = args.tasks.split(",")

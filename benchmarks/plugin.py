@@ -25,6 +25,11 @@ from lightning_ensembles import DeepEnsemble, EnsembleClassifier
 from lightning_ensembles.callbacks import Ensembling
 from lightning_ensembles.data import DigitsDataModule
 
+try:
+    from _timing import parse_with_threads
+except ImportError:  # run as a module
+    from benchmarks._timing import parse_with_threads
+
 
 def backbone() -> nn.Module:
     return nn.Sequential(
@@ -124,9 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a busy machine)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser, default=2)
     times: dict[str, list[float]] = {"EnsembleClassifier": [], "callback": [], "callback split": []}
     for _ in range(args.repeats):  # interleaved so that machine noise hits every route alike
         for route in times:
