@@ -187,9 +187,10 @@ def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
         raise ValueError(f"`{name_a}` {tuple(a.shape)} and `{name_b}` {tuple(b.shape)} must have the same shape.")
 
 
-def check_positive_int(value: int, name: str) -> None:
+def check_positive_int(value: int, name: str, hint: str = "") -> None:
+    """``value`` must be an ``int`` (not a ``bool``) >= 1; ``hint`` is appended to the message."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.{' ' + hint if hint else ''}")
 
 
 def check_norm(norm: str) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_member_outputs
+from .._checks import check_choice, check_member_outputs, check_positive_int
 from ..backbones import resolve_backbone
 
 __all__ = [
@@ -161,8 +161,7 @@ class Ensemble(nn.Module, ABC):
 
     def __init__(self, num_members: int) -> None:
         super().__init__()
-        if not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1:
-            raise ValueError(f"`num_members` must be an integer >= 1, got {num_members!r}. Use e.g. num_members=4.")
+        check_positive_int(num_members, "num_members", hint="Use e.g. num_members=4.")
         self.num_members = num_members
 
     @abstractmethod

@@ -20,7 +20,7 @@ from typing import Any, Literal, cast
 
 from torch import Tensor, nn
 
-from .._checks import check_choice
+from .._checks import check_choice, check_positive_int
 from .base import Ensemble
 from .dataflow import trace_layers
 from .layers.lora import (
@@ -178,8 +178,7 @@ class LoRAEnsemble(Ensemble):
     ) -> None:
         super().__init__(num_members)
         backbone = self.build_backbone(backbone, backbone_kwargs)
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"`rank` must be an integer >= 1, got {rank!r}. The paper uses rank=8.")
+        check_positive_int(rank, "rank", hint="The paper uses rank=8.")
         check_choice("init", init, ("xavier_uniform", "normal", "kaiming_uniform"))
         check_choice("head_init", head_init, ("reinit", "copy"))
         if lora_alpha is not None and lora_alpha <= 0:

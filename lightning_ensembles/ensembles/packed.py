@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
-from .._checks import check_choice
+from .._checks import check_choice, check_positive_int
 from .base import Ensemble
 from .dataflow import clear_caches, trace_layers
 from .layers.packed import GroupedLinear, PackedAttention, PackedLayerNorm, PackedMultiheadAttention
@@ -742,8 +742,7 @@ class PackedEnsemble(Ensemble):
         backbone = self.build_backbone(backbone, backbone_kwargs)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"`alpha` must be a number > 0 (e.g. alpha=2), got {alpha!r}.")
-        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-            raise ValueError(f"`gamma` must be an integer >= 1, got {gamma!r}.")
+        check_positive_int(gamma, "gamma")
         check_choice("init", init, ("reinit", "copy"))
         if not isinstance(min_channels_per_group, int) or min_channels_per_group < 0:
             raise ValueError(f"`min_channels_per_group` must be an integer >= 0, got {min_channels_per_group!r}.")
